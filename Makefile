@@ -1,0 +1,41 @@
+# `make demo` and `make test` create .venv on first use and install into it.
+#
+# TORCH_PINS is the torch/torchvision pair installed first. The default is the pair that is
+# known to work on the reference machine (Python 3.11, torch 2.14.1). Elsewhere use any
+# matching pair >= 2.11, e.g. `make test TORCH_PINS="torch==2.11.0 torchvision==0.26.0"`,
+# or `make test TORCH_PINS=` to keep whatever pyproject.toml's ranges resolve to.
+PYTHON     ?= python3
+VENV       ?= .venv
+BIN        := $(VENV)/bin
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+NPROC      ?= 2
+STAMP      := $(VENV)/.installed
+
+.PHONY: demo test test-all bench lint clean
+
+# Installs pyproject.toml's dependencies (and the dev extra) without installing the repo
+# itself: the scripts run from the checkout, as `python train_ddp.py` or `-m comm.bench`.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_PINS) \
+	  $$($(BIN)/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print(' '.join(p['dependencies'] + p['optional-dependencies']['dev']))")
+	touch $(STAMP)
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node $(NPROC) \
+	  train_ddp.py --epochs 3 --out-dir runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf runs bench_out .pytest_cache

@@ -1,0 +1,162 @@
+"""Process-group setup shared by every entry point.
+
+torchrun starts one process per rank and tells each one who it is through the environment:
+RANK (global), LOCAL_RANK (index on this node, used to pick the GPU), WORLD_SIZE,
+LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT (the rendezvous store). `distributed()` reads
+that, picks the backend and the device, creates the process group with an explicit timeout
+and destroys it on the way out, whatever happened in between.
+
+Run without torchrun (plain `python train_ddp.py`), the same code becomes a world of one with
+an in-memory store, so every script works on a laptop without a launcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT = timedelta(minutes=10)
+BACKENDS = ("nccl", "gloo")
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line on stderr with a non-zero exit."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Who this process is in the job, and where it computes."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    backend: str
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the one process that writes files and logs. Never LOCAL_RANK 0,
+        which exists once per node."""
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def default_backend() -> str:
+    """NCCL drives GPUs; gloo runs collectives on CPU tensors (the CPU simulation uses it)."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def resolve(backend: str | None = None) -> DistEnv:
+    """Read torchrun's environment (a world of one without it) and pick backend and device."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", rank)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if not 0 <= rank < world_size:
+        raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise UsageError("backend nccl needs CUDA GPUs; use --backend gloo on CPU")
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are "
+                "visible: start at most one process per GPU (--nproc-per-node)"
+            )
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistEnv(rank, local_rank, world_size, local_world_size, backend, device)
+
+
+@contextmanager
+def distributed(
+    backend: str | None = None, timeout: timedelta = DEFAULT_TIMEOUT
+) -> Iterator[DistEnv]:
+    """Join the process group for the duration of the block and always leave it.
+
+    If a process group already exists (a test harness or a notebook made one), it is used
+    as it is and left to its owner.
+    """
+    if dist.is_initialized():
+        env = resolve(backend or dist.get_backend())
+        env = DistEnv(
+            dist.get_rank(),
+            env.local_rank,
+            dist.get_world_size(),
+            env.local_world_size,
+            env.backend,
+            env.device,
+        )
+        if env.device.type == "cuda":
+            torch.cuda.set_device(env.device)
+        yield env
+        return
+
+    env = resolve(backend)
+    kwargs: dict = {"backend": env.backend, "timeout": timeout}
+    if env.device.type == "cuda":
+        # Bind this process to its GPU *before* the group exists: otherwise every rank's
+        # NCCL communicator (and stray allocations) land on cuda:0.
+        torch.cuda.set_device(env.device)
+        kwargs["device_id"] = env.device
+    if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        # No launcher: a world of one needs no network rendezvous at all.
+        kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(**kwargs)  # env:// under torchrun
+    try:
+        yield env
+    finally:
+        dist.destroy_process_group()
+
+
+def rank0_logger(env: DistEnv, name: str = "ddp") -> logging.Logger:
+    """A logger that prints on global rank 0 and is silent everywhere else, so the rest of
+    the code just logs and never asks which rank it is on."""
+    logger = logging.getLogger(name)
+    logger.handlers.clear()
+    logger.propagate = False
+    if env.is_main:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    else:
+        logger.addHandler(logging.NullHandler())
+        logger.setLevel(logging.CRITICAL + 1)
+    return logger
+
+
+def run_cli(main, argv: list[str] | None = None) -> int:
+    """Call `main(argv)`; a UsageError becomes one `error: ...` line and exit status 2.
+
+    Usage errors are the same on every rank (same flags, same files), so only global rank 0
+    prints the line; the others exit with the same status silently.
+    """
+    try:
+        main(argv)
+    except UsageError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

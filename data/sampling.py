@@ -1,0 +1,129 @@
+"""Sharding a dataset across ranks.
+
+Training uses torch's `DistributedSampler`: every rank draws the same permutation (from
+`seed` + epoch, hence `set_epoch` every epoch) and takes every W-th index of it, so the W
+per-rank batches of one step together are one contiguous slice of that permutation, exactly
+the batch a single process would draw with a W times larger batch size. That is what makes
+DDP on W ranks equal to one process, step for step.
+
+Evaluation must count every sample once. `DistributedSampler` pads the eval set to a
+multiple of W by repeating samples (so a metric counts some twice); `ShardSampler` gives the
+ranks uneven shards instead, and the metrics are summed across ranks with all_reduce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from comm.dist import UsageError
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """`DistributedSampler` that can start part-way into an epoch, so that a job resumed from
+    a mid-epoch checkpoint sees exactly the samples it had not seen yet, in the same order.
+    `start_at(k)` skips this rank's first k samples of the next epoch only."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._skip = 0
+
+    def start_at(self, samples: int) -> None:
+        self._skip = samples
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._skip = 0
+        super().set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())[self._skip :]
+        self._skip = 0
+        return iter(indices)
+
+    def __len__(self) -> int:
+        return self.num_samples - self._skip
+
+
+class ShardSampler(Sampler[int]):
+    """Indices rank, rank + W, rank + 2W, ... in order: no padding, no drops, so the shards
+    cover the dataset exactly once and may differ in length by one."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
+        self.indices = range(rank, len(dataset), world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _loader_kwargs(workers: int, pin_memory: bool) -> dict:
+    kwargs: dict = {"num_workers": workers, "pin_memory": pin_memory}
+    if workers > 0:
+        # Workers are started once and kept across epochs. The datasets here are picklable,
+        # so this also works under the spawn start method (macOS, Windows).
+        kwargs["persistent_workers"] = True
+    return kwargs
+
+
+def train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Shuffled per-rank batches of `batch_size`; every optimizer step sees exactly
+    `world_size * batch_size` samples (the last, incomplete global batch is dropped)."""
+    global_batch = batch_size * world_size
+    if len(dataset) < global_batch:
+        raise UsageError(
+            f"batch size {batch_size} per rank x {world_size} rank(s) = {global_batch} "
+            f"samples per step, but the training set has only {len(dataset)}"
+        )
+    # drop_last=True on both: the sampler trims the epoch to a multiple of the world size,
+    # the loader drops the incomplete batch, so all ranks run the same number of steps.
+    sampler = ResumableDistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        generator=torch.Generator(),  # seeded per epoch by set_epoch()
+        **_loader_kwargs(workers, pin_memory),
+    )
+
+
+def eval_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    rank: int,
+    world_size: int,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(dataset, rank, world_size),
+        **_loader_kwargs(workers, pin_memory),
+    )
+
+
+def set_epoch(loader: DataLoader, epoch: int, seed: int, rank: int) -> None:
+    """Call at the start of every epoch. Without `sampler.set_epoch`, every epoch replays the
+    same order. The loader's generator (worker seeds, random augmentation) is reseeded from
+    (seed, rank, epoch) too, so an epoch's randomness does not depend on how many epochs this
+    process ran before it: a resumed job gets the same numbers as an uninterrupted one."""
+    loader.sampler.set_epoch(epoch)
+    loader.generator.manual_seed(seed + rank + 1_000_003 * epoch)

@@ -1,0 +1,174 @@
+"""Run test code on a real multi-process world, without ports and without hangs.
+
+`run_world(fn, world_size, *args)` spawns `world_size` processes (spawn start method, as on
+macOS and Windows, so nothing is inherited by accident), joins them in a gloo process group
+through a FileStore in a fresh temporary directory, calls `fn(rank, world_size, *args)` on
+each and returns the per-rank results in rank order. A deadline bounds the whole call: past
+it every child is killed. When ranks fail, each rank's own traceback is reported, in the
+order the failures happened, so the root cause comes first and its peers' secondary
+"connection closed" errors come after it.
+
+`run_cmd(argv)` runs a command line (torchrun, a launch script) with a deadline and kills
+its whole process group when the deadline passes.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+class WorldFailed(AssertionError):
+    pass
+
+
+def _child(rank: int, world_size: int, store_path: str, pg_timeout: float, fn, args, results):
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+    )
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo",
+            store=dist.FileStore(store_path, world_size),
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=pg_timeout),
+        )
+        try:
+            value = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        buf = io.BytesIO()
+        torch.save(value, buf)  # bytes, not shared-memory tensors: safe after the child exits
+        results.put((rank, True, buf.getvalue(), time.monotonic()))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc(), time.monotonic()))
+
+
+def run_world(
+    fn: Callable, world_size: int, *args, timeout: float = 60.0, pg_timeout: float = 30.0
+) -> list:
+    """Run `fn(rank, world_size, *args)` on `world_size` spawned ranks; return their results."""
+    import torch
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="world-") as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [
+            ctx.Process(target=_child, args=(r, world_size, store, pg_timeout, fn, args, results))
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        got: dict[int, tuple[bool, object, float]] = {}
+        failed_at = None
+        try:
+            while len(got) < world_size:
+                now = time.monotonic()
+                # After the first failure, give the peers a moment to report their own errors.
+                limit = min(deadline, failed_at + 2.0) if failed_at else deadline
+                if now >= limit:
+                    break
+                try:
+                    rank, ok, payload, t = results.get(timeout=min(0.2, limit - now))
+                    got[rank] = (ok, payload, t)
+                    if not ok and failed_at is None:
+                        failed_at = time.monotonic()
+                except queue.Empty:
+                    for r, p in enumerate(procs):
+                        if r not in got and p.exitcode not in (None, 0):
+                            got[r] = (False, f"rank {r} died with exit code {p.exitcode}", now)
+                            failed_at = failed_at or now
+        finally:
+            for p in procs:
+                p.join(timeout=0.5 if len(got) == world_size else 0)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    failures = sorted((t, r, msg) for r, (ok, msg, t) in got.items() if not ok)
+    missing = [r for r in range(world_size) if r not in got]
+    if failures or missing:
+        parts = [f"--- rank {r} ---\n{msg}" for _, r, msg in failures]
+        if missing:
+            why = "killed after the first failure" if failures else f"timed out after {timeout}s"
+            parts.append(f"--- ranks {missing}: no result ({why}) ---")
+        raise WorldFailed("\n".join(parts))
+    return [torch.load(io.BytesIO(got[r][1]), weights_only=False) for r in range(world_size)]
+
+
+def run_cmd(
+    argv: Sequence[str],
+    timeout: float = 90.0,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
+    check: bool = False,
+) -> subprocess.CompletedProcess:
+    """Run a command with a deadline; on timeout kill its whole process group."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"{' '.join(argv)} did not finish within {timeout}s\n--- stdout ---\n{out}\n"
+            f"--- stderr ---\n{err}"
+        ) from None
+    result = subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(argv)} exited {proc.returncode}\n--- stdout ---\n{out}\n"
+            f"--- stderr ---\n{err}"
+        )
+    return result
+
+
+def torchrun(
+    script_and_args: Sequence[str], nproc: int = 2, timeout: float = 90.0, **kw
+) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N ...` through the venv's interpreter."""
+    return run_cmd(
+        [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            *script_and_args,
+        ],
+        timeout=timeout,
+        **kw,
+    )

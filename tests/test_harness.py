@@ -1,0 +1,36 @@
+"""The harness itself: results come back in rank order, a failing rank is named with its own
+traceback, and a hung world is killed at the deadline instead of hanging the suite."""
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.multiproc import WorldFailed, run_world
+
+
+def _allreduce_rank_plus_one(rank, world_size):
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    return rank, t.item()
+
+
+def _rank1_raises_rank0_waits(rank, world_size):
+    if rank == 1:
+        raise ValueError("boom on rank 1")
+    dist.barrier()  # never completes: rank 1 is gone
+
+
+def test_results_in_rank_order_and_failures_reported():
+    assert run_world(_allreduce_rank_plus_one, 3) == [(r, 6.0) for r in range(3)]
+
+    start = time.monotonic()
+    with pytest.raises(WorldFailed) as info:
+        run_world(_rank1_raises_rank0_waits, 2, timeout=30, pg_timeout=60)
+    text = str(info.value)
+    assert text.index("--- rank 1 ---") < text.find("rank 0") or "rank 0" not in text
+    assert "ValueError: boom on rank 1" in text
+    # Rank 0 is stuck in a barrier with a 60 s process-group timeout: the harness must not
+    # wait for it, it kills it a moment after rank 1's failure.
+    assert time.monotonic() - start < 25

@@ -1,0 +1,304 @@
+"""Data-parallel training with DistributedDataParallel: one process per rank, under torchrun.
+
+    # two CPU processes on this machine (gloo), synthetic data: the cluster simulation
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 train_ddp.py
+    # every GPU of this node (nccl)
+    torchrun --standalone --nproc-per-node gpu train_ddp.py --dataset cifar10 --data-dir data
+    # no launcher at all: a world of one
+    python train_ddp.py --epochs 1
+
+Every rank runs this whole file. They build the same model from the same seed, DDP
+broadcasts rank 0's copy anyway, and each rank trains on its own shard of every batch;
+during backward DDP averages the gradients across ranks, so after optimizer.step() all
+replicas hold the same parameters again.
+
+--batch-size is *per rank*: one optimizer step sees batch_size x world_size x grad_accum
+samples. The single-process twin is train_dp.py, where --batch-size is the global batch;
+`diff -u train_dp.py train_ddp.py` shows what DDP changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from comm.dist import BACKENDS, DistEnv, UsageError, distributed, run_cli
+from comm.sync import SYNC_MODES, make_sync
+from data.datasets import build_datasets
+from data.sampling import eval_loader, set_epoch, train_loader
+from training.checkpoint import (
+    load_checkpoint,
+    param_checksum,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+    unwrap,
+)
+from training.cli import make_parser, positive, validate
+from training.metrics import Totals, evaluate
+from training.models import build_model, has_batchnorm
+from training.optim import autocast_dtype, make_optimizer, make_scheduler
+from training.runlog import RunLog
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = make_parser(
+        description=__doc__.split("\n")[0],
+        batch_size_help="samples per rank per micro-step (global batch: this x world size "
+        "x --grad-accum)",
+        default_batch_size=32,
+        default_out_dir="runs/ddp",
+    )
+    g = parser.add_argument_group("distributed")
+    g.add_argument(
+        "--backend",
+        default=None,
+        choices=BACKENDS,
+        help="process-group backend (default: nccl with CUDA, else gloo)",
+    )
+    g.add_argument(
+        "--timeout",
+        type=positive,
+        default=600,
+        help="seconds a collective may wait for its peers before the job fails",
+    )
+    g.add_argument(
+        "--sync",
+        default="ddp",
+        choices=SYNC_MODES,
+        help="who synchronises gradients: DDP's reducer or one of comm/sync.py",
+    )
+    g.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="SyncBatchNorm: batch statistics over the global batch (CUDA only)",
+    )
+    return parser.parse_args(argv)
+
+
+@record  # under torchrun, a crash is reported with the failing rank and its traceback
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    with distributed(args.backend, timedelta(seconds=args.timeout)) as env:
+        return train(args, env)
+
+
+def train(args: argparse.Namespace, env: DistEnv) -> dict:
+    validate(args, cuda=env.device.type == "cuda")
+    out_dir = Path(args.out_dir)
+    run = RunLog(env, out_dir)
+    run.info(
+        "world size %d, backend %s, device %s, sync %s",
+        env.world_size,
+        env.backend,
+        env.device,
+        args.sync,
+    )
+
+    # ---- data: every rank builds the same dataset; the sampler hands each its shard
+    data = build_datasets(
+        args.dataset,
+        args.data_dir,
+        seed=args.seed,
+        train_size=args.train_size,
+        eval_size=args.eval_size,
+        download=args.download and env.is_main,
+        augment=args.augment,
+    )
+    pin = env.device.type == "cuda"
+    loader = train_loader(
+        data.train,
+        args.batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=args.seed,
+        workers=args.workers,
+        pin_memory=pin,
+    )
+    evaluation = eval_loader(
+        data.eval,
+        args.batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        workers=args.workers,
+        pin_memory=pin,
+    )
+    steps_per_epoch = len(loader) // args.grad_accum
+    if steps_per_epoch == 0:
+        raise UsageError(
+            f"--grad-accum {args.grad_accum} is more than the {len(loader)} batches per epoch"
+        )
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+
+    # ---- model: same seed on every rank, so every replica starts equal
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, data.in_channels, data.image_size, data.num_classes)
+    if args.sync_bn:
+        if env.device.type != "cuda":
+            raise UsageError("--sync-bn needs CUDA: torch's SyncBatchNorm does not run on CPU")
+        if not has_batchnorm(model):
+            raise UsageError(f"--sync-bn: model {args.model} has no BatchNorm layer")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(env.device)
+    sync = make_sync(args.sync, model, env)  # wraps the model in DDP for --sync ddp
+    optimizer = make_optimizer(model, args)
+    scheduler = make_scheduler(optimizer, args, total_steps)
+    amp_dtype = autocast_dtype(args.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    # ---- resume: the checkpoint names the epoch, and the step inside it, to go on from
+    step, start_epoch, skip_steps = 0, 0, 0
+    resume = out_dir / "checkpoint.pt" if args.resume == "auto" else args.resume
+    if resume and (args.resume != "auto" or Path(resume).exists()):
+        state = load_checkpoint(resume)
+        restore_training_state(state, model, optimizer, scheduler, scaler, str(resume))
+        step, start_epoch, skip_steps = state["step"], state["epoch"], state["step_in_epoch"]
+        if state["world_size"] != env.world_size:
+            raise UsageError(
+                f"{resume} was written by {state['world_size']} rank(s), this "
+                f"job has {env.world_size}: the data order would differ"
+            )
+        run.info("resumed from %s at step %d (epoch %d)", resume, step, start_epoch)
+
+    def save(epoch: int, step_in_epoch: int) -> None:
+        state = training_state(
+            model,
+            optimizer,
+            scheduler,
+            scaler,
+            epoch=epoch,
+            step=step,
+            step_in_epoch=step_in_epoch,
+            world_size=env.world_size,
+            args=args,
+        )
+        save_checkpoint(out_dir / "checkpoint.pt", state, env.is_main)
+
+    # ---- train
+    totals = Totals(env.device)
+    global_batch = args.batch_size * env.world_size * args.grad_accum
+    history, train_time, samples = [], 0.0, 0
+    final_train, metrics = {}, {}
+    for epoch in range(start_epoch, args.epochs):
+        if step >= total_steps:
+            break
+        set_epoch(loader, epoch, args.seed, env.rank)  # forget this and every epoch repeats
+        first = skip_steps if epoch == start_epoch else 0
+        loader.sampler.start_at(first * args.grad_accum * args.batch_size)
+        n_steps = min(steps_per_epoch - first, total_steps - step)
+        batches = itertools.islice(loader, n_steps * args.grad_accum)
+        sync.model.train()
+        bar = run.progress(n_steps, f"epoch {epoch}")
+        tic = time.perf_counter()
+        for micro, (images, labels) in enumerate(batches):
+            images = images.to(env.device, non_blocking=True)
+            labels = labels.to(env.device, non_blocking=True)
+            last_micro = (micro + 1) % args.grad_accum == 0
+            # Accumulation micro-steps skip the all-reduce; the last one syncs the sum.
+            with nullcontext() if last_micro else sync.no_sync():
+                with torch.autocast(
+                    env.device.type,
+                    dtype=amp_dtype or torch.bfloat16,
+                    enabled=amp_dtype is not None,
+                ):
+                    logits = sync.model(images)
+                loss = F.cross_entropy(logits.float(), labels)
+                scaler.scale(loss / args.grad_accum).backward()
+            totals.add(
+                loss.detach() * labels.numel(), (logits.argmax(1) == labels).sum(), labels.numel()
+            )
+            if not last_micro:
+                continue
+            sync.finish_backward()  # gradients are the average over all ranks from here on
+            scaler.step(optimizer)
+            scaler.update()
+            sync.after_step(optimizer)
+            optimizer.zero_grad(set_to_none=True)  # after the step: the next one starts at 0
+            scheduler.step()
+            step += 1
+            bar.update()
+            if step % args.log_every == 0 or step == total_steps:
+                final_train = totals.reduce()  # a collective: every rank gets here together
+                run.info(
+                    "step %d  epoch %d  loss %.4f  acc %.3f  lr %.4g",
+                    step,
+                    epoch,
+                    final_train["loss"],
+                    final_train["accuracy"],
+                    scheduler.get_last_lr()[0],
+                )
+                run.scalars(
+                    step,
+                    **{
+                        "train/loss": final_train["loss"],
+                        "train/accuracy": final_train["accuracy"],
+                        "lr": scheduler.get_last_lr()[0],
+                    },
+                )
+        train_time += time.perf_counter() - tic
+        bar.close()
+        samples += n_steps * global_batch
+
+        if not args.no_eval:
+            metrics = evaluate(unwrap(sync.model), evaluation, env.device, amp_dtype)
+            run.info(
+                "epoch %d  eval loss %.4f  eval acc %.4f  (%d samples)",
+                epoch,
+                metrics["loss"],
+                metrics["accuracy"],
+                metrics["count"],
+            )
+            run.scalars(
+                step,
+                **{
+                    "eval/loss": metrics["loss"],
+                    "eval/accuracy": metrics["accuracy"],
+                    "samples_per_s": samples / max(train_time, 1e-9),
+                },
+            )
+        history.append(
+            {"epoch": epoch, "step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
+        )
+        done_epoch = n_steps == steps_per_epoch - first
+        save(epoch + 1 if done_epoch else epoch, 0 if done_epoch else first + n_steps)
+
+    summary = {
+        "script": "train_ddp.py",
+        "world_size": env.world_size,
+        "backend": env.backend,
+        "sync": args.sync,
+        "steps": step,
+        "global_batch": global_batch,
+        "samples": samples,
+        "samples_per_s": samples / max(train_time, 1e-9),
+        "final_train_loss": final_train.get("loss"),
+        "final_train_accuracy": final_train.get("accuracy"),
+        "eval_loss": metrics.get("loss"),
+        "eval_accuracy": metrics.get("accuracy"),
+        "eval_samples": metrics.get("count"),
+        "param_checksum": param_checksum(sync.model),
+        "history": history,
+    }
+    run.write_summary(summary)
+    run.info(
+        "done: %d steps, %.1f samples/s, checkpoint and summary.json in %s",
+        step,
+        summary["samples_per_s"],
+        out_dir,
+    )
+    run.close()
+    return summary
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

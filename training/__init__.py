@@ -1,0 +1,1 @@
+"""What train_dp.py and train_ddp.py share: flags, models, checkpoints, metrics, logging."""

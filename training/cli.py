@@ -1,0 +1,148 @@
+"""Command-line flags shared by train_dp.py and train_ddp.py.
+
+Flags that mean the same thing in both scripts are defined here once; each script adds its
+own (and gives --batch-size its own meaning: global for DataParallel, per rank for DDP).
+Every parse or validation error is one line: `error: ...` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from comm.dist import UsageError
+from data.datasets import DATASETS
+from training.models import MODELS
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the whole usage block first
+        raise UsageError(f"{message} (see --help)")
+
+
+def positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return n
+
+
+def non_negative(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return n
+
+
+def non_negative_float(value: str) -> float:
+    x = float(value)
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return x
+
+
+def make_parser(
+    description: str, batch_size_help: str, default_batch_size: int, default_out_dir: str
+) -> Parser:
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument(
+        "--dataset",
+        default="synthetic",
+        choices=DATASETS,
+        help="synthetic needs no files; the others are read from --data-dir",
+    )
+    d.add_argument("--data-dir", default=None, help="root folder of the torchvision dataset")
+    d.add_argument(
+        "--download",
+        action="store_true",
+        help="download the dataset into --data-dir first (needs internet)",
+    )
+    d.add_argument(
+        "--augment", action="store_true", help="random crop and flip for cifar10 training images"
+    )
+    d.add_argument(
+        "--train-size",
+        type=non_negative,
+        default=0,
+        help="use the first N training samples (0: all; synthetic default 8192)",
+    )
+    d.add_argument(
+        "--eval-size",
+        type=non_negative,
+        default=0,
+        help="use the first N eval samples (0: all; synthetic default 2000)",
+    )
+    d.add_argument(
+        "--workers",
+        type=non_negative,
+        default=0,
+        help="DataLoader worker processes per rank (0: load in the main process)",
+    )
+
+    m = p.add_argument_group("model and optimisation")
+    m.add_argument("--model", default="cnn", choices=MODELS, help="network to train")
+    m.add_argument("--epochs", type=positive, default=3, help="passes over the training set")
+    m.add_argument(
+        "--max-steps",
+        type=non_negative,
+        default=0,
+        help="stop after N optimizer steps in total (0: no limit)",
+    )
+    m.add_argument("--batch-size", type=positive, default=default_batch_size, help=batch_size_help)
+    m.add_argument(
+        "--grad-accum",
+        type=positive,
+        default=1,
+        help="micro-batches per optimizer step (the loss is divided by it)",
+    )
+    m.add_argument("--lr", type=non_negative_float, default=0.05, help="peak learning rate")
+    m.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
+    m.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="SGD weight decay")
+    m.add_argument(
+        "--lr-schedule",
+        default="constant",
+        choices=("constant", "cosine"),
+        help="learning rate after warm-up",
+    )
+    m.add_argument(
+        "--warmup-steps",
+        type=non_negative,
+        default=0,
+        help="linear learning-rate warm-up over the first N steps",
+    )
+    m.add_argument(
+        "--amp",
+        default="none",
+        choices=("none", "bf16", "fp16"),
+        help="autocast dtype; fp16 (CUDA only) adds a GradScaler",
+    )
+    m.add_argument("--seed", type=int, default=0, help="model init, data order, synthetic data")
+
+    r = p.add_argument_group("output and resume")
+    r.add_argument(
+        "--out-dir",
+        default=default_out_dir,
+        help="checkpoint.pt, summary.json and tb/ (TensorBoard) go here",
+    )
+    r.add_argument(
+        "--resume",
+        default=None,
+        help="checkpoint to continue from (a file, or 'auto': the one in --out-dir "
+        "if there is one)",
+    )
+    r.add_argument(
+        "--log-every",
+        type=positive,
+        default=50,
+        help="log the running training loss every N optimizer steps",
+    )
+    r.add_argument("--no-eval", action="store_true", help="skip evaluation after each epoch")
+    return p
+
+
+def validate(args: argparse.Namespace, cuda: bool) -> None:
+    """Checks that involve more than one flag (single flags are checked by their type)."""
+    if args.amp == "fp16" and not cuda:
+        raise UsageError("--amp fp16 needs CUDA (use --amp bf16 on CPU)")
+    if args.dataset != "synthetic" and not args.data_dir:
+        raise UsageError(f"--dataset {args.dataset} needs --data-dir")
