@@ -95,12 +95,17 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
     validate(args, cuda=env.device.type == "cuda")
     out_dir = Path(args.out_dir)
     run = RunLog(env, out_dir)
+    global_batch = args.batch_size * env.world_size * args.grad_accum
     run.info(
-        "world size %d, backend %s, device %s, sync %s",
+        "%d rank(s), %s on %s, sync %s; global batch %d = %d per rank x %d rank(s) x %d micro",
         env.world_size,
         env.backend,
         env.device,
         args.sync,
+        global_batch,
+        args.batch_size,
+        env.world_size,
+        args.grad_accum,
     )
 
     # ---- data: every rank builds the same dataset; the sampler hands each its shard
@@ -186,7 +191,6 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
 
     # ---- train
     totals = Totals(env.device)
-    global_batch = args.batch_size * env.world_size * args.grad_accum
     history, train_time, samples = [], 0.0, 0
     final_train, metrics = {}, {}
     for epoch in range(start_epoch, args.epochs):
