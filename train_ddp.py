@@ -252,6 +252,7 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
         train_time += time.perf_counter() - tic
         bar.close()
         samples += n_steps * global_batch
+        run.scalars(step, samples_per_s=samples / max(train_time, 1e-9))
 
         if not args.no_eval:
             metrics = evaluate(unwrap(sync.model), evaluation, env.device, amp_dtype)
@@ -267,7 +268,6 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
                 **{
                     "eval/loss": metrics["loss"],
                     "eval/accuracy": metrics["accuracy"],
-                    "samples_per_s": samples / max(train_time, 1e-9),
                 },
             )
         history.append(
