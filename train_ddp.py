@@ -32,7 +32,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from comm.dist import BACKENDS, DistEnv, UsageError, distributed, run_cli
 from comm.sync import SYNC_MODES, make_sync
-from data.datasets import build_datasets
+from data.datasets import build_datasets, download_once
 from data.sampling import eval_loader, set_epoch, train_loader
 from training.checkpoint import (
     load_checkpoint,
@@ -109,13 +109,14 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
     )
 
     # ---- data: every rank builds the same dataset; the sampler hands each its shard
+    if args.download:
+        download_once(args.dataset, args.data_dir, env.is_main)
     data = build_datasets(
         args.dataset,
         args.data_dir,
         seed=args.seed,
         train_size=args.train_size,
         eval_size=args.eval_size,
-        download=args.download and env.is_main,
         augment=args.augment,
     )
     pin = env.device.type == "cuda"
