@@ -3,11 +3,11 @@
 Two ways in, because collectives reach the network by two roads:
 
 * `CommTracer` as a context manager (or `start()`/`stop()`) wraps the torch.distributed
-  collective functions (`dist.all_reduce`, `dist.broadcast`, ... and the renamed ones in
-  comm.compat) for its duration, so any code that calls them through the module (`dist.X`)
-  is seen: metric reductions, hand-written sync strategies, the ring in comm/ring.py. Code
-  that imported a function by name before the tracer started (`from torch.distributed
-  import all_reduce`) keeps the original and is not seen.
+  collective functions (`dist.all_reduce`, `dist.broadcast`, ...) for its duration, so any
+  code that calls them through the module (`dist.X`, or comm.compat's names, which look
+  them up there on each call) is seen: metric reductions, hand-written sync strategies, the
+  ring in comm/ring.py. Code that imported a torch function by name before the tracer
+  started (`from torch.distributed import all_reduce`) keeps the original and is not seen.
 * DDP's reducer calls the process group from C++, past any Python function, so
   `attach(ddp_model)` registers a DDP communication hook that records each gradient bucket
   and then does what DDP does without a hook (torch's own `allreduce_hook`: divide by the
@@ -41,7 +41,6 @@ import torch.nn as nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import comm.compat
 from comm.ring import bus_factor
 
 # torch.distributed function -> the kind of collective it is (renamed variants share a kind).
@@ -90,15 +89,15 @@ def payload_bytes(name: str, args: tuple, world_size: int) -> int:
         return _nbytes(args[1])
     if kind in ("gather", "scatter"):  # (tensor, list): one tensor per rank
         return _nbytes(args[0]) * world_size
-    if kind == "p2p":
-        return sum(_nbytes(op.tensor) for op in args[0])
+    if kind == "p2p":  # what this rank sends; the receives are its peers' sends
+        return sum(_nbytes(op.tensor) for op in args[0] if op.op.__name__ == "isend")
     return 0  # barrier
 
 
 def _sent_bytes(name: str, args: tuple, payload: int, world_size: int) -> float:
     """Bytes this rank sends: exact for point-to-point, the ring model for collectives."""
     if name == "batch_isend_irecv":
-        return float(sum(_nbytes(op.tensor) for op in args[0] if op.op.__name__ == "isend"))
+        return float(payload)
     return bus_factor(TRACED[name], world_size) * payload
 
 
@@ -199,7 +198,7 @@ class CommTracer:
             model.register_comm_hook(None, self._ddp_hook)
 
     def start(self) -> CommTracer:
-        """Wrap the collective functions in torch.distributed and comm.compat."""
+        """Wrap the collective functions in torch.distributed."""
         if self.enabled and not self._saved:
             self.world_size = dist.get_world_size() if dist.is_initialized() else 1
             wrapped = {}  # id(original) -> wrapper
@@ -207,10 +206,10 @@ class CommTracer:
                 original = getattr(c10d, name, None)
                 if original is not None:  # None: not in this torch version
                     wrapped[id(original)] = self._wrap(name, original)
-            # Replace every module-level reference to an original, in torch.distributed, in its
-            # implementation module (whose own helpers, e.g. P2POp's check, compare identity)
-            # and in comm.compat.
-            for module in (dist, c10d, comm.compat):
+            # Replace every reference to an original in torch.distributed and in its
+            # implementation module, whose own helpers (P2POp's check of isend/irecv) compare
+            # functions by identity and must see the same objects as the callers.
+            for module in (dist, c10d):
                 for attr, value in list(vars(module).items()):
                     if id(value) in wrapped:
                         self._saved.append((module, attr, value))
