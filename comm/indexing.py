@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -261,7 +262,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=list(DEMOS), help="run this one demo")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
     return {args.only: DEMOS[args.only]()} if args.only else run_all()
 
 
