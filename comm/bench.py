@@ -137,7 +137,8 @@ def run(
         iters,
     )
     header = f"{'op':>16} {'size':>10} {'count':>10} {'time(us)':>11} {'algbw':>8} {'busbw':>8}"
-    log.info("%s\n%s %s", header, " " * 48, "(GB/s)   (GB/s)")
+    units = f"{'':>16} {'':>10} {'':>10} {'':>11} {'(GB/s)':>8} {'(GB/s)':>8}"
+    log.info("%s\n%s", header, units)
     rows = []
     for nbytes in size_list:
         for op in ops:
