@@ -97,9 +97,11 @@ def _traced_collectives(rank: int, world_size: int) -> dict:
 
 
 def _profile_overlap(rank: int, out_dir: str) -> None:
-    """Five steps of a DDP model with several small buckets under make_profiler."""
+    """Five steps of a DDP model with several buckets under make_profiler. DDP's first bucket
+    holds about 1 MiB (four of these layers); the other four get one bucket each and their
+    backward runs while the first bucket is being all-reduced."""
     torch.manual_seed(0)
-    layers = [m for _ in range(6) for m in (nn.Linear(256, 256), nn.ReLU())]
+    layers = [m for _ in range(8) for m in (nn.Linear(256, 256), nn.ReLU())]
     model = nn.parallel.DistributedDataParallel(nn.Sequential(*layers), bucket_cap_mb=0.26)
     x = torch.randn(256, 256)
     profiler = make_profiler(Path(out_dir), rank, enabled=True)
