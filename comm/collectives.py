@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 import torch.distributed as dist
@@ -50,7 +50,7 @@ def show(log: logging.Logger, title: str, before: Shown, after: Shown, note: str
         log.info("   rank %d  %s  ->  %s", r, b.ljust(width), a)
 
 
-def supports(env: DistEnv, what: str, attempt: Callable[[], object], missing: set[str]) -> bool:
+def supports(what: str, attempt: Callable[[], object], missing: set[str]) -> bool:
     """Run `attempt` unless the backend lacks `what`. Backends refuse an unsupported op on
     every rank before any byte moves, so catching the error leaves the group usable.
     `missing` lets the tests take the fallback path on a torch whose backend has the op."""
@@ -108,7 +108,7 @@ def demo_all_reduce(env: DistEnv, log: logging.Logger, missing: set[str]) -> dic
 
     t = _mine(env)
     before = t.clone()
-    if supports(env, "AVG", lambda: dist.all_reduce(t, op=dist.ReduceOp.AVG), missing):
+    if supports("AVG", lambda: dist.all_reduce(t, op=dist.ReduceOp.AVG), missing):
         note = f"backend {env.backend} has ReduceOp.AVG"
     else:
         # gloo before torch 2.14 refuses AVG; the portable spelling is SUM, then divide.
@@ -153,7 +153,7 @@ def demo_reduce_scatter(env: DistEnv, log: logging.Logger, missing: set[str]) ->
     w = env.world_size
     t = _named(env, w)  # element i of every rank is summed and the sum goes to rank i
     out = torch.empty(1, device=env.device)
-    if supports(env, "reduce_scatter", lambda: reduce_scatter_single(out, t), missing):
+    if supports("reduce_scatter", lambda: reduce_scatter_single(out, t), missing):
         note = "element i of the sum goes to rank i; all_reduce = reduce_scatter + all_gather"
     else:
         # Some gloo builds lack reduce_scatter: an all_reduce holds the same sum everywhere,
@@ -170,7 +170,7 @@ def demo_all_to_all(env: DistEnv, log: logging.Logger, missing: set[str]) -> lis
     w = env.world_size
     t = _named(env, w)  # element j goes to rank j
     out = torch.empty_like(t)
-    if supports(env, "all_to_all", lambda: dist.all_to_all_single(out, t), missing):
+    if supports("all_to_all", lambda: dist.all_to_all_single(out, t), missing):
         note = "rank i receives element i of every rank: a transpose across ranks"
     else:
         # all_to_all is all_gather plus keeping column i of the gathered matrix.
@@ -264,7 +264,7 @@ DEMOS: dict[str, Callable[[DistEnv, logging.Logger, set[str]], object]] = {
 }
 
 
-def tour(env: DistEnv, names: list[str] | None = None, missing: set[str] = frozenset()) -> dict:
+def tour(env: DistEnv, names: list[str] | None = None, missing: Collection[str] = ()) -> dict:
     """Run the named demos (all by default) and return {name: this rank's result}."""
     log = rank0_logger(env, "collectives")
     log.info("%d ranks, backend %s, device type %s", env.world_size, env.backend, env.device.type)
