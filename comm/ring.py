@@ -108,7 +108,6 @@ def naive_all_reduce(
     to `root` (a group rank), the root adds them up and sends the sum back to each rank."""
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    traffic = Traffic()
     ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
     nbytes = tensor.numel() * tensor.element_size()
     flat = tensor.contiguous()
@@ -121,9 +120,9 @@ def naive_all_reduce(
             flat.add_(buf)
         for work in [dist.isend(flat, ranks[r], group) for r in others]:
             work.wait()
-        traffic = Traffic(sent=nbytes * len(others), received=nbytes * len(others))
-        traffic.messages = len(others)
-    elif world > 1:
+        moved = nbytes * len(others)
+        traffic = Traffic(sent=moved, received=moved, messages=len(others))
+    else:
         dist.send(flat, ranks[root], group)
         dist.recv(flat, ranks[root], group)
         traffic = Traffic(sent=nbytes, received=nbytes, messages=1)

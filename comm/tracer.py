@@ -27,6 +27,7 @@ GPU time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import threading
@@ -195,7 +196,10 @@ class CommTracer:
             return
         self.model_bytes = sum(_nbytes(p) for p in model.parameters() if p.requires_grad)
         if isinstance(model, DDP):
-            model.register_comm_hook(None, self._ddp_hook)
+            # DDP takes one hook. If a sync strategy registered its own, that hook's Python
+            # collectives go through torch.distributed and are recorded there instead.
+            with contextlib.suppress(RuntimeError):
+                model.register_comm_hook(None, self._ddp_hook)
 
     def start(self) -> CommTracer:
         """Wrap the collective functions in torch.distributed."""
