@@ -340,15 +340,43 @@ def test_profile_trace_shows_all_reduce_overlapping_backward(world):
         assert _trace_events(Path(trace), "gloo:all_reduce")
     # With several buckets, early buckets are all-reduced while backward is still running.
     (trace,) = glob.glob(str(tmp / "overlap" / "profile" / "rank0.*.pt.trace.json"))
-    reduces = _trace_events(Path(trace), "gloo:all_reduce")
-    backward = _trace_events(Path(trace), "autograd::engine::evaluate_function")
+    assert _overlapping(Path(trace)), "no all-reduce ran while backward was computing"
+
+
+def _overlapping(trace: Path) -> list[dict]:
+    """The all-reduce spans during which a backward op started (on another thread)."""
+    reduces = _trace_events(trace, "gloo:all_reduce")
+    backward = _trace_events(trace, "autograd::engine::evaluate_function")
     assert reduces and backward
-    overlapping = [
+    return [
         a
         for a in reduces
         if any(a["ts"] < b["ts"] < a["ts"] + a["dur"] and b["tid"] != a["tid"] for b in backward)
     ]
-    assert overlapping, "no all-reduce ran while backward was computing"
+
+
+@pytest.mark.slow
+def test_train_ddp_profile_of_resnet18_shows_the_overlap(tmp_path):
+    """The real script on a model with several DDP buckets (about 45 MB of gradients)."""
+    proc = torchrun(
+        [
+            "train_ddp.py",
+            "--model=resnet18",
+            "--train-size=64",
+            "--batch-size=4",
+            "--epochs=1",
+            "--max-steps=5",
+            "--no-eval",
+            "--profile",
+            f"--out-dir={tmp_path}",
+        ],
+        nproc=2,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for r in range(2):
+        (trace,) = glob.glob(str(tmp_path / "profile" / f"rank{r}.*.pt.trace.json"))
+        assert _overlapping(Path(trace))
 
 
 # ---- benchmark ------------------------------------------------------------------------------
