@@ -27,11 +27,10 @@ import torch.distributed as dist
 
 @dataclass
 class Traffic:
-    """Bytes one rank put on and took off the wire in one all-reduce, and how many messages."""
+    """Bytes one rank put on and took off the wire in one all-reduce."""
 
     sent: int = 0
     received: int = 0
-    messages: int = 0
 
 
 def chunk_bounds(numel: int, world_size: int) -> list[tuple[int, int]]:
@@ -62,7 +61,6 @@ def _exchange(
             work.wait()
     traffic.sent += send.numel() * send.element_size()
     traffic.received += recv.numel() * recv.element_size()
-    traffic.messages += bool(send.numel())
 
 
 def ring_all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> Traffic:
@@ -121,11 +119,11 @@ def naive_all_reduce(
         for work in [dist.isend(flat, ranks[r], group) for r in others]:
             work.wait()
         moved = nbytes * len(others)
-        traffic = Traffic(sent=moved, received=moved, messages=len(others))
+        traffic = Traffic(sent=moved, received=moved)
     else:
         dist.send(flat, ranks[root], group)
         dist.recv(flat, ranks[root], group)
-        traffic = Traffic(sent=nbytes, received=nbytes, messages=1)
+        traffic = Traffic(sent=nbytes, received=nbytes)
     if flat.data_ptr() != tensor.data_ptr():
         tensor.copy_(flat)
     return traffic
