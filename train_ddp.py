@@ -32,6 +32,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from comm.dist import BACKENDS, DistEnv, UsageError, distributed, run_cli
 from comm.sync import SYNC_MODES, make_sync
+from comm.tracer import CommTracer, make_profiler
 from data.datasets import build_datasets, download_once
 from data.sampling import eval_loader, set_epoch, train_loader
 from training.checkpoint import (
@@ -80,6 +81,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sync-bn",
         action="store_true",
         help="SyncBatchNorm: batch statistics over the global batch (CUDA only)",
+    )
+    o = parser.add_argument_group("observability")
+    o.add_argument(
+        "--trace-comm",
+        action="store_true",
+        help="record every collective's bytes and time (comm/tracer.py): TensorBoard comm/* "
+        "and the 'comm' key of summary.json",
+    )
+    o.add_argument(
+        "--profile",
+        action="store_true",
+        help="torch.profiler trace of steps 3-5 in <out-dir>/profile/ (chrome://tracing)",
     )
     return parser.parse_args(argv)
 
@@ -190,7 +203,15 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
         )
         save_checkpoint(out_dir / "checkpoint.pt", state, env.is_main)
 
+    # ---- observability: both stay off (and cost nothing) unless asked for
+    tracer = CommTracer(enabled=args.trace_comm)
+    tracer.attach(sync.model)  # a comm hook on DDP's reducer, which bypasses dist.*
+    profiler = make_profiler(out_dir, env.rank, args.profile)
+
     # ---- train
+    tracer.start()
+    if profiler:
+        profiler.start()
     totals = Totals(env.device)
     history, train_time, samples = [], 0.0, 0
     final_train, metrics = {}, {}
@@ -250,6 +271,9 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
                         "lr": scheduler.get_last_lr()[0],
                     },
                 )
+            run.scalars(step, **tracer.end_step())  # the step's collectives, the log's included
+            if profiler:
+                profiler.step()
         train_time += time.perf_counter() - tic
         bar.close()
         samples += n_steps * global_batch
@@ -277,6 +301,9 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
         done_epoch = n_steps == steps_per_epoch - first
         save(epoch + 1 if done_epoch else epoch, 0 if done_epoch else first + n_steps)
 
+    if profiler:
+        profiler.stop()
+    tracer.stop()
     summary = {
         "script": "train_ddp.py",
         "world_size": env.world_size,
@@ -294,6 +321,8 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
         "param_checksum": param_checksum(sync.model),
         "history": history,
     }
+    if args.trace_comm:
+        summary["comm"] = tracer.summary()
     run.write_summary(summary)
     run.info(
         "done: %d steps, %.1f samples/s, checkpoint and summary.json in %s",
