@@ -91,6 +91,13 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
     Checks everything before touching a parameter: on a mismatch the model is unchanged and
     the error lists the missing keys, unexpected keys and shape differences.
     """
+    model.load_state_dict(match_model_state(model, state, source))
+
+
+def match_model_state(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str = ""
+) -> dict[str, torch.Tensor]:
+    """`state` renamed to `model`'s own keys, or a CheckpointError listing what does not fit."""
     wrappers = {name for name, m in model.named_modules() if _is_wrapper(m)}
     live = {plain_key(k, wrappers): k for k in model.state_dict()}
     targets = model.state_dict()
@@ -110,9 +117,10 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
             unexpected.append(key)
     missing = [p for p, k in live.items() if k not in mapped]
     shapes = [
-        f"{plain_key(k, wrappers)} {tuple(v.shape)} in file vs {tuple(targets[k].shape)}"
+        f"{plain_key(k, wrappers)} {tuple(getattr(v, 'shape', ()))} in file vs "
+        f"{tuple(targets[k].shape)}"
         for k, v in mapped.items()
-        if tuple(v.shape) != tuple(targets[k].shape)
+        if not isinstance(v, torch.Tensor) or v.shape != targets[k].shape
     ]
     if missing or unexpected or shapes:
         problems = []
@@ -124,7 +132,7 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
             problems.append(f"shape mismatch {_summarise(shapes, 3)}")
         where = f"{source}: " if source else ""
         raise CheckpointError(f"{where}checkpoint does not fit this model ({'; '.join(problems)})")
-    model.load_state_dict(mapped)
+    return mapped
 
 
 # ---------------------------------------------------------------------- RNG state
@@ -288,13 +296,15 @@ def check_same_batches(state: dict, samples_per_step: int, source: str) -> None:
 def restore_training_state(
     state: dict, model: nn.Module, optimizer, scheduler, scaler, source: str
 ) -> None:
-    """Put a loaded checkpoint back into live objects. The model is checked (and loaded)
-    first; an optimizer that does not match it is refused before anything else changes."""
+    """Put a loaded checkpoint back into live objects. The model and then the optimizer are
+    checked before anything changes, so a checkpoint of another architecture is reported
+    by its model keys rather than by its optimizer's parameter count."""
+    weights = match_model_state(model, state["model"], source)
     saved_groups = state["optimizer"].get("param_groups", [])
     live_groups = optimizer.state_dict()["param_groups"]
     if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in live_groups]:
         raise CheckpointError(f"{source}: optimizer state is for a different set of parameters")
-    load_model_state(model, state["model"], source)
+    model.load_state_dict(weights)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
