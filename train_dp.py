@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import time
 from pathlib import Path
 
@@ -99,9 +100,15 @@ def pick_devices(gpus: list[int] | None) -> list[torch.device]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise UsageError(
+            "train_dp.py is one process for all devices; under torchrun use train_ddp.py"
+        )
     devices = pick_devices(args.gpus)
     # One process is the whole job: a world of one, whose device is where batches arrive.
-    env = DistEnv(0, 0, 1, 1, backend="none", device=devices[0])
+    env = DistEnv(
+        rank=0, local_rank=0, world_size=1, local_world_size=1, backend="none", device=devices[0]
+    )
     return train(args, env, devices)
 
 
@@ -162,7 +169,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     elif env.device.type == "cuda":
         run.info("one GPU: no DataParallel wrapper, there is nothing to split a batch across")
     else:
-        run.info("no CUDA device: training the plain module on the CPU (no DataParallel)")
+        run.info("no GPU: training the plain module on the CPU (DataParallel needs GPUs)")
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args, total_steps)
     amp_dtype = autocast_dtype(args.amp)

@@ -69,7 +69,7 @@ def one_thread():
 def test_dp_and_ddp_are_the_same_run_and_resume_each_other(tmp_path, one_thread, capsys):
     dp = train_dp.main(_args(tmp_path / "dp", STEPS, 32))
     if not torch.cuda.is_available():
-        note = "no CUDA device: training the plain module on the CPU (no DataParallel)\n"
+        note = "no GPU: training the plain module on the CPU (DataParallel needs GPUs)\n"
         assert capsys.readouterr().out.count(note) == 1
     dp_accum = train_dp.main([*_args(tmp_path / "dp_accum", 2, 32), "--grad-accum", "2"])
     train_dp.main(_args(tmp_path / "relay_dp", 2, 32))  # the relay's first leg
@@ -110,7 +110,7 @@ def test_dp_and_ddp_are_the_same_run_and_resume_each_other(tmp_path, one_thread,
         )
 
 
-def test_gpus_flag_errors_are_one_line(capsys):
+def test_usage_errors_are_one_line(capsys, monkeypatch):
     assert run_cli(train_dp.main, ["--gpus", "99"]) == 2
     assert capsys.readouterr().err == (
         f"error: --gpus asks for cuda:99 but {torch.cuda.device_count()} CUDA device(s) "
@@ -118,6 +118,9 @@ def test_gpus_flag_errors_are_one_line(capsys):
     )
     assert run_cli(train_dp.main, ["--gpus", "0,0"]) == 2
     assert "indices must be distinct" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # started by torchrun: the wrong script
+    assert run_cli(train_dp.main, []) == 2
+    assert "under torchrun use train_ddp.py" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
