@@ -44,6 +44,7 @@ def _child(rank: int, world_size: int, store_path: str, pg_timeout: float, fn, a
         LOCAL_WORLD_SIZE=str(world_size),
         OMP_NUM_THREADS="1",
     )
+    failed_at = None
     try:
         import torch
         import torch.distributed as dist
@@ -58,13 +59,18 @@ def _child(rank: int, world_size: int, store_path: str, pg_timeout: float, fn, a
         )
         try:
             value = fn(rank, world_size, *args)
+        except BaseException:
+            # Timed before teardown: destroying the group is what makes the peers fail,
+            # and they must not be reported as failing first.
+            failed_at = time.monotonic()
+            raise
         finally:
             dist.destroy_process_group()
         buf = io.BytesIO()
         torch.save(value, buf)  # bytes, not shared-memory tensors: safe after the child exits
         results.put((rank, True, buf.getvalue(), time.monotonic()))
     except BaseException:
-        results.put((rank, False, traceback.format_exc(), time.monotonic()))
+        results.put((rank, False, traceback.format_exc(), failed_at or time.monotonic()))
 
 
 def run_world(
