@@ -11,7 +11,7 @@ it. On CPU it then compares one process with N processes:
               process, a replica per Python thread, one intra-op thread each
   ddp         N gloo processes with one thread each, batch / N per rank
 On GPUs: nn.DataParallel (and the scratch version) over N GPUs against one DDP process per
-GPU (nccl); with a single GPU DataParallel is the plain module, so only ddp with 1 rank runs.
+GPU (nccl); with one GPU DataParallel is the plain module: only plain and 1-rank ddp run.
 
 Each configuration runs --warmup steps, then times --steps full training steps (forward,
 backward, gradient synchronisation, SGD step) on one fixed batch, so data loading is not
