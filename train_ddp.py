@@ -36,6 +36,7 @@ from comm.tracer import CommTracer, make_profiler
 from data.datasets import build_datasets, download_once
 from data.sampling import eval_loader, set_epoch, train_loader
 from training.checkpoint import (
+    check_same_batches,
     load_checkpoint,
     param_checksum,
     restore_training_state,
@@ -180,13 +181,9 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
     resume = out_dir / "checkpoint.pt" if args.resume == "auto" else args.resume
     if resume and (args.resume != "auto" or Path(resume).exists()):
         state = load_checkpoint(resume)
+        check_same_batches(state, args.batch_size * env.world_size * args.grad_accum, str(resume))
         restore_training_state(state, model, optimizer, scheduler, scaler, str(resume))
         step, start_epoch, skip_steps = state["step"], state["epoch"], state["step_in_epoch"]
-        if state["world_size"] != env.world_size:
-            raise UsageError(
-                f"{resume} was written by {state['world_size']} rank(s), this "
-                f"job has {env.world_size}: the data order would differ"
-            )
         run.info("resumed from %s at step %d (epoch %d)", resume, step, start_epoch)
 
     def save(epoch: int, step_in_epoch: int) -> None:

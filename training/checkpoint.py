@@ -17,6 +17,7 @@ import hashlib
 import io
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +39,13 @@ class CheckpointError(UsageError):
 
 
 def _is_wrapper(module: nn.Module) -> bool:
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    return isinstance(
-        module, nn.DataParallel | nn.parallel.DistributedDataParallel | OptimizedModule
-    )
+    wrappers: tuple[type, ...] = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    # A compiled model exists only once torch._dynamo has been imported; importing it here
+    # just to ask would cost every checkpoint save about two seconds.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is not None:
+        wrappers += (eval_frame.OptimizedModule,)
+    return isinstance(module, wrappers)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -88,22 +91,36 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
     Checks everything before touching a parameter: on a mismatch the model is unchanged and
     the error lists the missing keys, unexpected keys and shape differences.
     """
+    model.load_state_dict(match_model_state(model, state, source))
+
+
+def match_model_state(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str = ""
+) -> dict[str, torch.Tensor]:
+    """`state` renamed to `model`'s own keys, or a CheckpointError listing what does not fit."""
     wrappers = {name for name, m in model.named_modules() if _is_wrapper(m)}
     live = {plain_key(k, wrappers): k for k in model.state_dict()}
     targets = model.state_dict()
+    # A file's key that is not a plain name of this model is compared with every wrapper
+    # segment removed on both sides, so that a real submodule called `module` survives;
+    # a bare name that two of this model's keys share must match exactly instead.
+    bare: dict[str, list[str]] = {}
+    for plain in live:
+        bare.setdefault(plain_key(plain), []).append(plain)
     mapped: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for key, value in state.items():
-        plain = key if key in live else plain_key(key)
-        if plain in live:
-            mapped[live[plain]] = value
+        candidates = [key] if key in live else bare.get(plain_key(key), [])
+        if len(candidates) == 1 and live[candidates[0]] not in mapped:
+            mapped[live[candidates[0]]] = value
         else:
             unexpected.append(key)
     missing = [p for p, k in live.items() if k not in mapped]
     shapes = [
-        f"{plain_key(k, wrappers)} {tuple(v.shape)} in file vs {tuple(targets[k].shape)}"
+        f"{plain_key(k, wrappers)} {tuple(getattr(v, 'shape', ()))} in file vs "
+        f"{tuple(targets[k].shape)}"
         for k, v in mapped.items()
-        if tuple(v.shape) != tuple(targets[k].shape)
+        if not isinstance(v, torch.Tensor) or v.shape != targets[k].shape
     ]
     if missing or unexpected or shapes:
         problems = []
@@ -115,7 +132,7 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
             problems.append(f"shape mismatch {_summarise(shapes, 3)}")
         where = f"{source}: " if source else ""
         raise CheckpointError(f"{where}checkpoint does not fit this model ({'; '.join(problems)})")
-    model.load_state_dict(mapped)
+    return mapped
 
 
 # ---------------------------------------------------------------------- RNG state
@@ -257,16 +274,37 @@ def training_state(
     }
 
 
+def check_same_batches(state: dict, samples_per_step: int, source: str) -> None:
+    """Refuse to resume a run whose optimizer steps took other samples than this one's.
+
+    The sampler's permutation depends only on the seed and the epoch, and each optimizer
+    step takes the next `samples_per_step` indices of it, however they are split into
+    ranks (DDP), replicas (DataParallel) or micro-batches (--grad-accum). So
+    `train_dp.py --batch-size 32` goes on in `train_ddp.py --batch-size 16` on 2 ranks,
+    and the other way round, but not with another number of samples per step.
+    """
+    saved = state["args"]
+    theirs = saved["batch_size"] * state["world_size"] * saved["grad_accum"]
+    if theirs != samples_per_step:
+        raise CheckpointError(
+            f"{source} was written by a run with {theirs} samples per optimizer step "
+            f"({saved['batch_size']} x {state['world_size']} rank(s) x {saved['grad_accum']} "
+            f"micro-batches), this run has {samples_per_step}: the data order would differ"
+        )
+
+
 def restore_training_state(
     state: dict, model: nn.Module, optimizer, scheduler, scaler, source: str
 ) -> None:
-    """Put a loaded checkpoint back into live objects. The model is checked (and loaded)
-    first; an optimizer that does not match it is refused before anything else changes."""
+    """Put a loaded checkpoint back into live objects. The model and then the optimizer are
+    checked before anything changes, so a checkpoint of another architecture is reported
+    by its model keys rather than by its optimizer's parameter count."""
+    weights = match_model_state(model, state["model"], source)
     saved_groups = state["optimizer"].get("param_groups", [])
     live_groups = optimizer.state_dict()["param_groups"]
     if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in live_groups]:
         raise CheckpointError(f"{source}: optimizer state is for a different set of parameters")
-    load_model_state(model, state["model"], source)
+    model.load_state_dict(weights)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
