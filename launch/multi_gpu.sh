@@ -9,7 +9,7 @@
 # Environment: NPROC (ranks; default: one per visible GPU), BACKEND (default nccl),
 # PYTHON (default .venv/bin/python of this checkout, else python3), OMP_NUM_THREADS
 # (default: cores / ranks, at least 1), LOG_DIR (also keep every rank's stdout/stderr in
-# LOG_DIR/<run id>/attempt_<n>/<local rank>/).
+# LOG_DIR/<run id>_<suffix>/attempt_<n>/<local rank>/).
 set -euo pipefail
 
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)

@@ -21,7 +21,8 @@ import socket
 import stat
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -75,14 +76,20 @@ def assert_same_parameters(out_dir: Path, reference: Path) -> None:
     assert summary["param_checksum"] == reference_summary["param_checksum"]
 
 
-@pytest.fixture(scope="module")
-def single_node(tmp_path_factory) -> Path:
+def run_single_node(out: Path) -> Path:
     """The reference: launch/cpu_sim.sh with 2 ranks (its first argument is the rank count)."""
-    out = tmp_path_factory.mktemp("cpu_sim")
     result = launch("cpu_sim.sh", "2", *SHORT, "--out-dir", str(out))
     assert_ok(result)
     assert "world size 2, backend gloo" in result.stdout
     return out
+
+
+@pytest.fixture(scope="module")
+def single_node(tmp_path_factory) -> Iterator[Future[Path]]:
+    """The reference run, started in the background once for the whole module: a test starts
+    its own launch alongside it and calls `.result()` when it needs the reference."""
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(run_single_node, tmp_path_factory.mktemp("cpu_sim"))
 
 
 # ---------------------------------------------------------------- static checks
@@ -258,7 +265,11 @@ def test_slurm_command_line(fakes, tmp_path):
     spool.mkdir()
     script = spool / "slurm_script"
     shutil.copy(LAUNCH / "slurm.sbatch", script)
-    env = {**slurm_env(fakes, ["gpu-a17", "gpu-a18"], "4242"), "FAKE_GPUS": "4"}
+    env = {
+        **slurm_env(fakes, ["gpu-a17", "gpu-a18"], "4242"),
+        "SLURM_CPUS_PER_TASK": "32",
+        "FAKE_GPUS": "4",
+    }
     result = run_cmd([str(script), "--epochs", "1"], timeout=30, env=env, cwd=tmp_path)
     assert_ok(result)
     assert recorded(fakes, "scontrol") == ["show", "hostnames", "fake-list[0]"]
@@ -266,6 +277,7 @@ def test_slurm_command_line(fakes, tmp_path):
         "--nodes=2",
         "--ntasks-per-node=1",
         "--kill-on-bad-exit=1",
+        "--cpus-per-task=32",
         str(LAUNCH / "multi_node.sh"),
         "--epochs",
         "1",
@@ -314,7 +326,7 @@ def test_two_agents_on_loopback_equal_single_node(single_node, tmp_path):
         assert_ok(result)
     # Only global rank 0 logs, so exactly one of the two agents printed the run.
     assert sum("world size 2, backend gloo" in r.stdout for r in results) == 1
-    assert_same_parameters(out, single_node)
+    assert_same_parameters(out, single_node.result())
 
 
 @pytest.mark.slow
@@ -324,7 +336,7 @@ def test_multi_gpu_recipe_on_cpu_equals_single_node(single_node, tmp_path):
         "multi_gpu.sh", *SHORT, "--out-dir", str(out), env={"NPROC": "2", "BACKEND": "gloo"}
     )
     assert_ok(result)
-    assert_same_parameters(out, single_node)
+    assert_same_parameters(out, single_node.result())
 
 
 @pytest.mark.slow
@@ -363,7 +375,7 @@ def test_spawn_equals_single_node(single_node, tmp_path):
         timeout=120,
     )
     assert_ok(result)
-    assert_same_parameters(out, single_node)
+    assert_same_parameters(out, single_node.result())
 
     # A usage error inside the ranks: one line from rank 0, the rank's exit status.
     missing = tmp_path / "missing.pt"
@@ -392,7 +404,7 @@ def test_slurm_one_node_job_runs(single_node, fakes, tmp_path):
         [str(LAUNCH / "slurm.sbatch"), *SHORT, "--out-dir", str(out)], timeout=120, env=env
     )
     assert_ok(result)
-    assert_same_parameters(out, single_node)
+    assert_same_parameters(out, single_node.result())
 
 
 def _netns_available() -> str | None:
@@ -456,4 +468,4 @@ def test_two_nodes_in_network_namespaces_equal_single_node(single_node, tmp_path
     for result in results:
         assert_ok(result)
     assert sum("world size 2, backend gloo" in r.stdout for r in results) == 1
-    assert_same_parameters(out, single_node)
+    assert_same_parameters(out, single_node.result())
