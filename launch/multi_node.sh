@@ -60,14 +60,14 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cores / nproc > 1 ? cores / nproc :
 if [[ -n ${IFNAME:-} ]]; then
   export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$IFNAME}
   export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$IFNAME}
-  if [[ -z ${LOCAL_ADDR:-} ]]; then
+  if [[ -z ${LOCAL_ADDR:-} ]] && command -v ip >/dev/null; then
     LOCAL_ADDR=$(ip -o -4 addr show dev "$IFNAME" 2>/dev/null |
       awk '{sub("/.*", "", $4); print $4; exit}') || true
-    if [[ -z $LOCAL_ADDR ]]; then
-      echo "error: IFNAME=$IFNAME: no IPv4 address found on that interface (ip -4 addr);" \
-        "set LOCAL_ADDR to this node's address" >&2
-      exit 2
-    fi
+  fi
+  if [[ -z ${LOCAL_ADDR:-} ]]; then
+    echo "error: IFNAME=$IFNAME: found no IPv4 address of that interface (ip -4 addr);" \
+      "set LOCAL_ADDR to this node's address on it" >&2
+    exit 2
   fi
 fi
 

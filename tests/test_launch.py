@@ -34,8 +34,18 @@ from training.checkpoint import load_checkpoint
 LAUNCH = ROOT / "launch"
 SCRIPTS = ["cpu_sim.sh", "multi_gpu.sh", "multi_node.sh", "slurm.sbatch"]
 # A few steps of the default model on a small synthetic set: 4 steps of 2 x 32 samples.
-SHORT = ["--train-size", "512", "--eval-size", "100", "--max-steps", "4", "--epochs", "1"]
-SHORT += ["--no-eval"]
+SHORT = [
+    *("--train-size", "512", "--eval-size", "100"),
+    *("--max-steps", "4", "--epochs", "1", "--no-eval"),
+]
+LOOPBACK = "lo0" if sys.platform == "darwin" else "lo"
+# The scripts' settings, emptied (= unset for them) so that a developer's exports cannot leak in.
+UNSET = dict.fromkeys(
+    ("NPROC", "BACKEND", "LOG_DIR", "NNODES", "RDZV_ENDPOINT", "RDZV_ID", "RDZV_CONF")
+    + ("RDZV_PORT", "IFNAME", "LOCAL_ADDR", "MAX_RESTARTS", "SLURM_CPUS_PER_TASK")
+    + ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"),
+    "",
+)
 
 
 def free_port() -> int:
@@ -50,7 +60,7 @@ def launch(script: str, *args: str, env: dict[str, str] | None = None, timeout: 
     return run_cmd(
         ["bash", str(LAUNCH / script), *args],
         timeout=timeout,
-        env={"PYTHON": sys.executable, **(env or {})},
+        env={**UNSET, "PYTHON": sys.executable, **(env or {})},
     )
 
 
@@ -62,10 +72,8 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
 
 
 def assert_same_parameters(out_dir: Path, reference: Path) -> None:
-    got, want = (
-        load_checkpoint(out_dir / "checkpoint.pt"),
-        load_checkpoint(reference / "checkpoint.pt"),
-    )
+    got = load_checkpoint(out_dir / "checkpoint.pt")
+    want = load_checkpoint(reference / "checkpoint.pt")
     assert got["world_size"] == want["world_size"] == 2
     assert got["step"] == want["step"] == 4
     assert got["model"].keys() == want["model"].keys()
@@ -97,7 +105,8 @@ def single_node(tmp_path_factory) -> Iterator[Future[Path]]:
 
 def test_every_launch_script_is_tested_and_parses():
     # A new recipe in launch/ must get a test here (spawn.py is run by its own test).
-    assert sorted(p.name for p in LAUNCH.iterdir()) == sorted([*SCRIPTS, "spawn.py"])
+    found = sorted(p.name for p in LAUNCH.iterdir() if p.name != "__pycache__")
+    assert found == sorted([*SCRIPTS, "spawn.py"])
     for name in SCRIPTS:
         assert os.access(LAUNCH / name, os.X_OK), f"launch/{name} is not executable"
         check = subprocess.run(["bash", "-n", str(LAUNCH / name)], capture_output=True, text=True)
@@ -145,6 +154,7 @@ def fakes(tmp_path) -> dict[str, str]:
         path.write_text("#!/usr/bin/env bash\nset -eu\n" + "\n".join(lines) + "\n")
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return {
+        **UNSET,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         "PYTHON": str(bin_dir / "python"),
         "FAKE_LOG": str(tmp_path),
@@ -170,7 +180,8 @@ def flag(argv: list[str], name: str) -> str:
 
 
 def threads_for(ranks: int) -> str:
-    return str(max(1, len(os.sched_getaffinity(0)) // ranks))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return str(max(1, cores // ranks))
 
 
 def test_cpu_sim_command_line(fakes):
@@ -182,7 +193,7 @@ def test_cpu_sim_command_line(fakes):
     assert argv[-5:] == [str(ROOT / "train_ddp.py"), "--backend", "gloo", "--epochs", "1"]
     env = recorded_env(fakes)
     assert env["OMP_NUM_THREADS"] == threads_for(3)
-    assert env["GLOO_SOCKET_IFNAME"] == "lo"
+    assert env["GLOO_SOCKET_IFNAME"] == LOOPBACK
 
     assert_ok(run_fake(LAUNCH / "cpu_sim.sh", env={**fakes, "NPROC": "4"}))
     assert flag(recorded(fakes, "torchrun"), "--nproc-per-node") == "4"
@@ -224,13 +235,11 @@ def test_multi_node_command_line(fakes):
     assert "--local-addr" not in argv and "--rdzv-conf" not in argv
     assert argv[-4:] == ["--backend", "nccl", "--epochs", "1"]
 
-    # IFNAME picks the interface for gloo and NCCL and the address the node advertises.
-    env.update(NNODES="2", NPROC="1", IFNAME="lo", RDZV_ID="exp7", MAX_RESTARTS="3")
+    env.update(NNODES="2", NPROC="1", RDZV_ID="exp7", MAX_RESTARTS="3")
     assert_ok(run_fake(LAUNCH / "multi_node.sh", env=env))
-    argv, seen = recorded(fakes, "torchrun"), recorded_env(fakes)
-    assert seen["GLOO_SOCKET_IFNAME"] == seen["NCCL_SOCKET_IFNAME"] == "lo"
-    assert flag(argv, "--local-addr") == "127.0.0.1" and flag(argv, "--rdzv-id") == "exp7"
-    assert flag(argv, "--max-restarts") == "3" and seen["OMP_NUM_THREADS"] == threads_for(1)
+    argv = recorded(fakes, "torchrun")
+    assert flag(argv, "--rdzv-id") == "exp7" and flag(argv, "--max-restarts") == "3"
+    assert recorded_env(fakes)["OMP_NUM_THREADS"] == threads_for(1)
 
     # The endpoint is this node's own (non-loopback) address: it must host the store.
     env.update(IFNAME="", LOCAL_ADDR="10.1.2.3", RDZV_ENDPOINT="10.1.2.3:29400")
@@ -242,10 +251,20 @@ def test_multi_node_command_line(fakes):
         ({"NNODES": ""}, "error: set NNODES"),
         ({"NNODES": "two"}, "error: set NNODES"),
         ({"RDZV_ENDPOINT": "node0"}, "error: set RDZV_ENDPOINT"),
-        ({"IFNAME": "no-such-if0"}, "error: IFNAME=no-such-if0: no IPv4 address"),
+        ({"IFNAME": "no-such-if0"}, "error: IFNAME=no-such-if0: found no IPv4 address"),
     ]:
         bad = run_fake(LAUNCH / "multi_node.sh", env={**env, "LOCAL_ADDR": "", **broken})
         assert bad.returncode == 2 and bad.stderr.startswith(message), bad.stderr
+
+
+@pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 (`ip`)")
+def test_multi_node_interface_selection(fakes):
+    """IFNAME picks the interface for gloo and NCCL, and the address the node advertises."""
+    env = {**fakes, "NNODES": "2", "NPROC": "1", "RDZV_ENDPOINT": "node0:29400", "IFNAME": "lo"}
+    assert_ok(run_fake(LAUNCH / "multi_node.sh", env=env))
+    seen = recorded_env(fakes)
+    assert seen["GLOO_SOCKET_IFNAME"] == seen["NCCL_SOCKET_IFNAME"] == "lo"
+    assert flag(recorded(fakes, "torchrun"), "--local-addr") == "127.0.0.1"
 
 
 def slurm_env(fakes: dict[str, str], nodes: list[str], job_id: str) -> dict[str, str]:
@@ -312,7 +331,8 @@ def test_two_agents_on_loopback_equal_single_node(single_node, tmp_path):
         "NNODES": "2",
         "NPROC": "1",
         "BACKEND": "gloo",
-        "IFNAME": "lo",
+        "GLOO_SOCKET_IFNAME": LOOPBACK,
+        "LOCAL_ADDR": "127.0.0.1",
         "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
         "RDZV_ID": "two-agents",
     }
@@ -398,7 +418,7 @@ def test_slurm_one_node_job_runs(single_node, fakes, tmp_path):
         "RDZV_PORT": str(free_port()),
         "NPROC": "2",
         "BACKEND": "gloo",
-        "IFNAME": "lo",
+        "GLOO_SOCKET_IFNAME": LOOPBACK,
     }
     result = run_cmd(
         [str(LAUNCH / "slurm.sbatch"), *SHORT, "--out-dir", str(out)], timeout=120, env=env
@@ -457,7 +477,7 @@ def test_two_nodes_in_network_namespaces_equal_single_node(single_node, tmp_path
                     run_cmd,
                     ["ip", "netns", "exec", ns, *argv],
                     timeout=180,
-                    env={**env, "PYTHON": sys.executable, "IFNAME": f"v{ns}"},
+                    env={**UNSET, **env, "PYTHON": sys.executable, "IFNAME": f"v{ns}"},
                 )
                 for ns in nodes
             ]
