@@ -5,9 +5,11 @@
 #
 #   # on every node of a fixed-size 2-node job; node0 is any one of them
 #   NNODES=2 RDZV_ENDPOINT=node0:29400 RDZV_ID=exp1 launch/multi_node.sh --epochs 10
-#   # elastic: start once 2 nodes have joined, take up to 4, restart on failure
-#   NNODES=2:4 MAX_RESTARTS=3 RDZV_ENDPOINT=node0:29400 RDZV_ID=exp2 \
+#   # after a failure, restart every rank (up to 3 times) from the last checkpoint
+#   NNODES=2 MAX_RESTARTS=3 RDZV_ENDPOINT=node0:29400 RDZV_ID=exp2 \
 #     launch/multi_node.sh --epochs 10 --resume auto
+#   # elastic size: start with the 2 to 4 nodes that have joined
+#   NNODES=2:4 RDZV_ENDPOINT=node0:29400 RDZV_ID=exp3 launch/multi_node.sh --epochs 10
 #
 # Everything on the command line goes to train_ddp.py. Node ranks come from the rendezvous
 # (torchrun's --node-rank only applies to its static rendezvous), so every node runs the
