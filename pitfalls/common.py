@@ -72,8 +72,10 @@ def parse_result(text: str) -> dict[str, str]:
 
 
 def report(env: DistEnv, name: str, right: bool, values: dict) -> int:
-    """Print the RESULT line on global rank 0 and return the exit status: 1 when the run
-    ended in the failure it demonstrates (`values["error"]` explains it), else 0.
+    """Print the RESULT line on global rank 0 and return the exit status: 1 on global rank 0
+    when the run ended in the failure it demonstrates, else 0. (Only rank 0 carries the
+    verdict: a rank that exits non-zero first makes torchrun kill the others, rank 0
+    included, possibly before it has printed anything.)
 
     A human-readable `message` is printed on its own line (stderr for a failure), not in the
     RESULT line."""
@@ -84,7 +86,7 @@ def report(env: DistEnv, name: str, right: bool, values: dict) -> int:
     failed = values.get("outcome") in ("timeout", "error")
     if message and env.is_main:
         print(f"error: {message}" if failed else message, file=sys.stderr if failed else sys.stdout)
-    return 1 if failed else 0
+    return 1 if failed and env.is_main else 0
 
 
 def cli(main: Callable[[list[str] | None], int]) -> int:
