@@ -210,7 +210,7 @@ def run(right: bool, env: DistEnv) -> dict:
 @record
 def main(argv: list[str] | None = None) -> int:
     args = common.make_parser(__doc__).parse_args(argv)
-    with common.world(args) as env:
+    with common.world(args, backend=None) as env:
         return common.report(env, "batchnorm", args.right, run(args.right, env))
 
 

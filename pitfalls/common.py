@@ -45,9 +45,13 @@ def make_parser(doc: str) -> argparse.ArgumentParser:
 
 
 @contextmanager
-def world(args: argparse.Namespace) -> Iterator[DistEnv]:
-    """The process group (from torchrun's environment, or a world of one) with --timeout."""
-    with distributed(timeout=timedelta(seconds=args.timeout)) as env:
+def world(args: argparse.Namespace, backend: str | None = "gloo") -> Iterator[DistEnv]:
+    """The process group (from torchrun's environment, or a world of one) with --timeout.
+
+    gloo by default, also on GPU machines: most pitfalls are about what the collectives do,
+    shown on CPU tensors. `backend=None` picks NCCL when there are GPUs (the pitfalls whose
+    point is the device: BatchNorm, map_location)."""
+    with distributed(backend, timedelta(seconds=args.timeout)) as env:
         yield env
 
 

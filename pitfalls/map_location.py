@@ -118,7 +118,10 @@ def run(right: bool, env: DistEnv, directory: Path) -> dict:
 @record
 def main(argv: list[str] | None = None) -> int:
     args = common.make_parser(__doc__).parse_args(argv)
-    with common.world(args) as env, tempfile.TemporaryDirectory(prefix="pitfall-") as tmp:
+    with (
+        common.world(args, backend=None) as env,
+        tempfile.TemporaryDirectory(prefix="pitfall-") as tmp,
+    ):
         name = [tmp]  # rank 0's directory, for every rank (one machine)
         dist.broadcast_object_list(name, src=0)
         values = run(args.right, env, Path(name[0]))
