@@ -89,22 +89,23 @@ def run(right: bool, with_unguarded: bool = True) -> dict:
         )
         values["outcome"] = "finished"
         return values
+    problems = []
     try:
         batches(lambda x: x * 2.0, workers=1)
         values["lambda"] = "loaded"
     except (pickle.PicklingError, AttributeError, TypeError) as e:
         values["lambda"] = type(e).__name__
-        values["outcome"] = "error"
-        values["message"] = f"a lambda in the dataset: {str(e).strip().splitlines()[0]}"
+        problems.append(f"a lambda in the dataset: {str(e).strip().splitlines()[0]}")
     if with_unguarded and dist.get_rank() == 0:
         values.update(run_unguarded())
         if values["unguarded_exit"] != 0:
-            values["outcome"] = "error"
-            values["message"] = (
-                f"{values.get('message', '')}; pitfalls/unguarded_loader.py exited with status "
-                f"{values['unguarded_exit']}"
-                + (" (bootstrapping-phase error)" if values["unguarded_bootstrap_error"] else "")
-            ).lstrip("; ")
+            why = " (bootstrapping-phase error)" if values["unguarded_bootstrap_error"] else ""
+            problems.append(
+                f"pitfalls/unguarded_loader.py exited with status {values['unguarded_exit']}{why}"
+            )
+    if problems:
+        values["outcome"] = "error"
+        values["message"] = "; ".join(problems)
     return values
 
 
