@@ -3,7 +3,8 @@
 The default suite runs all nine pitfalls in one 2-rank world (each script's `run()` in
 process), the deadlocks on process groups with a 2 s timeout, and the unguarded DataLoader
 script in a subprocess alongside it. The slow tests run every script under torchrun, as a
-reader would."""
+reader would, and check that a deadlock under the real launcher ends by itself with a clear
+error."""
 
 from __future__ import annotations
 
@@ -248,6 +249,7 @@ def _pitfall(script: str, mode: str, *flags: str, timeout: float = 120) -> tuple
     return values, proc.stderr, proc.returncode
 
 
+@pytest.mark.slow
 def test_torchrun_deadlock_ends_with_clear_error():
     """The real launcher, a 2 s timeout: the job ends on its own, rank 0 says why."""
     start = time.monotonic()
