@@ -5,9 +5,9 @@
     torchrun --standalone --nproc-per-node 2 pitfalls/dataloader_spawn.py --right
 
 With `num_workers > 0` each worker is a separate process. Under spawn (the default on macOS
-and Windows; forkserver, which behaves the same here, is the default on Linux from Python
-3.14) a worker is a fresh interpreter: it receives the dataset pickled, and it imports the
-main script to find the classes and functions the pickle names. Two things break:
+and Windows) a worker is a fresh interpreter: it receives the dataset pickled, and it imports
+the main script to find the classes and functions the pickle names. (forkserver, the default
+on Linux from Python 3.14, pickles the dataset too.) Two things break:
 
 - A script without the guard (pitfalls/unguarded_loader.py): the worker's import of the
   script runs its top level again, which starts a loader of its own while the worker is
