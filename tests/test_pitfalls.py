@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pitfalls.common import parse_result
 from tests.multiproc import PYTHON, ROOT, run_world, torchrun
@@ -58,13 +59,20 @@ def _lab(rank: int, world_size: int, tmp: str) -> dict:
     try:
         with distributed() as env, ThreadPoolExecutor(1) as pool:
             spawned = pool.submit(check, "dataloader_spawn", True, dataloader_spawn.run, False)
+            # The first DDP model pays for lazy imports, which on a busy machine can take one
+            # rank seconds longer than the other: pay it here, under the default group's
+            # long timeout, not inside a 2 s group.
+            DDP(torch.nn.Linear(1, 1))
             for right in (False, True):
                 # A group of its own with a short timeout: the deadlock ends in 2 s, and the
-                # default group stays clean for the checks that follow.
+                # default group stays clean for the checks that follow. Each starts with the
+                # ranks in step (barrier), so only the deadlock can exhaust the 2 s.
+                dist.barrier()
                 check("uneven_inputs", right, uneven_inputs.run, dist.new_group(timeout=SHORT))
                 directory = Path(tmp) / f"rank0_collective_{right}"
                 directory.mkdir(exist_ok=True)
                 group = dist.new_group(timeout=SHORT)
+                dist.barrier()
                 check("rank0_collective", right, rank0_collective.run, directory, group)
                 check("set_epoch", right, set_epoch.run)
                 check("unused_parameters", right, unused_parameters.run)
@@ -310,7 +318,7 @@ def test_torchrun_script(script):
     if script == "map_location" and torch.cuda.is_available():
         pytest.skip("the CPU form of this pitfall; see test_gpu_pitfalls")
     for mode, check in zip(("wrong", "right"), SYMPTOMS[script], strict=True):
-        values, stderr, status = _pitfall(script, mode, "--timeout", "3")
+        values, stderr, status = _pitfall(script, mode)  # the default 5 s timeout
         assert check(values), (mode, values, stderr)
         failed = mode == "wrong" and script in FAILS_WHEN_WRONG
         assert status == (1 if failed else 0), (mode, status, stderr)
