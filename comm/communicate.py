@@ -122,7 +122,6 @@ def communicate_async(
     *,
     average: bool = False,
     bucket_bytes: int | None = None,
-    first_bucket_bytes: int | None = None,
 ) -> PendingCommunication:
     """Launch `communication_op` on `tensors` (flattened, bucketed) and return at once; call
     `.wait()` on the result before reading the tensors. See `communicate`."""
@@ -137,7 +136,7 @@ def communicate_async(
     tensors = [t for t in tensors if t.numel() > 0]  # nothing to send, nothing to write
     buckets = []
     with torch.no_grad():  # parameters are leaves that require grad: copy into them freely
-        for indices in plan_buckets(tensors, bucket_bytes, first_bucket_bytes):
+        for indices in plan_buckets(tensors, bucket_bytes):
             members = [tensors[i] for i in indices]
             if len(members) == 1 and members[0].is_contiguous():
                 buffer = members[0]  # nothing to gain from a copy: send the tensor itself
