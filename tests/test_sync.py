@@ -5,6 +5,7 @@ seed, same data, 4 optimizer steps) and hands back rank 0's checkpoint and every
 parameter checksum. The oracle is `--sync ddp`, DistributedDataParallel's own reducer.
 """
 
+import csv
 import functools
 import hashlib
 from pathlib import Path
@@ -18,6 +19,7 @@ import train_ddp
 from comm import sync as sync_module
 from comm.dist import DistEnv, UsageError
 from tests import comm_world
+from tests.multiproc import PYTHON, run_cmd
 from training.checkpoint import load_checkpoint
 from training.models import build_model
 
@@ -168,3 +170,22 @@ def test_sync_every_is_for_local_sgd_only():
         train_ddp.parse_args(["--sync", "local-sgd", "--sync-every", "0"])
     with pytest.raises(UsageError, match="unknown --sync"):
         sync_module.make_sync("ring", nn.Linear(2, 2), env)
+
+
+@pytest.mark.slow
+def test_benchmark_writes_table_csv_and_plot(tmp_path):
+    result = run_cmd(
+        [PYTHON, "-m", "benchmarks.bench_sync", "--rounds", "1", "--steps", "1", "--warmup", "1"]
+        + ["--layers", "5", "--out-dir", str(tmp_path)],
+        timeout=240,
+        check=True,
+    )
+    with open(tmp_path / "bench_sync.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    steps = {r["variant"]: float(r["ratio"]) for r in rows if r["section"] == "sync step"}
+    assert list(steps) == ["none", "ddp", "allreduce", "overlap", "local-sgd K=4"]
+    assert steps["ddp"] == 1.0 and all(ratio > 0 for ratio in steps.values())
+    comms = [r["variant"] for r in rows if r["section"] == "communication"]
+    assert comms[0] == "all_reduce per tensor" and "communicate, 1 buffer" in comms
+    assert "communicate, 1 buffer" in result.stdout and "vs ddp" in result.stdout
+    assert (tmp_path / "bench_sync.png").read_bytes()[:4] == b"\x89PNG"
