@@ -175,10 +175,11 @@ class OverlapSync(Sync):
         self._ready[index] += 1
         # Launch strictly in bucket order: every rank must issue its collectives in the same
         # order, and gradients may become ready in a different order on different ranks.
-        while (n := len(self._launched)) < len(self.buckets) and self._ready[n] == len(
-            self.buckets[n]
-        ):
-            self._launch(n)
+        while self.in_flight < len(self.buckets) and self._all_ready(self.in_flight):
+            self._launch(self.in_flight)
+
+    def _all_ready(self, index: int) -> bool:
+        return self._ready[index] == len(self.buckets[index])
 
     def _launch(self, index: int) -> None:
         grads = gradients(self.buckets[index])
