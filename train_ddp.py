@@ -79,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="who synchronises gradients: DDP's reducer or one of comm/sync.py",
     )
     g.add_argument(
+        "--sync-every",
+        type=positive,
+        default=None,
+        metavar="K",
+        help="--sync local-sgd only: average the replicas every K optimizer steps (unset: 4)",
+    )
+    g.add_argument(
         "--sync-bn",
         action="store_true",
         help="SyncBatchNorm: batch statistics over the global batch (CUDA only)",
@@ -170,7 +177,8 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
             raise UsageError(f"--sync-bn: model {args.model} has no BatchNorm layer")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(env.device)
-    sync = make_sync(args.sync, model, env)  # wraps the model in DDP for --sync ddp
+    # wraps the model in DDP for --sync ddp
+    sync = make_sync(args.sync, model, env, sync_every=args.sync_every)
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args, total_steps)
     amp_dtype = autocast_dtype(args.amp)
