@@ -88,7 +88,7 @@ def run_single_node(out: Path) -> Path:
     """The reference: launch/cpu_sim.sh with 2 ranks (its first argument is the rank count)."""
     result = launch("cpu_sim.sh", "2", *SHORT, "--out-dir", str(out))
     assert_ok(result)
-    assert "world size 2, backend gloo" in result.stdout
+    assert "2 rank(s), gloo on cpu" in result.stdout
     return out
 
 
@@ -345,7 +345,7 @@ def test_two_agents_on_loopback_equal_single_node(single_node, tmp_path):
     for result in results:
         assert_ok(result)
     # Only global rank 0 logs, so exactly one of the two agents printed the run.
-    assert sum("world size 2, backend gloo" in r.stdout for r in results) == 1
+    assert sum("2 rank(s), gloo on cpu" in r.stdout for r in results) == 1
     assert_same_parameters(out, single_node.result())
 
 
@@ -487,5 +487,5 @@ def test_two_nodes_in_network_namespaces_equal_single_node(single_node, tmp_path
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     for result in results:
         assert_ok(result)
-    assert sum("world size 2, backend gloo" in r.stdout for r in results) == 1
+    assert sum("2 rank(s), gloo on cpu" in r.stdout for r in results) == 1
     assert_same_parameters(out, single_node.result())
