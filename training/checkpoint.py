@@ -2,13 +2,16 @@
 
 The file is one dict: `model` (a plain state_dict: no `module.` or `_orig_mod.` in any key,
 whatever wrapped the model when it was saved), `optimizer`, `scheduler`, `scaler`, `epoch`,
-`step`, `world_size`, `args` and `rng`. It is written by global rank 0 alone, to a temporary
-file in the same directory that is fsync'ed and then renamed over the old one, so a crash
-never leaves a half-written checkpoint under the real name; every rank then meets at a
-barrier, so nobody reads a file that is still being written.
+`step`, `step_in_epoch`, `world_size`, `args` and `rng`. Global rank 0 alone writes it, to
+a temporary file in the same directory that is fsync'ed and then renamed into place, so a
+crash never leaves a half-written checkpoint under a real name; every rank then meets at a
+barrier, so nobody reads a file that is still being written. `CheckpointManager` keeps the
+newest few as `<out-dir>/checkpoints/step-XXXXXXXX.pt` and moves the symlink
+`<out-dir>/checkpoint.pt` to the newest once it is whole (docs/checkpoints.md).
 
 It is loaded with `weights_only=True`: a checkpoint is untrusted input, and a full unpickler
-would run whatever code the file asks for.
+would run whatever code the file asks for. Each zip entry's CRC-32 is checked first, since
+torch.load does not, and nothing is restored until the whole file has been checked.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import hashlib
 import io
 import os
 import random
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from comm.dist import UsageError
+from comm.dist import DistEnv, UsageError
 
 REQUIRED = ("model", "optimizer", "epoch", "step", "world_size", "args", "rng")
 WRAPPER_ATTRS = {"module", "_orig_mod"}  # DDP / DataParallel, and torch.compile
@@ -159,6 +165,14 @@ def set_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------ save and load
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that `path` is at every moment either the old file or the
     new one: temp file in the same directory (same filesystem, so the rename is atomic),
@@ -174,24 +188,28 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _check_archive(path: Path) -> None:
+    """torch.save writes a zip archive with a CRC-32 per entry, but torch.load never checks
+    them: a flipped bit inside a tensor loads silently as a wrong number. zipfile does."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(path: Path, state: dict, is_main: bool) -> None:
-    """Rank 0 writes, then everyone waits at a barrier until the file is complete.
-
-    Called on every rank: the barrier is a collective, so calling it inside
-    `if rank == 0:` would deadlock the others."""
-    if is_main:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write(path, buf.getvalue())
-    if dist.is_initialized():
-        dist.barrier()
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated, or not written by torch.save: "
+            "its zip directory is missing)"
+        ) from None
+    except Exception as e:  # a damaged header can fail in many ways (bad names, bad sizes)
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (corrupt zip structure: {type(e).__name__})"
+        ) from None
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (corrupt: entry {bad} fails its CRC-32 check)"
+        )
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -201,6 +219,7 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: checkpoint file is empty")
+    _check_archive(path)
     try:
         # map_location="cpu": tensors saved from cuda:0 would otherwise all land on cuda:0 in
         # every rank; load_state_dict copies them to each rank's own device.
@@ -257,18 +276,225 @@ def training_state(
     }
 
 
+# Flags that decide what every step computes. A checkpoint written with other values belongs
+# to another run: continuing it would silently mix two trajectories. Everything else (paths,
+# logging, --workers, --timeout, --epochs / --max-steps) may change between restarts.
+TRAJECTORY_FLAGS = (
+    "dataset",
+    "train_size",
+    "augment",
+    "model",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "lr_schedule",
+    "warmup_steps",
+    "amp",
+    "seed",
+    "sync",
+    "sync_bn",
+)
+
+
+def check_resumable(state: dict, args, world_size: int, source: Path) -> list[str]:
+    """Refuse a checkpoint that would not continue the run these flags describe; return
+    warnings for changes that are allowed but alter the rest of the run."""
+    if state["world_size"] != world_size:
+        raise CheckpointError(
+            f"{source}: written by {state['world_size']} rank(s), this job has {world_size} "
+            "(the global batch and the data order would differ); resume with the same "
+            "world size"
+        )
+    saved, live = state["args"], vars(args)
+    differ = [
+        f"--{k.replace('_', '-')} {saved[k]} (this run: {live[k]})"
+        for k in TRAJECTORY_FLAGS
+        if k in saved and k in live and saved[k] != live[k]
+    ]
+    if differ:
+        raise CheckpointError(
+            f"{source}: written with {', '.join(differ)}; resume with the same flags or "
+            "start a fresh --out-dir"
+        )
+    horizon = [k for k in ("epochs", "max_steps") if k in saved and saved[k] != live.get(k)]
+    if horizon and live.get("lr_schedule") == "cosine":
+        flags = " and ".join("--" + k.replace("_", "-") for k in horizon)
+        return [
+            f"{source} was written with other {flags}: the cosine schedule now ends at "
+            "another step, so the learning rate from here on differs from the original run's"
+        ]
+    return []
+
+
+def _check_optimizer(saved, optimizer, source: Path) -> None:
+    """The optimizer state must be for exactly these parameters, shape for shape."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    try:
+        sizes = [len(g["params"]) for g in saved["param_groups"]]
+        entries = saved["state"].items()
+    except (KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{source}: optimizer state is malformed") from None
+    if sizes != [len(g["params"]) for g in optimizer.param_groups]:
+        raise CheckpointError(
+            f"{source}: optimizer state is for a different set of parameters "
+            f"({sum(sizes)} in the file, {len(params)} in this model)"
+        )
+    for index, entry in entries:
+        if not isinstance(index, int) or not 0 <= index < len(params):
+            raise CheckpointError(f"{source}: optimizer state names parameter {index!r}")
+        for name, value in entry.items():
+            shape = params[index].shape
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != shape:
+                raise CheckpointError(
+                    f"{source}: optimizer state {name!r} of parameter {index} has shape "
+                    f"{tuple(value.shape)}, the parameter {tuple(shape)}"
+                )
+
+
 def restore_training_state(
-    state: dict, model: nn.Module, optimizer, scheduler, scaler, source: str
+    state: dict, model: nn.Module, optimizer, scheduler, scaler, source: Path
 ) -> None:
-    """Put a loaded checkpoint back into live objects. The model is checked (and loaded)
-    first; an optimizer that does not match it is refused before anything else changes."""
-    saved_groups = state["optimizer"].get("param_groups", [])
-    live_groups = optimizer.state_dict()["param_groups"]
-    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in live_groups]:
-        raise CheckpointError(f"{source}: optimizer state is for a different set of parameters")
-    load_model_state(model, state["model"], source)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
+    """Put a loaded checkpoint back into live objects, all or nothing: everything that can be
+    checked is checked before the first object changes, and the RNG states (set before the
+    model, because setting them is what can still fail) are put back if the model refuses."""
+    _check_optimizer(state["optimizer"], optimizer, source)
+    for key in ("scheduler", "rng"):
+        if not isinstance(state[key], dict):
+            raise CheckpointError(f"{source}: {key} state is malformed")
+    if state.get("scaler") is not None and not isinstance(state["scaler"], dict):
+        raise CheckpointError(f"{source}: scaler state is malformed")
+    before = rng_state()
+    try:
+        set_rng_state(state["rng"])
+    except Exception:
+        set_rng_state(before)
+        raise CheckpointError(f"{source}: RNG state is malformed") from None
+    try:
+        load_model_state(model, state["model"], str(source))
+    except CheckpointError:
+        set_rng_state(before)
+        raise
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+    except Exception as e:  # unreachable for files this project writes: all checked above
+        raise CheckpointError(f"{source}: could not restore the training state ({e})") from None
+
+
+# ------------------------------------------------------- rotation and resume
+
+POINTER = "checkpoint.pt"  # <out-dir>/checkpoint.pt -> checkpoints/step-XXXXXXXX.pt
+FOLDER = "checkpoints"
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training starts: all zero for a fresh run, else the checkpoint's counters."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    source: Path | None = None
+
+
+def point(link: Path, target: Path) -> None:
+    """Make `link` a relative symlink to `target`, atomically: a new link under a temporary
+    name renamed over the old one, so readers see the old target or the new, never neither."""
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+    _fsync_dir(link.parent)
+
+
+class CheckpointManager:
+    """The checkpoints of one --out-dir: `checkpoints/step-XXXXXXXX.pt`, the newest `keep` of
+    them kept, and `checkpoint.pt`, a symlink to the newest, moved only once that file is
+    complete on disk. A crash at any moment leaves `checkpoint.pt` naming a whole file."""
+
+    def __init__(
+        self, out_dir: Path, keep: int, env: DistEnv, log: Callable[..., None] | None = None
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.folder = self.out_dir / FOLDER
+        self.latest = self.out_dir / POINTER
+        self.keep = keep
+        self.env = env
+        self.log = log or (lambda *_: None)
+
+    def path_for(self, step: int) -> Path:
+        return self.folder / f"step-{step:08d}.pt"  # zero-padded: name order is step order
+
+    def save(self, state: dict) -> Path:
+        """Called on every rank: global rank 0 writes, moves the pointer and deletes old
+        files; then everyone meets at a barrier (a collective, so never inside
+        `if rank == 0`), so no rank goes on while the file may still be incomplete."""
+        path = self.path_for(state["step"])
+        if self.env.is_main:
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            atomic_write(path, buf.getvalue())
+            point(self.latest, path)
+            self._prune()
+        if dist.is_initialized():
+            dist.barrier()
+        return path
+
+    def _prune(self) -> None:
+        # Newest by write time, not by step: a run resumed from an older file in the same
+        # --out-dir writes lower step numbers than the files of the run it abandoned.
+        files = sorted(self.folder.glob("step-*.pt"), key=lambda p: (p.stat().st_mtime_ns, p))
+        for old in files[: -self.keep]:
+            old.unlink()
+        for tmp in self.folder.glob(".step-*.pt.tmp-*"):  # left by a writer that was killed
+            tmp.unlink(missing_ok=True)
+
+    def find(self, resume: str | None) -> Path | None:
+        """The file `--resume` means: None (fresh start) for no flag, or for `auto` when
+        --out-dir has no checkpoint yet; the file `checkpoint.pt` points to otherwise."""
+        if not resume:
+            return None
+        if resume != "auto":
+            return Path(resume)
+        if self.latest.is_symlink():
+            target = self.latest.parent / os.readlink(self.latest)
+            if not target.exists():
+                raise CheckpointError(f"{self.latest}: points to {target}, which is missing")
+            return target
+        return self.latest if self.latest.exists() else None
+
+    def resume(
+        self, resume: str | None, args, model: nn.Module, optimizer, scheduler, scaler
+    ) -> Position:
+        """Load, check and restore the checkpoint `--resume` names, on every rank.
+
+        The ranks agree before anything changes: if any of them cannot use the file, all of
+        them raise, rather than the others walking into a collective that never completes."""
+        path = self.find(resume)
+        if path is None:
+            return Position()
+        error, state, warnings = None, None, []
+        try:
+            state = load_checkpoint(path)
+            warnings = check_resumable(state, args, self.env.world_size, path)
+        except CheckpointError as e:
+            error = str(e)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            errors: list[str | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+            failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+            if failed and error is None:
+                r, e = failed[0]
+                error = f"rank {r} cannot resume: {e}"
+        if error is not None:
+            raise CheckpointError(error)
+        restore_training_state(state, model, optimizer, scheduler, scaler, path)
+        for warning in warnings:
+            self.log("warning: %s", warning)
+        position = Position(state["step"], state["epoch"], state["step_in_epoch"], path)
+        self.log("resumed from %s at step %d (epoch %d)", path, position.step, position.epoch)
+        return position
