@@ -193,9 +193,9 @@ def _tamper(kind: str, good: dict, raw: bytes, path: Path) -> None:
                 torch.nn.Linear(2, 2).parameters(), lr=1
             ).state_dict()
         elif kind == "other flags":
-            state["args"] = {**state["args"], "batch_size": 8, "lr": 0.5}
-        elif kind == "other world size":
-            state["world_size"] = 2
+            state["args"] = {**state["args"], "momentum": 0.5, "lr": 0.5}
+        elif kind == "other batches":
+            state["world_size"] = 2  # 4 per rank x 2 ranks: 8 samples per step, not 4
         torch.save(state, path)
 
 
@@ -207,8 +207,8 @@ BAD = {
     "arbitrary object": "not a readable checkpoint (Weights only load failed",
     "wrong architecture": "checkpoint does not fit this model (missing 1.weight",
     "optimizer mismatch": "optimizer state is for a different set of parameters (2 in the file, 6",
-    "other flags": "written with --batch-size 8 (this run: 4), --lr 0.5 (this run: 0.05)",
-    "other world size": "written by 2 rank(s), this job has 1",
+    "other flags": "written with --lr 0.5 (this run: 0.05), --momentum 0.5 (this run: 0.9)",
+    "other batches": "written by a run with 8 samples per optimizer step (4 x 2 rank(s) x 1",
 }
 
 

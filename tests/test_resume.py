@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import train_ddp
@@ -73,20 +74,37 @@ def _assert_same_run(resumed: Path, straight: Path) -> None:
     )
 
 
-def test_stop_and_resume_equals_straight_run(tmp_path):
-    run_world(_runs, 2, str(tmp_path), timeout=120)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    run_world(_runs, 2, str(root), timeout=120)
+    return root
 
-    straight = tmp_path / "straight"
+
+def test_stop_and_resume_equals_straight_run(runs):
+    straight = runs / "straight"
     # rotation: of the 5 saves the newest 4 are kept; checkpoint.pt points to the last one
     kept = sorted(p.name for p in (straight / "checkpoints").iterdir())
     assert kept == [f"step-{s:08d}.pt" for s in (8, 10, 15, 16)]
     assert (straight / "checkpoint.pt").resolve() == straight / "checkpoints" / kept[-1]
 
-    assert (tmp_path / "mid_epoch" / "checkpoints" / "step-00000005.pt").is_file()  # it stopped
+    assert (runs / "mid_epoch" / "checkpoints" / "step-00000005.pt").is_file()  # it stopped
     _assert_same_run(
-        tmp_path / "mid_epoch" / "checkpoint.pt", straight / "checkpoints" / "step-00000010.pt"
+        runs / "mid_epoch" / "checkpoint.pt", straight / "checkpoints" / "step-00000010.pt"
     )
-    _assert_same_run(tmp_path / "epoch_end" / "checkpoint.pt", straight / "checkpoint.pt")
-    _assert_same_run(
-        tmp_path / "accum" / "checkpoint.pt", tmp_path / "accum_straight" / "checkpoint.pt"
-    )
+    _assert_same_run(runs / "epoch_end" / "checkpoint.pt", straight / "checkpoint.pt")
+    _assert_same_run(runs / "accum" / "checkpoint.pt", runs / "accum_straight" / "checkpoint.pt")
+
+
+def test_resume_on_another_world_size_with_the_same_samples_per_step(runs, tmp_path, capsys):
+    """The 2-rank run's step-8 checkpoint (4 samples per rank) continues in this process
+    with 8 per step: the same batches, so the same run to float tolerance."""
+    step8 = runs / "straight" / "checkpoints" / "step-00000008.pt"
+    flags = [*COMMON, "--batch-size", "8", "--out-dir", str(tmp_path), "--resume", str(step8)]
+    train_ddp.main(flags)
+    assert "written by 2 rank(s), this job has 1" in capsys.readouterr().out
+    one = load_checkpoint(tmp_path / "checkpoint.pt")
+    two = load_checkpoint(runs / "straight" / "checkpoint.pt")
+    assert one["step"] == two["step"] == 16
+    for key, value in two["model"].items():
+        torch.testing.assert_close(one["model"][key], value, rtol=0, atol=1e-5)

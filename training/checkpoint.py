@@ -191,6 +191,23 @@ def atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def write_checkpoint(path: Path, state: dict) -> None:
+    """Serialise in memory, then write atomically: the file appears whole or not at all."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def save_checkpoint(path: Path, state: dict, is_main: bool) -> None:
+    """One file, no rotation: rank 0 writes, then everyone waits at a barrier until the
+    file is complete. Called on every rank: the barrier is a collective, so calling it
+    inside `if rank == 0:` would deadlock the others."""
+    if is_main:
+        write_checkpoint(path, state)
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def _check_archive(path: Path) -> None:
     """torch.save writes a zip archive with a CRC-32 per entry, but torch.load never checks
     them: a flipped bit inside a tensor loads silently as a wrong number. zipfile does."""
@@ -277,15 +294,14 @@ def training_state(
 
 
 # Flags that decide what every step computes. A checkpoint written with other values belongs
-# to another run: continuing it would silently mix two trajectories. Everything else (paths,
-# logging, --workers, --timeout, --epochs / --max-steps) may change between restarts.
+# to another run: continuing it would silently mix two trajectories. The batch is checked as
+# samples per optimizer step (check_same_batches); everything else (paths, logging,
+# --workers, --timeout, --sync, --epochs / --max-steps) may change between restarts.
 TRAJECTORY_FLAGS = (
     "dataset",
     "train_size",
     "augment",
     "model",
-    "batch_size",
-    "grad_accum",
     "lr",
     "momentum",
     "weight_decay",
@@ -293,21 +309,40 @@ TRAJECTORY_FLAGS = (
     "warmup_steps",
     "amp",
     "seed",
-    "sync",
     "sync_bn",
 )
 
 
+def check_same_batches(state: dict, samples_per_step: int, source: Path) -> None:
+    """Refuse a checkpoint whose optimizer steps took another number of samples.
+
+    Each step takes the next `samples_per_step` indices of the epoch's permutation (which
+    depends on seed and epoch only), however they are split into ranks, DataParallel
+    replicas or --grad-accum micro-batches. So the world size may change between restarts
+    as long as this product stays the same; another product would draw other batches."""
+    saved = state["args"]
+    theirs = saved["batch_size"] * state["world_size"] * saved["grad_accum"]
+    if theirs != samples_per_step:
+        raise CheckpointError(
+            f"{source}: written by a run with {theirs} samples per optimizer step "
+            f"({saved['batch_size']} x {state['world_size']} rank(s) x {saved['grad_accum']} "
+            f"micro-batches), this run has {samples_per_step}: the data order would differ"
+        )
+
+
 def check_resumable(state: dict, args, world_size: int, source: Path) -> list[str]:
     """Refuse a checkpoint that would not continue the run these flags describe; return
-    warnings for changes that are allowed but alter the rest of the run."""
-    if state["world_size"] != world_size:
-        raise CheckpointError(
-            f"{source}: written by {state['world_size']} rank(s), this job has {world_size} "
-            "(the global batch and the data order would differ); resume with the same "
-            "world size"
-        )
+    notes on changes that are allowed but make the rest of the run differ from the
+    original's (to float tolerance, or in its schedule)."""
+    check_same_batches(state, args.batch_size * world_size * args.grad_accum, source)
     saved, live = state["args"], vars(args)
+    notes = []
+    if state["world_size"] != world_size:
+        notes.append(
+            f"{source} was written by {state['world_size']} rank(s), this job has "
+            f"{world_size}: the same samples per step, so the same run to float tolerance "
+            "(sums in another order), but not bit for bit"
+        )
     differ = [
         f"--{k.replace('_', '-')} {saved[k]} (this run: {live[k]})"
         for k in TRAJECTORY_FLAGS
@@ -321,11 +356,11 @@ def check_resumable(state: dict, args, world_size: int, source: Path) -> list[st
     horizon = [k for k in ("epochs", "max_steps") if k in saved and saved[k] != live.get(k)]
     if horizon and live.get("lr_schedule") == "cosine":
         flags = " and ".join("--" + k.replace("_", "-") for k in horizon)
-        return [
+        notes.append(
             f"{source} was written with other {flags}: the cosine schedule now ends at "
             "another step, so the learning rate from here on differs from the original run's"
-        ]
-    return []
+        )
+    return notes
 
 
 def _check_optimizer(saved, optimizer, source: Path) -> None:
@@ -435,9 +470,7 @@ class CheckpointManager:
         `if rank == 0`), so no rank goes on while the file may still be incomplete."""
         path = self.path_for(state["step"])
         if self.env.is_main:
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            atomic_write(path, buf.getvalue())
+            write_checkpoint(path, state)
             point(self.latest, path)
             self._prune()
         if dist.is_initialized():
@@ -477,10 +510,10 @@ class CheckpointManager:
         path = self.find(resume)
         if path is None:
             return Position()
-        error, state, warnings = None, None, []
+        error, state, notes = None, None, []
         try:
             state = load_checkpoint(path)
-            warnings = check_resumable(state, args, self.env.world_size, path)
+            notes = check_resumable(state, args, self.env.world_size, path)
         except CheckpointError as e:
             error = str(e)
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -493,8 +526,8 @@ class CheckpointManager:
         if error is not None:
             raise CheckpointError(error)
         restore_training_state(state, model, optimizer, scheduler, scaler, path)
-        for warning in warnings:
-            self.log("warning: %s", warning)
+        for note in notes:
+            self.log("note: %s", note)
         position = Position(state["step"], state["epoch"], state["step_in_epoch"], path)
         self.log("resumed from %s at step %d (epoch %d)", path, position.step, position.epoch)
         return position
