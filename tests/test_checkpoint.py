@@ -248,3 +248,6 @@ def test_resume_auto_refuses_a_bad_newest_file_and_a_dangling_pointer(good_run, 
     assert run_cli(train_ddp.main, [*FLAGS, "--out-dir", str(out), "--resume", "auto"]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {out / 'checkpoint.pt'}: points to {newest}, which is missing\n"
+
+    assert run_cli(train_ddp.main, [*FLAGS, "--out-dir", str(out), "--resume", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {out}: a directory; name a checkpoint file in it\n"

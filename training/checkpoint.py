@@ -232,6 +232,8 @@ def _check_archive(path: Path) -> None:
 def load_checkpoint(path: Path) -> dict:
     """Read and check a checkpoint; any problem is a CheckpointError naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a directory; name a checkpoint file in it")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
@@ -433,7 +435,6 @@ class Position:
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
-    source: Path | None = None
 
 
 def point(link: Path, target: Path) -> None:
@@ -528,6 +529,6 @@ class CheckpointManager:
         restore_training_state(state, model, optimizer, scheduler, scaler, path)
         for note in notes:
             self.log("note: %s", note)
-        position = Position(state["step"], state["epoch"], state["step_in_epoch"], path)
+        position = Position(state["step"], state["epoch"], state["step_in_epoch"])
         self.log("resumed from %s at step %d (epoch %d)", path, position.step, position.epoch)
         return position
