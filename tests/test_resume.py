@@ -12,7 +12,7 @@ import torch
 
 import train_ddp
 from tests.multiproc import run_world
-from training.checkpoint import load_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint
 
 # 64 samples / (4 per rank x 2 ranks) = 8 steps per epoch (4 with --grad-accum 2). The
 # warm-up outlasts every run, so the learning rate changes at every step and a scheduler
@@ -23,7 +23,7 @@ COMMON = [
 ]  # fmt: skip
 
 
-def _runs(rank: int, world_size: int, root: str) -> None:
+def _runs(rank: int, world_size: int, root: str) -> list[str]:
     root = Path(root)
 
     def run(name: str, *flags: str, fresh: bool) -> None:
@@ -44,6 +44,17 @@ def _runs(rank: int, world_size: int, root: str) -> None:
     )  # 8 steps
     step3 = root / "accum_straight" / "checkpoints" / "step-00000003.pt"
     run("accum", "--grad-accum", "2", "--resume", str(step3), fresh=False)  # 5 more, from 3
+
+    # Ranks that cannot all use the same file must all fail, before any collective of
+    # training: rank 1 cannot read its file; then rank 1 sees a file where rank 0 sees none.
+    errors = []
+    for theirs in (root / "missing.pt", step8):
+        flags = ["--resume", "auto" if rank == 0 else str(theirs)]
+        try:
+            train_ddp.main([*COMMON, "--out-dir", str(root / "disagree"), *flags])
+        except CheckpointError as e:
+            errors.append(str(e))
+    return errors
 
 
 def _assert_identical(a, b, where: str = "") -> None:
@@ -77,7 +88,14 @@ def _assert_same_run(resumed: Path, straight: Path) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
-    run_world(_runs, 2, str(root), timeout=120)
+    errors = run_world(_runs, 2, str(root), timeout=120)
+    missing, step8 = root / "missing.pt", root / "straight/checkpoints/step-00000008.pt"
+    assert errors[0] == [
+        f"rank 1 cannot resume: {missing}: no such checkpoint file",
+        f"the ranks see different checkpoints (rank 0: none, rank 1: {step8}); "
+        "is --out-dir shared?",
+    ]
+    assert errors[1] == [f"{missing}: no such checkpoint file", errors[0][1]]
     return root
 
 

@@ -506,26 +506,30 @@ class CheckpointManager:
     ) -> Position:
         """Load, check and restore the checkpoint `--resume` names, on every rank.
 
-        The ranks agree before anything changes: if any of them cannot use the file, all of
-        them raise, rather than the others walking into a collective that never completes."""
-        path = self.find(resume)
-        if path is None:
-            return Position()
-        error, state, notes = None, None, []
+        The ranks agree before anything changes: if any of them cannot use the file, or they
+        see different files (an --out-dir that is not shared between nodes), all of them
+        raise, rather than some walking into a collective that never completes."""
+        error, path, state, notes = None, None, None, []
         try:
-            state = load_checkpoint(path)
-            notes = check_resumable(state, args, self.env.world_size, path)
+            path = self.find(resume)
+            if path is not None:
+                state = load_checkpoint(path)
+                notes = check_resumable(state, args, self.env.world_size, path)
         except CheckpointError as e:
             error = str(e)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            errors: list[str | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(errors, error)
-            failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+            views: list[tuple | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(views, (error, str(path) if path else None))
+            failed = [(r, e) for r, (e, _) in enumerate(views) if e is not None]
             if failed and error is None:
-                r, e = failed[0]
-                error = f"rank {r} cannot resume: {e}"
+                error = "rank {} cannot resume: {}".format(*failed[0])
+            elif error is None and len({p for _, p in views}) > 1:
+                seen = ", ".join(f"rank {r}: {p or 'none'}" for r, (_, p) in enumerate(views))
+                error = f"the ranks see different checkpoints ({seen}); is --out-dir shared?"
         if error is not None:
             raise CheckpointError(error)
+        if path is None:
+            return Position()
         restore_training_state(state, model, optimizer, scheduler, scaler, path)
         for note in notes:
             self.log("note: %s", note)
