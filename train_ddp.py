@@ -32,7 +32,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from comm.dist import BACKENDS, DistEnv, UsageError, distributed, run_cli
 from comm.sync import SYNC_MODES, make_sync
-from data.datasets import build_datasets
+from comm.tracer import CommTracer, make_profiler
+from data.datasets import build_datasets, download_once
 from data.sampling import eval_loader, set_epoch, train_loader
 from training.checkpoint import CheckpointManager, param_checksum, training_state, unwrap
 from training.cli import make_parser, positive, validate
@@ -71,9 +72,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="who synchronises gradients: DDP's reducer or one of comm/sync.py",
     )
     g.add_argument(
+        "--sync-every",
+        type=positive,
+        default=None,
+        metavar="K",
+        help="--sync local-sgd only: average the replicas every K optimizer steps (unset: 4)",
+    )
+    g.add_argument(
         "--sync-bn",
         action="store_true",
         help="SyncBatchNorm: batch statistics over the global batch (CUDA only)",
+    )
+    o = parser.add_argument_group("observability")
+    o.add_argument(
+        "--trace-comm",
+        action="store_true",
+        help="record every collective's bytes and time (comm/tracer.py): TensorBoard comm/* "
+        "and the 'comm' key of summary.json",
+    )
+    o.add_argument(
+        "--profile",
+        action="store_true",
+        help="torch.profiler trace of steps 3-5 in <out-dir>/profile/ (chrome://tracing)",
     )
     return parser.parse_args(argv)
 
@@ -89,22 +109,28 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
     validate(args, cuda=env.device.type == "cuda")
     out_dir = Path(args.out_dir)
     run = RunLog(env, out_dir)
+    global_batch = args.batch_size * env.world_size * args.grad_accum
     run.info(
-        "world size %d, backend %s, device %s, sync %s",
+        "%d rank(s), %s on %s, sync %s; global batch %d = %d per rank x %d rank(s) x %d micro",
         env.world_size,
         env.backend,
         env.device,
         args.sync,
+        global_batch,
+        args.batch_size,
+        env.world_size,
+        args.grad_accum,
     )
 
     # ---- data: every rank builds the same dataset; the sampler hands each its shard
+    if args.download:
+        download_once(args.dataset, args.data_dir, env.is_main)
     data = build_datasets(
         args.dataset,
         args.data_dir,
         seed=args.seed,
         train_size=args.train_size,
         eval_size=args.eval_size,
-        download=args.download and env.is_main,
         augment=args.augment,
     )
     pin = env.device.type == "cuda"
@@ -144,7 +170,8 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
             raise UsageError(f"--sync-bn: model {args.model} has no BatchNorm layer")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(env.device)
-    sync = make_sync(args.sync, model, env)  # wraps the model in DDP for --sync ddp
+    # wraps the model in DDP for --sync ddp
+    sync = make_sync(args.sync, model, env, sync_every=args.sync_every)
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args, total_steps)
     amp_dtype = autocast_dtype(args.amp)
@@ -170,9 +197,16 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
         )
         checkpoints.save(state)
 
+    # ---- observability: both stay off (and cost nothing) unless asked for
+    tracer = CommTracer(enabled=args.trace_comm)
+    tracer.attach(sync.model)  # a comm hook on DDP's reducer, which bypasses dist.*
+    profiler = make_profiler(out_dir, env.rank, args.profile)
+
     # ---- train
+    tracer.start()
+    if profiler:
+        profiler.start()
     totals = Totals(env.device)
-    global_batch = args.batch_size * env.world_size * args.grad_accum
     history, train_time, samples = [], 0.0, 0
     final_train, metrics = {}, {}
     for epoch in range(start_epoch, args.epochs):
@@ -235,9 +269,13 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
                         "lr": scheduler.get_last_lr()[0],
                     },
                 )
+            run.scalars(step, **tracer.end_step())  # the step's collectives, the log's included
+            if profiler:
+                profiler.step()
         train_time += time.perf_counter() - tic
         bar.close()
         samples += n_steps * global_batch
+        run.scalars(step, samples_per_s=samples / max(train_time, 1e-9))
 
         if not args.no_eval:
             metrics = evaluate(unwrap(sync.model), evaluation, env.device, amp_dtype)
@@ -253,7 +291,6 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
                 **{
                     "eval/loss": metrics["loss"],
                     "eval/accuracy": metrics["accuracy"],
-                    "samples_per_s": samples / max(train_time, 1e-9),
                 },
             )
         history.append(
@@ -262,6 +299,9 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
         done_epoch = n_steps == steps_per_epoch - first
         save(epoch + 1 if done_epoch else epoch, 0 if done_epoch else first + n_steps)
 
+    if profiler:
+        profiler.stop()
+    tracer.stop()
     summary = {
         "script": "train_ddp.py",
         "world_size": env.world_size,
@@ -279,6 +319,8 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
         "param_checksum": param_checksum(sync.model),
         "history": history,
     }
+    if args.trace_comm:
+        summary["comm"] = tracer.summary()
     run.write_summary(summary)
     run.info(
         "done: %d steps, %.1f samples/s, checkpoint and summary.json in %s",

@@ -10,20 +10,50 @@ parameters) cross the network. The loop only ever does:
     optimizer.step()
     sync.after_step(optimizer)
 
-`ddp` is DistributedDataParallel's own reducer, the reference every other mode is tested
-against.
+The modes, from the library's to the most hand-made:
+
+- `ddp`: DistributedDataParallel's own reducer, the reference every other mode is tested
+  against.
+- `allreduce`: a plain model; after backward, one `communicate()` call averages every
+  gradient. Correct and simple, but the network idles during backward and backward idles
+  during the all-reduce.
+- `overlap`: what DDP does, in Python. Gradients are grouped into buckets (in reverse
+  order of definition, roughly the order backward produces them); a hook on each parameter
+  counts the gradients that are ready and launches a bucket's all-reduce the moment its
+  last gradient arrives, while backward goes on computing the earlier layers.
+  `finish_backward()` waits for the buckets still in flight.
+- `local-sgd`: no gradient is communicated at all. Every rank steps on its own gradients
+  and every K optimizer steps the replicas are averaged: parameters, floating-point
+  buffers and the optimizer's per-parameter state (SGD momentum). K = 1 with plain SGD is
+  the same computation as the other modes; larger K trades accuracy per step for K times
+  less communication.
+
+Every mode starts from rank 0's parameters and buffers (DDP broadcasts them when it wraps
+the model; the others call `broadcast_state`), so replicas are equal even if a rank's
+initialisation differed.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+import functools
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
+import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from comm.communicate import PendingCommunication, communicate, communicate_async, plan_buckets
 from comm.dist import DistEnv, UsageError
 
-SYNC_MODES = ("ddp",)
+SYNC_MODES = ("ddp", "allreduce", "overlap", "local-sgd")
+
+# DDP's default bucket sizes: 25 MiB buckets, and a 1 MiB first one (the gradients that
+# backward produces first), so that the first all-reduce can start early.
+BUCKET_BYTES = 25 * 2**20
+FIRST_BUCKET_BYTES = 2**20
+LOCAL_SGD_EVERY = 4  # --sync-every when it is not given
 
 
 class Sync:
@@ -47,9 +77,10 @@ class DDPSync(Sync):
     model, then all-reduces gradient buckets from autograd hooks while backward is still
     running, so communication overlaps computation."""
 
-    def __init__(self, model: nn.Module, env: DistEnv) -> None:
+    def __init__(self, model: nn.Module, env: DistEnv, bucket_bytes: int | None = None) -> None:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
-        super().__init__(DDP(model, device_ids=device_ids))
+        kwargs = {} if bucket_bytes is None else {"bucket_cap_mb": bucket_bytes / 2**20}
+        super().__init__(DDP(model, device_ids=device_ids, **kwargs))
 
     def no_sync(self) -> AbstractContextManager:
         # Forward *and* backward must run inside no_sync(): DDP decides during forward
@@ -57,7 +88,173 @@ class DDPSync(Sync):
         return self.model.no_sync()
 
 
-def make_sync(mode: str, model: nn.Module, env: DistEnv, **options) -> Sync:
+def broadcast_state(model: nn.Module) -> None:
+    """Overwrite every rank's parameters and buffers with rank 0's, as DDP does on wrapping."""
+    state = [*model.parameters(), *model.buffers()]
+    communicate(state, functools.partial(dist.broadcast, src=0))
+
+
+def broadcast_buffers_before_forward(model: nn.Module) -> None:
+    """Like DDP (broadcast_buffers=True): before each training forward, rank 0's buffers
+    (BatchNorm running statistics) replace everyone's, so all replicas evaluate alike.
+    Models without buffers get no hook and pay nothing."""
+    buffers = list(model.buffers())
+    if not buffers:
+        return
+
+    def hook(module: nn.Module, args) -> None:
+        if module.training:
+            communicate(buffers, functools.partial(dist.broadcast, src=0))
+
+    model.register_forward_pre_hook(hook)
+
+
+def gradients(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """The parameters' gradients; a parameter that got none gets zeros, so that every rank
+    hands the collective the same list of tensors."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return [p.grad for p in params]
+
+
+class AllReduceSync(Sync):
+    """Backward runs undisturbed; then one communicate() averages all gradients at once."""
+
+    def __init__(self, model: nn.Module, bucket_bytes: int | None = None) -> None:
+        super().__init__(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.bucket_bytes = bucket_bytes
+        broadcast_state(model)
+        broadcast_buffers_before_forward(model)
+
+    def no_sync(self) -> AbstractContextManager:
+        return nullcontext()  # backward never communicates; finish_backward() does
+
+    def finish_backward(self) -> None:
+        communicate(
+            gradients(self.params), dist.all_reduce, average=True, bucket_bytes=self.bucket_bytes
+        )
+
+
+class OverlapSync(Sync):
+    """Bucketed all-reduce launched from gradient hooks during backward, as DDP does."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        bucket_bytes: int = BUCKET_BYTES,
+        first_bucket_bytes: int = FIRST_BUCKET_BYTES,
+    ) -> None:
+        super().__init__(model)
+        broadcast_state(model)
+        broadcast_buffers_before_forward(model)
+        # Backward computes the last layer's gradients first: bucket in reverse order.
+        params = [p for p in model.parameters() if p.requires_grad][::-1]
+        self.buckets = [
+            [params[i] for i in bucket]
+            for bucket in plan_buckets(params, bucket_bytes, first_bucket_bytes)
+        ]
+        self._ready = [0] * len(self.buckets)
+        self._launched: list[PendingCommunication] = []
+        self._syncing = True
+        for index, bucket in enumerate(self.buckets):
+            for p in bucket:
+                # Runs once p.grad holds this backward's whole gradient (after accumulation,
+                # also when p is used several times in forward).
+                p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, index))
+
+    @property
+    def in_flight(self) -> int:
+        """Buckets launched in this backward and not yet waited for."""
+        return len(self._launched)
+
+    def _grad_ready(self, index: int, param: nn.Parameter) -> None:
+        if not self._syncing:
+            return
+        self._ready[index] += 1
+        # Launch strictly in bucket order: every rank must issue its collectives in the same
+        # order, and gradients may become ready in a different order on different ranks.
+        while self.in_flight < len(self.buckets) and self._all_ready(self.in_flight):
+            self._launch(self.in_flight)
+
+    def _all_ready(self, index: int) -> bool:
+        return self._ready[index] == len(self.buckets[index])
+
+    def _launch(self, index: int) -> None:
+        grads = gradients(self.buckets[index])
+        self._launched.append(communicate_async(grads, dist.all_reduce, average=True))
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        self._syncing = False
+        try:
+            yield
+        finally:
+            self._syncing = True
+
+    def finish_backward(self) -> None:
+        # Buckets holding a parameter that got no gradient in this backward are still
+        # waiting: send them now (with zeros for the missing gradients).
+        for index in range(len(self._launched), len(self.buckets)):
+            self._launch(index)
+        for pending in self._launched:
+            pending.wait()
+        self._launched = []
+        self._ready = [0] * len(self.buckets)
+
+
+class LocalSGDSync(Sync):
+    """Each rank steps alone; every `sync_every` steps the replicas are averaged."""
+
+    def __init__(self, model: nn.Module, sync_every: int) -> None:
+        super().__init__(model)
+        self.sync_every = sync_every
+        self.steps = 0
+        broadcast_state(model)
+
+    def no_sync(self) -> AbstractContextManager:
+        return nullcontext()  # gradients are never communicated
+
+    def replica_state(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """What makes up a replica: parameters, floating-point buffers and the optimizer's
+        per-parameter tensors (SGD's momentum buffer, Adam's moments). Integer buffers
+        (BatchNorm's batch counter) and scalar state (Adam's step) are the same on every rank.
+        """
+        tensors = [*self.model.parameters()]
+        tensors += [b for b in self.model.buffers() if b.is_floating_point()]
+        for p in self.model.parameters():
+            for value in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value) and value.is_floating_point() and value.shape == p.shape:
+                    tensors.append(value)
+        return tensors
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.steps += 1
+        if self.steps % self.sync_every == 0:
+            communicate(self.replica_state(optimizer), dist.all_reduce, average=True)
+
+
+def make_sync(
+    mode: str,
+    model: nn.Module,
+    env: DistEnv,
+    *,
+    sync_every: int | None = None,
+    bucket_bytes: int | None = None,
+) -> Sync:
+    """The strategy for `--sync mode`. `sync_every` is local-sgd's K; `bucket_bytes` caps the
+    gradient buckets of ddp, allreduce and overlap (None: each mode's default)."""
+    if mode not in SYNC_MODES:
+        raise UsageError(f"unknown --sync {mode!r}; choose one of {', '.join(SYNC_MODES)}")
+    if sync_every is not None and mode != "local-sgd":
+        raise UsageError(f"--sync-every applies to --sync local-sgd only, not --sync {mode}")
     if mode == "ddp":
-        return DDPSync(model, env)
-    raise UsageError(f"unknown --sync {mode!r}; choose one of {', '.join(SYNC_MODES)}")
+        return DDPSync(model, env, bucket_bytes)
+    if mode == "allreduce":
+        return AllReduceSync(model, bucket_bytes)
+    if mode == "overlap":
+        if bucket_bytes is None:
+            return OverlapSync(model)
+        return OverlapSync(model, bucket_bytes, first_bucket_bytes=bucket_bytes)
+    return LocalSGDSync(model, sync_every or LOCAL_SGD_EVERY)

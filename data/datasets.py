@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from comm.dist import UsageError
@@ -122,7 +123,7 @@ def build_datasets(
         evals = _torchvision(name, root, False, download, False)
         image, _ = train[0]
     except Exception as e:  # torchvision says "not found", "corrupted", or fails to unpickle
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = " ".join(str(e).split())[:300] or type(e).__name__  # one line
         raise UsageError(f"cannot read {name} from {root}: {msg}") from None
     return DataSpec(
         _limit(train, train_size),
@@ -131,3 +132,22 @@ def build_datasets(
         image_size=image.shape[-1],
         num_classes=10,
     )
+
+
+def download_once(name: str, data_dir: str | None, is_main: bool) -> None:
+    """Fetch `name` into `data_dir` on global rank 0 while the other ranks wait, so that no
+    two processes write the same files. A failure on rank 0 is raised on every rank (the
+    others would otherwise wait for files that never come). Assumes all ranks see the same
+    `data_dir`; without a shared filesystem, download on each node before launching."""
+    error = None
+    if is_main and name != "synthetic":
+        try:
+            build_datasets(name, data_dir, seed=0, download=True)
+        except UsageError as e:
+            error = str(e)
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UsageError(error)

@@ -45,10 +45,10 @@ def _child(rank: int, world_size: int, store_path: str, pg_timeout: float, fn, a
         LOCAL_WORLD_SIZE=str(world_size),
         OMP_NUM_THREADS="1",
     )
-    try:
-        import torch
-        import torch.distributed as dist
+    import torch
+    import torch.distributed as dist
 
+    try:
         torch.set_num_threads(1)
         dist.init_process_group(
             "gloo",
@@ -57,15 +57,17 @@ def _child(rank: int, world_size: int, store_path: str, pg_timeout: float, fn, a
             world_size=world_size,
             timeout=timedelta(seconds=pg_timeout),
         )
-        try:
-            value = fn(rank, world_size, *args)
-        finally:
-            dist.destroy_process_group()
+        value = fn(rank, world_size, *args)
         buf = io.BytesIO()
         torch.save(value, buf)  # bytes, not shared-memory tensors: safe after the child exits
-        results.put((rank, True, buf.getvalue(), time.monotonic()))
+        report = (rank, True, buf.getvalue(), time.monotonic())
     except BaseException:
-        results.put((rank, False, traceback.format_exc(), time.monotonic()))
+        report = (rank, False, traceback.format_exc(), time.monotonic())
+    # Report before leaving the group: a failing rank's exit is what makes its peers fail,
+    # and its own error must be timestamped (and so listed) before theirs.
+    results.put(report)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_world(

@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 import random
+import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,11 +45,13 @@ class CheckpointError(UsageError):
 
 
 def _is_wrapper(module: nn.Module) -> bool:
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    return isinstance(
-        module, nn.DataParallel | nn.parallel.DistributedDataParallel | OptimizedModule
-    )
+    wrappers: tuple[type, ...] = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    # A compiled model exists only once torch._dynamo has been imported; importing it here
+    # just to ask would cost every checkpoint save about two seconds.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is not None:
+        wrappers += (eval_frame.OptimizedModule,)
+    return isinstance(module, wrappers)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -94,22 +97,36 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
     Checks everything before touching a parameter: on a mismatch the model is unchanged and
     the error lists the missing keys, unexpected keys and shape differences.
     """
+    model.load_state_dict(match_model_state(model, state, source))
+
+
+def match_model_state(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str = ""
+) -> dict[str, torch.Tensor]:
+    """`state` renamed to `model`'s own keys, or a CheckpointError listing what does not fit."""
     wrappers = {name for name, m in model.named_modules() if _is_wrapper(m)}
     live = {plain_key(k, wrappers): k for k in model.state_dict()}
     targets = model.state_dict()
+    # A file's key that is not a plain name of this model is compared with every wrapper
+    # segment removed on both sides, so that a real submodule called `module` survives;
+    # a bare name that two of this model's keys share must match exactly instead.
+    bare: dict[str, list[str]] = {}
+    for plain in live:
+        bare.setdefault(plain_key(plain), []).append(plain)
     mapped: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for key, value in state.items():
-        plain = key if key in live else plain_key(key)
-        if plain in live:
-            mapped[live[plain]] = value
+        candidates = [key] if key in live else bare.get(plain_key(key), [])
+        if len(candidates) == 1 and live[candidates[0]] not in mapped:
+            mapped[live[candidates[0]]] = value
         else:
             unexpected.append(key)
     missing = [p for p, k in live.items() if k not in mapped]
     shapes = [
-        f"{plain_key(k, wrappers)} {tuple(v.shape)} in file vs {tuple(targets[k].shape)}"
+        f"{plain_key(k, wrappers)} {tuple(getattr(v, 'shape', ()))} in file vs "
+        f"{tuple(targets[k].shape)}"
         for k, v in mapped.items()
-        if tuple(v.shape) != tuple(targets[k].shape)
+        if not isinstance(v, torch.Tensor) or v.shape != targets[k].shape
     ]
     if missing or unexpected or shapes:
         problems = []
@@ -121,7 +138,7 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
             problems.append(f"shape mismatch {_summarise(shapes, 3)}")
         where = f"{source}: " if source else ""
         raise CheckpointError(f"{where}checkpoint does not fit this model ({'; '.join(problems)})")
-    model.load_state_dict(mapped)
+    return mapped
 
 
 # ---------------------------------------------------------------------- RNG state
@@ -394,8 +411,11 @@ def restore_training_state(
     state: dict, model: nn.Module, optimizer, scheduler, scaler, source: Path
 ) -> None:
     """Put a loaded checkpoint back into live objects, all or nothing: everything that can be
-    checked is checked before the first object changes, and the RNG states (set before the
-    model, because setting them is what can still fail) are put back if the model refuses."""
+    checked is checked before the first object changes. The model comes first, so a
+    checkpoint of another architecture is reported by its model keys rather than by its
+    optimizer's parameter count; the RNG states are set before the model is loaded because
+    setting them is what can still fail, and are put back if it does."""
+    weights = match_model_state(model, state["model"], str(source))
     _check_optimizer(state["optimizer"], optimizer, source)
     for key in ("scheduler", "rng"):
         if not isinstance(state[key], dict):
@@ -408,11 +428,7 @@ def restore_training_state(
     except Exception:
         set_rng_state(before)
         raise CheckpointError(f"{source}: RNG state is malformed") from None
-    try:
-        load_model_state(model, state["model"], str(source))
-    except CheckpointError:
-        set_rng_state(before)
-        raise
+    model.load_state_dict(weights)
     try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

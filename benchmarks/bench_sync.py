@@ -1,0 +1,275 @@
+"""Sync modes against DDP, and communicate() against one all-reduce per tensor.
+
+    python -m benchmarks.bench_sync              # starts 2 gloo ranks itself, through torchrun
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m benchmarks.bench_sync
+
+1. Step time of every `--sync` mode (and of no communication at all) on the same model and
+   the same fixed batch: forward, backward, gradient synchronisation, SGD step. Reported as
+   the ratio to `ddp`.
+2. The cost of synchronising ~100 small tensors (a stack of 50 Linear layers: 100 weight and
+   bias tensors): one blocking all-reduce per tensor, one asynchronous all-reduce per tensor
+   (all launched, then all waited for), communicate() with one flat buffer, and
+   communicate() with buckets. Reported as the speed-up over one all-reduce per tensor.
+
+Each variant runs --steps times per round, for --rounds rounds; within a round the variants
+take turns (in a rotating order), so a slow patch of a shared machine hits all of them. A
+round's time is the slowest rank's (a synchronous job runs at its pace), and the reported
+time is the fastest round: other jobs on the machine only ever add time, so the fastest
+round is the best estimate of what the variant itself costs. Compare rows of one run only.
+The table goes to stdout, the rows to <out-dir>/bench_sync.csv and bar charts to
+<out-dir>/bench_sync.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from comm.communicate import communicate
+from comm.dist import BACKENDS, DistEnv, distributed, rank0_logger, run_cli
+from comm.sync import SYNC_MODES, Sync, make_sync
+from training.cli import Parser, positive
+from training.models import MODELS, build_model
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="cnn", choices=MODELS, help="network for the sync modes")
+    p.add_argument("--batch-size", type=positive, default=32, help="samples per rank per step")
+    p.add_argument("--steps", type=positive, default=10, help="timed steps per mode per round")
+    p.add_argument("--rounds", type=positive, default=7, help="rounds; the fastest is reported")
+    p.add_argument("--warmup", type=positive, default=3, help="untimed steps per mode first")
+    p.add_argument(
+        "--sync-every", type=positive, default=4, help="K of the local-sgd row (steps per average)"
+    )
+    p.add_argument(
+        "--layers",
+        type=positive,
+        default=50,
+        help="Linear layers in the small-tensor model (2 tensors each)",
+    )
+    p.add_argument("--width", type=positive, default=64, help="features of those layers")
+    p.add_argument(
+        "--bucket-kib",
+        type=positive,
+        default=128,
+        help="bucket size of the bucketed communicate() row, KiB",
+    )
+    p.add_argument(
+        "--nproc", type=positive, default=2, help="ranks to start when not run under torchrun"
+    )
+    p.add_argument("--backend", default=None, choices=BACKENDS, help="default: nccl or gloo")
+    p.add_argument("--out-dir", default="bench_out", help="where the CSV and the PNG go")
+    return p.parse_args(argv)
+
+
+def slowest(seconds: float, device: torch.device) -> float:
+    """The slowest rank's time: a synchronous job runs at the pace of its slowest rank."""
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def rounds_of(
+    variants: dict[str, Callable[[], None]], rounds: int, repeats: int, env: DistEnv
+) -> dict[str, float]:
+    """Seconds per call of each variant in its fastest round; rounds interleave the variants."""
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn = variants[name]
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            if env.device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(slowest((time.perf_counter() - start) / repeats, env.device))
+    return {name: min(times[name]) for name in names}
+
+
+class NoSync(Sync):
+    """No communication at all: each rank trains alone. The floor for every mode."""
+
+
+def bench_sync_modes(args: argparse.Namespace, env: DistEnv) -> dict[str, float]:
+    g = torch.Generator().manual_seed(1 + env.rank)  # each rank its own shard of the batch
+    x = torch.randn(args.batch_size, 3, 32, 32, generator=g).to(env.device)
+    y = torch.randint(10, (args.batch_size,), generator=g).to(env.device)
+
+    def step_fn(sync: Sync) -> Callable[[], None]:
+        optimizer = torch.optim.SGD(sync.model.parameters(), lr=0.01, momentum=0.9)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(sync.model(x), y).backward()
+            sync.finish_backward()
+            optimizer.step()
+            sync.after_step(optimizer)
+
+        return step
+
+    variants = {}
+    for mode in ("none", *SYNC_MODES):
+        torch.manual_seed(0)
+        model = build_model(args.model, 3, 32, 10).to(env.device)
+        if mode == "none":
+            sync = NoSync(model)
+        else:
+            every = args.sync_every if mode == "local-sgd" else None
+            sync = make_sync(mode, model, env, sync_every=every)
+        label = f"local-sgd K={args.sync_every}" if mode == "local-sgd" else mode
+        variants[label] = step_fn(sync)
+        for _ in range(args.warmup):
+            variants[label]()
+    return rounds_of(variants, args.rounds, args.steps, env)
+
+
+def bench_communicate(args: argparse.Namespace, env: DistEnv) -> tuple[dict[str, float], str]:
+    torch.manual_seed(0)
+    layers = nn.Sequential(*(nn.Linear(args.width, args.width) for _ in range(args.layers)))
+    tensors = [p.detach().clone().to(env.device) for p in layers.parameters()]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    what = f"{len(tensors)} tensors, {nbytes / 2**10:.0f} KiB"
+
+    def per_tensor() -> None:
+        for t in tensors:
+            dist.all_reduce(t)
+
+    def per_tensor_async() -> None:
+        for work in [dist.all_reduce(t, async_op=True) for t in tensors]:
+            work.wait()
+
+    variants = {
+        "all_reduce per tensor": per_tensor,
+        "async all_reduce per tensor": per_tensor_async,
+        "communicate, 1 buffer": lambda: communicate(tensors, dist.all_reduce),
+        f"communicate, {args.bucket_kib} KiB buckets": lambda: communicate(
+            tensors, dist.all_reduce, bucket_bytes=args.bucket_kib * 2**10
+        ),
+    }
+    for fn in variants.values():
+        fn()
+    return rounds_of(variants, args.rounds, args.steps, env), what
+
+
+def report(args: argparse.Namespace, env: DistEnv, modes: dict, comms: dict, what: str) -> None:
+    """Rank 0 prints the tables and writes the CSV and the plot."""
+    if not env.is_main:
+        return
+    ddp, base = modes["ddp"], comms["all_reduce per tensor"]
+    rows = [("sync step", name, t * 1e3, t / ddp) for name, t in modes.items()]
+    rows += [("communication", name, t * 1e3, base / t) for name, t in comms.items()]
+
+    log = rank0_logger(env, "bench")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    log.info("%d ranks, %s, torch %s", env.world_size, env.backend, torch.__version__)
+    log.info(
+        "load average %s on %d cores (times: fastest round, slowest rank)",
+        load,
+        os.cpu_count(),
+    )
+    width = max(len(r[1]) for r in rows)
+    for section, title, unit in (
+        (
+            "sync step",
+            f"step time, --model {args.model}, {args.batch_size} samples per rank",
+            "vs ddp",
+        ),
+        ("communication", f"synchronising {what}", "speed-up"),
+    ):
+        log.info("\n%s\n  %-*s %10s %9s", title, width, "", "ms", unit)
+        for _, name, ms, ratio in (r for r in rows if r[0] == section):
+            log.info("  %-*s %10.3f %8.2fx", width, name, ms, ratio)
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench_sync.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["section", "variant", "ms", "ratio", "model", "batch_size", "world_size"])
+        for section, name, ms, ratio in rows:
+            w.writerow(
+                [
+                    section,
+                    name,
+                    f"{ms:.4f}",
+                    f"{ratio:.4f}",
+                    args.model,
+                    args.batch_size,
+                    env.world_size,
+                ]
+            )
+    plot(rows, out / "bench_sync.png", f"{env.world_size} ranks, {env.backend}", what, args)
+    log.info("\nwrote %s and %s", out / "bench_sync.csv", out / "bench_sync.png")
+
+
+def plot(rows: list, path: Path, where: str, what: str, args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, section, title in (
+        (left, "sync step", f"step time, --model {args.model} ({where})"),
+        (right, "communication", f"all-reduce of {what}"),
+    ):
+        names = [r[1] for r in rows if r[0] == section]
+        ms = [r[2] for r in rows if r[0] == section]
+        ratios = [r[3] for r in rows if r[0] == section]
+        bars = ax.barh(
+            names[::-1], ms[::-1], color="tab:blue" if section == "sync step" else "tab:green"
+        )
+        suffix = "x ddp" if section == "sync step" else "x faster"
+        for bar, ratio in zip(bars, ratios[::-1], strict=True):
+            ax.annotate(
+                f" {ratio:.2f} {suffix}",
+                (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+                va="center",
+                fontsize=8,
+            )
+        ax.set_xlabel("ms (fastest round, slowest rank)")
+        ax.set_title(title, fontsize=10)
+        ax.margins(x=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if "RANK" not in os.environ:
+        # Not under torchrun: start it, with this same command line, and one thread per rank
+        # (the ranks share the machine's cores).
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={args.nproc}",
+            "-m",
+            "benchmarks.bench_sync",
+            *(sys.argv[1:] if argv is None else argv),
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        raise SystemExit(subprocess.call(cmd, env=env))
+    with distributed(args.backend) as env:
+        modes = bench_sync_modes(args, env)
+        comms, what = bench_communicate(args, env)
+        report(args, env, modes, comms, what)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,235 @@
+"""Collective benchmark in the manner of nccl-tests: time, algorithm and bus bandwidth.
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m comm.bench
+    torchrun --standalone --nproc-per-node gpu -m comm.bench --max-bytes 1G   # NCCL
+
+For each size S (bytes, float32) and op, every rank runs `--warmup` untimed and `--iters`
+timed calls; the time of one call is the slowest rank's mean. Then
+
+    algbw = S / time                   what the caller sees
+    busbw = algbw x factor             what each link carries on a bandwidth-optimal ring:
+        all_reduce 2(N-1)/N, all_gather / reduce_scatter / all_to_all (N-1)/N, broadcast 1
+
+so busbw is comparable across ops and world sizes and approaches the link speed. S is the
+all-reduce/broadcast tensor, the all-gather output, the reduce-scatter and all-to-all input.
+`ring_all_reduce` (comm/ring.py) runs in the same sweep, right after the library's
+all_reduce at each size, so the two are measured under the same conditions.
+
+Output on rank 0: an aligned table on stdout, <out-dir>/bench.csv (one row per op and size)
+and <out-dir>/bench.png (busbw against size, one line per op).
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from comm.compat import all_gather_single, reduce_scatter_single
+from comm.dist import BACKENDS, DistEnv, UsageError, distributed, rank0_logger, run_cli
+from comm.ring import bus_factor, naive_all_reduce, ring_all_reduce
+from training.cli import Parser, non_negative, positive
+
+OPS = (
+    "all_reduce",
+    "ring_all_reduce",
+    "naive_all_reduce",
+    "all_gather",
+    "reduce_scatter",
+    "broadcast",
+    "all_to_all",
+)
+DEFAULT_OPS = tuple(op for op in OPS if op != "naive_all_reduce")
+COLUMNS = ("op", "bytes", "count", "world_size", "backend", "time_us", "algbw_gbs", "busbw_gbs")
+
+
+def parse_size(text: str) -> int:
+    """'4096', '64K', '16M', '1G' (powers of 1024) -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    scale = units.get(text[-1:].upper(), 1)
+    number = text[:-1] if scale > 1 else text
+    try:
+        value = int(number) * scale
+    except ValueError:
+        raise UsageError(f"not a size: {text!r} (use e.g. 4096, 64K, 16M)") from None
+    if value < 4:
+        raise UsageError(f"size {text!r} is smaller than one float32")
+    return value
+
+
+def sizes(min_bytes: int, max_bytes: int, factor: int) -> list[int]:
+    """min, min x factor, ... up to max (nccl-tests' -b/-e/-f)."""
+    if min_bytes > max_bytes:
+        raise UsageError(f"--min-bytes {min_bytes} is larger than --max-bytes {max_bytes}")
+    if factor < 2:
+        raise UsageError("--step-factor must be 2 or more")
+    out = [min_bytes]
+    while out[-1] * factor <= max_bytes:
+        out.append(out[-1] * factor)
+    return out
+
+
+def make_op(op: str, nbytes: int, env: DistEnv) -> tuple[Callable[[], object], int]:
+    """A zero-argument call of `op` on buffers of about `nbytes`, and the exact size S used
+    (rounded down to whole float32 elements that divide among the ranks)."""
+    w = env.world_size
+    count = max(nbytes // 4 // w, 1) * w
+    x = torch.ones(count, device=env.device)
+    out = torch.empty_like(x)
+    part = torch.empty(count // w, device=env.device)
+    calls = {
+        "all_reduce": lambda: dist.all_reduce(x),
+        "ring_all_reduce": lambda: ring_all_reduce(x),
+        "naive_all_reduce": lambda: naive_all_reduce(x),
+        "all_gather": lambda: all_gather_single(x, part),
+        "reduce_scatter": lambda: reduce_scatter_single(part, x),
+        "broadcast": lambda: dist.broadcast(x, src=0),
+        "all_to_all": lambda: dist.all_to_all_single(out, x),
+    }
+    return calls[op], count * 4
+
+
+def _sync(env: DistEnv) -> None:
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
+
+
+def time_op(call: Callable[[], object], env: DistEnv, warmup: int, iters: int) -> float:
+    """Seconds per call: each rank's mean over `iters`, then the slowest rank's."""
+    for _ in range(warmup):
+        call()
+    _sync(env)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        call()
+    _sync(env)
+    elapsed = torch.tensor([(time.perf_counter() - start) / iters], device=env.device)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return elapsed.item()
+
+
+def bandwidths(op: str, nbytes: int, seconds: float, world_size: int) -> tuple[float, float]:
+    """(algbw, busbw) in GB/s (1e9 bytes per second, as nccl-tests)."""
+    algbw = nbytes / seconds / 1e9
+    return algbw, algbw * bus_factor(op, world_size)
+
+
+def run(
+    env: DistEnv,
+    ops: list[str],
+    size_list: list[int],
+    warmup: int,
+    iters: int,
+    out_dir: Path | None,
+) -> list[dict]:
+    """Benchmark every (size, op); rank 0 prints the table and writes CSV and plot."""
+    log = rank0_logger(env, "bench")
+    log.info(
+        "%d ranks, backend %s, float32, %d warm-up + %d timed iterations, time = slowest rank",
+        env.world_size,
+        env.backend,
+        warmup,
+        iters,
+    )
+    header = f"{'op':>16} {'size':>10} {'count':>10} {'time(us)':>11} {'algbw':>8} {'busbw':>8}"
+    units = f"{'':>16} {'':>10} {'':>10} {'':>11} {'(GB/s)':>8} {'(GB/s)':>8}"
+    log.info("%s\n%s", header, units)
+    rows = []
+    for nbytes in size_list:
+        for op in ops:
+            call, exact = make_op(op, nbytes, env)
+            seconds = time_op(call, env, warmup, iters)
+            algbw, busbw = bandwidths(op, exact, seconds, env.world_size)
+            row = {
+                "op": op,
+                "bytes": exact,
+                "count": exact // 4,
+                "world_size": env.world_size,
+                "backend": env.backend,
+                "time_us": seconds * 1e6,
+                "algbw_gbs": algbw,
+                "busbw_gbs": busbw,
+            }
+            rows.append(row)
+            log.info(
+                "%16s %10s %10d %11.1f %8.3f %8.3f",
+                op,
+                human(exact),
+                exact // 4,
+                row["time_us"],
+                algbw,
+                busbw,
+            )
+    if env.is_main and out_dir is not None:
+        write_csv(rows, out_dir / "bench.csv")
+        plot(rows, out_dir / "bench.png", f"{env.world_size} ranks, {env.backend}")
+        log.info("wrote %s and %s", out_dir / "bench.csv", out_dir / "bench.png")
+    return rows
+
+
+def human(nbytes: int) -> str:
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:g}{unit}"
+    return str(nbytes)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for op in dict.fromkeys(r["op"] for r in rows):
+        mine = [r for r in rows if r["op"] == op]
+        ax.plot([r["bytes"] for r in mine], [r["busbw_gbs"] for r in mine], marker="o", label=op)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("size (bytes)")
+    ax.set_ylabel("bus bandwidth (GB/s)")
+    ax.set_title(f"collective bus bandwidth, {title}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = Parser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--ops",
+        nargs="+",
+        default=list(DEFAULT_OPS),
+        choices=OPS,
+        help="collectives to time, in this order at each size",
+    )
+    p.add_argument("--min-bytes", default="1K", help="smallest size (e.g. 4096, 64K, 16M)")
+    p.add_argument("--max-bytes", default="64M", help="largest size")
+    p.add_argument("--step-factor", type=int, default=4, help="each size is this x the last")
+    p.add_argument("--warmup", type=non_negative, default=3, help="untimed calls per size")
+    p.add_argument("--iters", type=positive, default=10, help="timed calls per size")
+    p.add_argument("--out-dir", default="bench_out", help="bench.csv and bench.png go here")
+    p.add_argument("--backend", choices=BACKENDS, help="default: nccl with CUDA, else gloo")
+    args = p.parse_args(argv)
+    size_list = sizes(parse_size(args.min_bytes), parse_size(args.max_bytes), args.step_factor)
+    with distributed(args.backend) as env:
+        return run(env, args.ops, size_list, args.warmup, args.iters, Path(args.out_dir))
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,294 @@
+"""See the communication of a training run: every collective's name, bytes and time.
+
+Two ways in, because collectives reach the network by two roads:
+
+* `CommTracer` as a context manager (or `start()`/`stop()`) wraps the torch.distributed
+  collective functions (`dist.all_reduce`, `dist.broadcast`, ...) for its duration, so any
+  code that calls them through the module (`dist.X`, or comm.compat's names, which look
+  them up there on each call) is seen: metric reductions, hand-written sync strategies, the
+  ring in comm/ring.py. Code that imported a torch function by name before the tracer
+  started (`from torch.distributed import all_reduce`) keeps the original and is not seen.
+* DDP's reducer calls the process group from C++, past any Python function, so
+  `attach(ddp_model)` registers a DDP communication hook that records each gradient bucket
+  and then does what DDP does without a hook (torch's own `allreduce_hook`: divide by the
+  world size, all-reduce).
+
+`end_step()` closes a training step and returns its totals: the payload bytes of its
+collectives, the bytes each rank sends if every collective runs as a bandwidth-optimal ring
+(comm.ring.bus_factor x payload; exact for point-to-point), and the seconds spent. For DDP the
+gradient payload per step is the model's gradient bytes, so a rank sends 2(N-1)/N x model
+bytes per step: `summary()` puts that theory next to the measurement.
+
+Times are host wall time. With gloo a synchronous call returns when the data has moved; an
+async call (DDP's buckets) is timed until its future completes. With NCCL a call returns once
+the kernel is queued, so the seconds are launch cost; use the profiler (`make_profiler`) to see
+GPU time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+import torch.nn as nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from comm.ring import bus_factor
+
+# torch.distributed function -> the kind of collective it is (renamed variants share a kind).
+TRACED = {
+    "all_reduce": "all_reduce",
+    "reduce": "reduce",
+    "broadcast": "broadcast",
+    "all_gather": "all_gather",
+    "all_gather_into_tensor": "all_gather",
+    "all_gather_single": "all_gather",
+    "reduce_scatter": "reduce_scatter",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "reduce_scatter_single": "reduce_scatter",
+    "all_to_all": "all_to_all",
+    "all_to_all_single": "all_to_all",
+    "gather": "gather",
+    "scatter": "scatter",
+    "send": "send",
+    "isend": "send",
+    "recv": "recv",
+    "irecv": "recv",
+    "batch_isend_irecv": "p2p",
+    "barrier": "barrier",
+}
+
+
+def _nbytes(t: torch.Tensor | list | None) -> int:
+    if t is None:
+        return 0
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    return sum(_nbytes(x) for x in t)
+
+
+def payload_bytes(name: str, args: tuple, world_size: int) -> int:
+    """The collective's size in nccl-tests' sense: the all-reduced / broadcast / sent tensor,
+    the all-gather output, the reduce-scatter and all-to-all input."""
+    kind = TRACED[name]
+    if kind in ("all_reduce", "reduce", "broadcast", "send", "recv"):
+        return _nbytes(args[0])
+    if name == "all_gather":  # (tensor_list, tensor)
+        return _nbytes(args[1]) * world_size
+    if kind == "all_gather":  # (output, input)
+        return _nbytes(args[0])
+    if kind in ("reduce_scatter", "all_to_all"):  # (output(s), input(s))
+        return _nbytes(args[1])
+    if kind in ("gather", "scatter"):  # (tensor, list): one tensor per rank
+        return _nbytes(args[0]) * world_size
+    if kind == "p2p":  # what this rank sends; the receives are its peers' sends
+        return sum(_nbytes(op.tensor) for op in args[0] if op.op.__name__ == "isend")
+    return 0  # barrier
+
+
+def _sent_bytes(name: str, args: tuple, payload: int, world_size: int) -> float:
+    """Bytes this rank sends: exact for point-to-point, the ring model for collectives."""
+    if name == "batch_isend_irecv":
+        return float(payload)
+    return bus_factor(TRACED[name], world_size) * payload
+
+
+@dataclass
+class Event:
+    name: str  # the torch.distributed function, or "ddp_bucket" for DDP's gradient buckets
+    kind: str  # all_reduce, all_gather, ... (see TRACED)
+    bytes: int  # payload_bytes
+    sent: float  # bytes this rank sends (ring model for collectives)
+    seconds: float
+
+
+class CommTracer:
+    """Record every collective issued while active; see the module docstring."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.events: list[Event] = []
+        self.steps: list[dict[str, float]] = []
+        self.model_bytes = 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self._step_start = 0
+        self._saved: list[tuple[object, str, object]] = []
+        self._local = threading.local()  # depth of traced calls on this thread
+
+    # ---- recording -------------------------------------------------------------------------
+
+    def _busy(self) -> bool:
+        return getattr(self._local, "depth", 0) > 0
+
+    def _wrap(self, name: str, fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def traced(*args, **kwargs):
+            # Collectives built from other collectives (send -> isend, the deprecated names ->
+            # the new ones) are counted once, as the outermost call.
+            if self._busy():
+                return fn(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            group = bound.arguments.get("group")
+            world = dist.get_world_size(group) if name != "batch_isend_irecv" else self.world_size
+            payload = payload_bytes(name, bound.args, world)
+            sent = _sent_bytes(name, bound.args, payload, world)
+            event = Event(name, TRACED[name], payload, sent, 0.0)
+            self._local.depth = 1
+            start = time.perf_counter()
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                self._local.depth = 0
+            event.seconds = time.perf_counter() - start
+            if isinstance(result, dist.Work) and bound.arguments.get("async_op"):
+                result.get_future().then(
+                    lambda _: setattr(event, "seconds", time.perf_counter() - start)
+                )
+            self.events.append(event)
+            return result
+
+        return traced
+
+    # Takes a dist.GradBucket, returns a Future[Tensor]. Not annotated: DDP compares the
+    # annotations with those objects, and this module's annotations are strings.
+    def _ddp_hook(self, state, bucket):
+        buffer = bucket.buffer()
+        payload = _nbytes(buffer)
+        event = Event(
+            "ddp_bucket",
+            "all_reduce",
+            payload,
+            bus_factor("all_reduce", self.world_size) * payload,
+            0.0,
+        )
+        self.events.append(event)
+        start = time.perf_counter()
+        self._local.depth = 1  # the hook's own dist.all_reduce is this event, not another
+        try:
+            future = default_hooks.allreduce_hook(state, bucket)
+        finally:
+            self._local.depth = 0
+
+        def done(fut: torch.futures.Future) -> torch.Tensor:
+            event.seconds = time.perf_counter() - start
+            return fut.value()
+
+        return future.then(done)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def attach(self, model: nn.Module) -> None:
+        """Count the model's gradient bytes (for the ring theory) and, for a DDP model,
+        register the recording comm hook. Call before the first backward."""
+        if not self.enabled:
+            return
+        self.model_bytes = sum(_nbytes(p) for p in model.parameters() if p.requires_grad)
+        if isinstance(model, DDP):
+            # DDP takes one hook. If a sync strategy registered its own, that hook's Python
+            # collectives go through torch.distributed and are recorded there instead.
+            with contextlib.suppress(RuntimeError):
+                model.register_comm_hook(None, self._ddp_hook)
+
+    def start(self) -> CommTracer:
+        """Wrap the collective functions in torch.distributed."""
+        if self.enabled and not self._saved:
+            self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+            wrapped = {}  # id(original) -> wrapper
+            for name in TRACED:
+                original = getattr(c10d, name, None)
+                if original is not None:  # None: not in this torch version
+                    wrapped[id(original)] = self._wrap(name, original)
+            # Replace every reference to an original in torch.distributed and in its
+            # implementation module, whose own helpers (P2POp's check of isend/irecv) compare
+            # functions by identity and must see the same objects as the callers.
+            for module in (dist, c10d):
+                for attr, value in list(vars(module).items()):
+                    if id(value) in wrapped:
+                        self._saved.append((module, attr, value))
+                        setattr(module, attr, wrapped[id(value)])
+        return self
+
+    def stop(self) -> None:
+        """Put the original functions back."""
+        for module, attr, value in reversed(self._saved):
+            setattr(module, attr, value)
+        self._saved.clear()
+
+    def __enter__(self) -> CommTracer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- reporting -------------------------------------------------------------------------
+
+    def end_step(self) -> dict[str, float]:
+        """Totals of the events since the previous call, as TensorBoard scalars
+        ({} when disabled). Async events still in flight are timed as far as they got."""
+        if not self.enabled:
+            return {}
+        events = self.events[self._step_start :]
+        self._step_start = len(self.events)
+        totals = {
+            "comm/bytes": float(sum(e.bytes for e in events)),
+            "comm/sent_per_rank": float(sum(e.sent for e in events)),
+            "comm/ring_theory_sent_per_rank": self.ring_theory(),
+            "comm/seconds": sum(e.seconds for e in events),
+            "comm/calls": float(len(events)),
+        }
+        self.steps.append(totals)
+        return totals
+
+    def ring_theory(self) -> float:
+        """Bytes a rank sends per step to all-reduce the gradients on a ring: 2(N-1)/N x the
+        model's gradient bytes."""
+        return bus_factor("all_reduce", self.world_size) * self.model_bytes
+
+    def summary(self) -> dict:
+        """Everything recorded, for summary.json."""
+        ops: dict[str, dict[str, float]] = {}
+        for e in self.events:
+            op = ops.setdefault(e.name, {"calls": 0, "bytes": 0, "sent": 0.0, "seconds": 0.0})
+            op["calls"] += 1
+            op["bytes"] += e.bytes
+            op["sent"] += e.sent
+            op["seconds"] += e.seconds
+        return {
+            "world_size": self.world_size,
+            "model_grad_bytes": self.model_bytes,
+            "ring_theory_sent_per_rank_per_step": self.ring_theory(),
+            "sent_per_rank_per_step": [s["comm/sent_per_rank"] for s in self.steps],
+            "bytes_per_step": [s["comm/bytes"] for s in self.steps],
+            "ops": ops,
+        }
+
+
+def make_profiler(out_dir: Path, rank: int, enabled: bool) -> torch.profiler.profile | None:
+    """A torch.profiler over steps 3-5 (step 1 is skipped: DDP builds its buckets there),
+    written as a Chrome/TensorBoard trace to <out_dir>/profile/rank<R>.*.pt.trace.json.
+    Open it in chrome://tracing or Perfetto: under DDP the all-reduce of early buckets runs
+    while backward still computes later layers. Call `.step()` after every optimizer step."""
+    if not enabled:
+        return None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(
+            str(Path(out_dir) / "profile"), worker_name=f"rank{rank}"
+        ),
+    )

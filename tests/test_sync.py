@@ -1,0 +1,191 @@
+"""Every hand-made sync mode trains exactly like DDP.
+
+The 4-rank world of tests.comm_world runs train_ddp.main in-process once per mode (same
+seed, same data, 4 optimizer steps) and hands back rank 0's checkpoint and every rank's
+parameter checksum. The oracle is `--sync ddp`, DistributedDataParallel's own reducer.
+"""
+
+import csv
+import functools
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import train_ddp
+from comm import sync as sync_module
+from comm.dist import DistEnv, UsageError
+from tests import comm_world
+from tests.multiproc import PYTHON, run_cmd
+from training.checkpoint import load_checkpoint
+from training.models import build_model
+
+COMMON = [
+    "--train-size", "256", "--eval-size", "4", "--batch-size", "8", "--epochs", "1",
+    "--max-steps", "4", "--no-eval", "--log-every", "2",
+]  # fmt: skip
+SMALL_BUCKETS = 4096  # bytes: splits the default CNN's gradients into several buckets
+ACCUM_SGD = ["--grad-accum", "2", "--momentum", "0"]  # the second group: plain SGD
+RUNS = {
+    "ddp": [],
+    "allreduce": ["--sync", "allreduce"],
+    "overlap": ["--sync", "overlap"],
+    "ddp-accum-sgd": ACCUM_SGD,
+    "allreduce-accum-sgd": ["--sync", "allreduce", *ACCUM_SGD],
+    "overlap-accum-sgd-small-buckets": ["--sync", "overlap", *ACCUM_SGD],
+    "local-sgd-1-accum-sgd": ["--sync", "local-sgd", "--sync-every", "1", *ACCUM_SGD],
+    "local-sgd-2": ["--sync", "local-sgd", "--sync-every", "2"],  # momentum 0.9 is averaged too
+}
+
+
+def replica_hash(tensors: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def overlap_in_flight(rank: int) -> dict:
+    """Does overlap launch buckets while backward is still running, and not under no_sync?"""
+    torch.manual_seed(0)
+    model = build_model("cnn", 3, 32, 10)
+    first_weight = model[0].weight  # its gradient is among the last that backward computes
+    seen = []
+    # Registered before the sync's own hooks, so it runs before this bucket is launched.
+    first_weight.register_post_accumulate_grad_hook(lambda p: seen.append(sync.in_flight))
+    sync = sync_module.OverlapSync(model, SMALL_BUCKETS, SMALL_BUCKETS)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(10, (4,))
+    with sync.no_sync():
+        nn.functional.cross_entropy(model(x), y).backward()
+    in_no_sync = sync.in_flight
+    seen.clear()
+    nn.functional.cross_entropy(model(x), y).backward()
+    after_backward = sync.in_flight
+    sync.finish_backward()
+    return {
+        "buckets": len(sync.buckets),
+        "at_first_layer": seen,
+        "in_no_sync": in_no_sync,
+        "after_backward": after_backward,
+        "after_finish": sync.in_flight,
+    }
+
+
+def sync_checks(rank: int, world_size: int, out_root: str) -> dict:
+    """Runs on every rank of tests.comm_world."""
+    per_step: list[str] = []
+    original_after_step = sync_module.LocalSGDSync.after_step
+
+    def recording_after_step(self, optimizer):
+        original_after_step(self, optimizer)
+        params = list(self.model.parameters())
+        momenta = [optimizer.state[p]["momentum_buffer"] for p in params]
+        per_step.append(replica_hash(params + momenta))
+
+    results: dict = {"overlap_in_flight": overlap_in_flight(rank)}
+    for name, flags in RUNS.items():
+        out_dir = Path(out_root) / name
+        make_sync = train_ddp.make_sync
+        if name.endswith("small-buckets"):
+            train_ddp.make_sync = functools.partial(make_sync, bucket_bytes=SMALL_BUCKETS)
+        if name == "local-sgd-2":
+            sync_module.LocalSGDSync.after_step = recording_after_step
+        try:
+            summary = train_ddp.main([*COMMON, *flags, "--out-dir", str(out_dir)])
+        finally:
+            train_ddp.make_sync = make_sync
+            sync_module.LocalSGDSync.after_step = original_after_step
+        results[name] = {
+            "checksum": summary["param_checksum"],
+            "steps": summary["steps"],
+            "model": load_checkpoint(out_dir / "checkpoint.pt")["model"] if rank == 0 else None,
+        }
+    results["local-sgd-2"]["per_step"] = per_step
+    dist.barrier()
+    return results
+
+
+@pytest.fixture(scope="module")
+def runs() -> list[dict]:
+    return [r["sync"] for r in comm_world.results()]
+
+
+def assert_same_params(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-6), (
+            f"{what}: {key} differs by {(a[key] - b[key]).abs().max().item():.3g}"
+        )
+
+
+def test_allreduce_and_overlap_reach_ddps_parameters(runs):
+    rank0 = runs[0]
+    torch.manual_seed(0)
+    initial = build_model("cnn", 3, 32, 10).state_dict()
+    moved = max((rank0["ddp"]["model"][k] - v).abs().max().item() for k, v in initial.items())
+    assert moved > 1e-3, "training did not move the parameters: the comparison would be empty"
+    for ddp, mine in [
+        ("ddp", "allreduce"),
+        ("ddp", "overlap"),
+        ("ddp-accum-sgd", "allreduce-accum-sgd"),
+        ("ddp-accum-sgd", "overlap-accum-sgd-small-buckets"),
+        ("ddp-accum-sgd", "local-sgd-1-accum-sgd"),
+    ]:
+        assert rank0[mine]["steps"] == rank0[ddp]["steps"] == 4
+        assert_same_params(rank0[ddp]["model"], rank0[mine]["model"], f"{mine} vs {ddp}")
+        # Every rank applied the same averaged update: replicas are bit-identical.
+        assert len({r[mine]["checksum"] for r in runs}) == 1, f"{mine}: replicas differ"
+
+
+def test_local_sgd_replicas_equal_right_after_each_average(runs):
+    steps = [r["local-sgd-2"]["per_step"] for r in runs]
+    assert all(len(s) == 4 for s in steps)
+    for step in range(4):
+        distinct = {s[step] for s in steps}
+        if (step + 1) % 2 == 0:
+            assert len(distinct) == 1, f"after averaging step {step + 1} the replicas differ"
+        else:
+            assert len(distinct) == len(runs), f"step {step + 1}: ranks did not step alone"
+
+
+def test_overlap_launches_buckets_during_backward(runs):
+    for r in runs:
+        seen = r["overlap_in_flight"]
+        assert seen["buckets"] >= 3
+        assert seen["in_no_sync"] == 0, "no_sync() must not communicate"
+        # When backward reached the first layer, later layers' buckets were already out.
+        assert len(seen["at_first_layer"]) == 1 and seen["at_first_layer"][0] >= 1
+        assert seen["after_backward"] == seen["buckets"]
+        assert seen["after_finish"] == 0
+
+
+def test_sync_every_is_for_local_sgd_only():
+    env = DistEnv(0, 0, 1, 1, "gloo", torch.device("cpu"))
+    with pytest.raises(UsageError, match="--sync-every applies to --sync local-sgd only"):
+        sync_module.make_sync("overlap", nn.Linear(2, 2), env, sync_every=2)
+    with pytest.raises(UsageError, match="positive"):
+        train_ddp.parse_args(["--sync", "local-sgd", "--sync-every", "0"])
+    with pytest.raises(UsageError, match="unknown --sync"):
+        sync_module.make_sync("ring", nn.Linear(2, 2), env)
+
+
+@pytest.mark.slow
+def test_benchmark_writes_table_csv_and_plot(tmp_path):
+    result = run_cmd(
+        [PYTHON, "-m", "benchmarks.bench_sync", "--rounds", "1", "--steps", "1", "--warmup", "1"]
+        + ["--layers", "5", "--out-dir", str(tmp_path)],
+        timeout=240,
+        check=True,
+    )
+    with open(tmp_path / "bench_sync.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    steps = {r["variant"]: float(r["ratio"]) for r in rows if r["section"] == "sync step"}
+    assert list(steps) == ["none", "ddp", "allreduce", "overlap", "local-sgd K=4"]
+    assert steps["ddp"] == 1.0 and all(ratio > 0 for ratio in steps.values())
+    comms = [r["variant"] for r in rows if r["section"] == "communication"]
+    assert comms[0] == "all_reduce per tensor" and "communicate, 1 buffer" in comms
+    assert "communicate, 1 buffer" in result.stdout and "vs ddp" in result.stdout
+    assert (tmp_path / "bench_sync.png").read_bytes()[:4] == b"\x89PNG"

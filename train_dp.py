@@ -1,0 +1,319 @@
+"""Data-parallel training with nn.DataParallel: one process drives every visible GPU.
+
+    # every GPU of this machine, one process, no launcher
+    python train_dp.py --dataset cifar10 --data-dir data
+    # two of them
+    python train_dp.py --gpus 0,1
+    # no GPU: the plain module on the CPU; step for step the same run as
+    # `torchrun --nproc-per-node 2 train_ddp.py --epochs 1` (2 ranks x 32 = 64 per step)
+    python train_dp.py --epochs 1
+
+One process holds the model on the first device. Every forward, DataParallel copies it to
+the other devices, splits the batch between the copies, runs them in one thread each and
+gathers their outputs on the first device; backward sends each copy's gradients back into
+the one set of parameters, where autograd sums them. training/scratch_dp.py does the same
+in a page of code; docs/dp-vs-ddp.md says where the time goes and why DDP is faster.
+
+--batch-size is the *global* batch: one optimizer step sees batch_size x grad_accum
+samples, however many devices share them. The multi-process twin is train_ddp.py, where
+--batch-size is per rank; `diff -u train_dp.py train_ddp.py` shows what DDP changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from comm.dist import DistEnv, UsageError, run_cli
+from data.datasets import build_datasets
+from data.sampling import eval_loader, set_epoch, train_loader
+from training.checkpoint import (
+    check_same_batches,
+    load_checkpoint,
+    param_checksum,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
+from training.cli import make_parser, validate
+from training.metrics import Totals, evaluate
+from training.models import build_model
+from training.optim import autocast_dtype, make_optimizer, make_scheduler
+from training.runlog import RunLog
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = make_parser(
+        description=__doc__.split("\n")[0],
+        batch_size_help="samples per micro-step, split between the devices (global batch: "
+        "this x --grad-accum)",
+        default_batch_size=64,
+        default_out_dir="runs/dp",
+    )
+    g = parser.add_argument_group("devices")
+    g.add_argument(
+        "--gpus",
+        type=gpu_list,
+        default="all",
+        help="CUDA devices to spread each batch over: all, none (the CPU) or indices "
+        "such as 0,1; the first one holds the model and gathers the outputs",
+    )
+    return parser.parse_args(argv)
+
+
+def gpu_list(value: str) -> list[int] | None:
+    """--gpus: None for every visible GPU, [] for none, else the indices in order."""
+    if value == "all":
+        return None
+    if value == "none":
+        return []
+    try:
+        ids = [int(part) for part in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected all, none or indices such as 0,1, got {value!r}"
+        ) from None
+    if len(set(ids)) != len(ids) or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"indices must be distinct and >= 0, got {value!r}")
+    return ids
+
+
+def pick_devices(gpus: list[int] | None) -> list[torch.device]:
+    """The devices DataParallel spreads each batch over; [cpu] when there is no GPU."""
+    count = torch.cuda.device_count()
+    if gpus is None:
+        gpus = list(range(count))
+    missing = [i for i in gpus if i >= count]
+    if missing:
+        raise UsageError(
+            f"--gpus asks for cuda:{missing[0]} but {count} CUDA device(s) are visible"
+        )
+    return [torch.device("cuda", i) for i in gpus] or [torch.device("cpu")]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise UsageError(
+            "train_dp.py is one process for all devices; under torchrun use train_ddp.py"
+        )
+    devices = pick_devices(args.gpus)
+    # One process is the whole job: a world of one, whose device is where batches arrive.
+    env = DistEnv(
+        rank=0, local_rank=0, world_size=1, local_world_size=1, backend="none", device=devices[0]
+    )
+    return train(args, env, devices)
+
+
+def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -> dict:
+    validate(args, cuda=env.device.type == "cuda")
+    out_dir = Path(args.out_dir)
+    run = RunLog(env, out_dir)
+    run.info(
+        "one process, %d device(s): %s",
+        len(devices),
+        ", ".join(str(d) for d in devices),
+    )
+
+    # ---- data: one loader, no sharding; DataParallel splits every batch itself
+    data = build_datasets(
+        args.dataset,
+        args.data_dir,
+        seed=args.seed,
+        train_size=args.train_size,
+        eval_size=args.eval_size,
+        download=args.download,
+        augment=args.augment,
+    )
+    pin = env.device.type == "cuda"
+    loader = train_loader(
+        data.train,
+        args.batch_size,
+        rank=0,  # one process sees every sample: a "world" of one
+        world_size=1,
+        seed=args.seed,
+        workers=args.workers,
+        pin_memory=pin,
+    )
+    evaluation = eval_loader(
+        data.eval,
+        args.batch_size,
+        rank=0,
+        world_size=1,
+        workers=args.workers,
+        pin_memory=pin,
+    )
+    steps_per_epoch = len(loader) // args.grad_accum
+    if steps_per_epoch == 0:
+        raise UsageError(
+            f"--grad-accum {args.grad_accum} is more than the {len(loader)} batches per epoch"
+        )
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+
+    # ---- model: one copy, on the first device; DataParallel re-copies it every forward
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, data.in_channels, data.image_size, data.num_classes)
+    model = model.to(env.device)
+    if len(devices) > 1:
+        model = nn.DataParallel(model, device_ids=devices, output_device=env.device)
+        run.info("nn.DataParallel over %d GPUs, outputs gathered on %s", len(devices), env.device)
+    elif env.device.type == "cuda":
+        run.info("one GPU: no DataParallel wrapper, there is nothing to split a batch across")
+    else:
+        run.info("no GPU: training the plain module on the CPU (DataParallel needs GPUs)")
+    optimizer = make_optimizer(model, args)
+    scheduler = make_scheduler(optimizer, args, total_steps)
+    amp_dtype = autocast_dtype(args.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    # ---- resume: the checkpoint names the epoch, and the step inside it, to go on from
+    step, start_epoch, skip_steps = 0, 0, 0
+    resume = out_dir / "checkpoint.pt" if args.resume == "auto" else args.resume
+    if resume and (args.resume != "auto" or Path(resume).exists()):
+        state = load_checkpoint(resume)
+        check_same_batches(state, args.batch_size * env.world_size * args.grad_accum, str(resume))
+        restore_training_state(state, model, optimizer, scheduler, scaler, str(resume))
+        step, start_epoch, skip_steps = state["step"], state["epoch"], state["step_in_epoch"]
+        run.info("resumed from %s at step %d (epoch %d)", resume, step, start_epoch)
+
+    def save(epoch: int, step_in_epoch: int) -> None:
+        state = training_state(
+            model,
+            optimizer,
+            scheduler,
+            scaler,
+            epoch=epoch,
+            step=step,
+            step_in_epoch=step_in_epoch,
+            world_size=env.world_size,
+            args=args,
+        )
+        save_checkpoint(out_dir / "checkpoint.pt", state, env.is_main)
+
+    # ---- train
+    totals = Totals(env.device)
+    global_batch = args.batch_size * env.world_size * args.grad_accum
+    history, train_time, samples = [], 0.0, 0
+    final_train, metrics = {}, {}
+    for epoch in range(start_epoch, args.epochs):
+        if step >= total_steps:
+            break
+        set_epoch(loader, epoch, args.seed, rank=0)  # forget this and every epoch repeats
+        first = skip_steps if epoch == start_epoch else 0
+        loader.sampler.start_at(first * args.grad_accum * args.batch_size)
+        n_steps = min(steps_per_epoch - first, total_steps - step)
+        batches = itertools.islice(loader, n_steps * args.grad_accum)
+        model.train()
+        bar = run.progress(n_steps, f"epoch {epoch}")
+        tic = time.perf_counter()
+        for micro, (images, labels) in enumerate(batches):
+            images = images.to(env.device, non_blocking=True)
+            labels = labels.to(env.device, non_blocking=True)
+            last_micro = (micro + 1) % args.grad_accum == 0
+            # Nothing to skip on accumulation micro-steps: there is no all-reduce, each
+            # replica's gradients land in the one set of parameters during backward.
+            with torch.autocast(
+                env.device.type,
+                dtype=amp_dtype or torch.bfloat16,
+                enabled=amp_dtype is not None,
+            ):
+                logits = model(images)  # scatter, replicate, parallel forward, gather
+            loss = F.cross_entropy(logits.float(), labels)
+            scaler.scale(loss / args.grad_accum).backward()
+            totals.add(
+                loss.detach() * labels.numel(), (logits.argmax(1) == labels).sum(), labels.numel()
+            )
+            if not last_micro:
+                continue
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)  # after the step: the next one starts at 0
+            scheduler.step()
+            step += 1
+            bar.update()
+            if step % args.log_every == 0 or step == total_steps:
+                final_train = totals.reduce()
+                run.info(
+                    "step %d  epoch %d  loss %.4f  acc %.3f  lr %.4g",
+                    step,
+                    epoch,
+                    final_train["loss"],
+                    final_train["accuracy"],
+                    scheduler.get_last_lr()[0],
+                )
+                run.scalars(
+                    step,
+                    **{
+                        "train/loss": final_train["loss"],
+                        "train/accuracy": final_train["accuracy"],
+                        "lr": scheduler.get_last_lr()[0],
+                    },
+                )
+        train_time += time.perf_counter() - tic
+        bar.close()
+        samples += n_steps * global_batch
+
+        if not args.no_eval:
+            # No collective inside, so the wrapper may stay: eval batches are split too.
+            metrics = evaluate(model, evaluation, env.device, amp_dtype)
+            run.info(
+                "epoch %d  eval loss %.4f  eval acc %.4f  (%d samples)",
+                epoch,
+                metrics["loss"],
+                metrics["accuracy"],
+                metrics["count"],
+            )
+            run.scalars(
+                step,
+                **{
+                    "eval/loss": metrics["loss"],
+                    "eval/accuracy": metrics["accuracy"],
+                    "samples_per_s": samples / max(train_time, 1e-9),
+                },
+            )
+        history.append(
+            {"epoch": epoch, "step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
+        )
+        done_epoch = n_steps == steps_per_epoch - first
+        save(epoch + 1 if done_epoch else epoch, 0 if done_epoch else first + n_steps)
+
+    summary = {
+        "script": "train_dp.py",
+        "world_size": env.world_size,
+        "backend": None,  # no process group: the replicas are threads of this process
+        "devices": [str(d) for d in devices],
+        "sync": "dataparallel" if len(devices) > 1 else "none",
+        "steps": step,
+        "global_batch": global_batch,
+        "samples": samples,
+        "samples_per_s": samples / max(train_time, 1e-9),
+        "final_train_loss": final_train.get("loss"),
+        "final_train_accuracy": final_train.get("accuracy"),
+        "eval_loss": metrics.get("loss"),
+        "eval_accuracy": metrics.get("accuracy"),
+        "eval_samples": metrics.get("count"),
+        "param_checksum": param_checksum(model),
+        "history": history,
+    }
+    run.write_summary(summary)
+    run.info(
+        "done: %d steps, %.1f samples/s, checkpoint and summary.json in %s",
+        step,
+        summary["samples_per_s"],
+        out_dir,
+    )
+    run.close()
+    return summary
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
