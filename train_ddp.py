@@ -35,16 +35,9 @@ from comm.sync import SYNC_MODES, make_sync
 from comm.tracer import CommTracer, make_profiler
 from data.datasets import build_datasets, download_once
 from data.sampling import eval_loader, set_epoch, train_loader
-from training.checkpoint import (
-    check_same_batches,
-    load_checkpoint,
-    param_checksum,
-    restore_training_state,
-    save_checkpoint,
-    training_state,
-    unwrap,
-)
+from training.checkpoint import CheckpointManager, param_checksum, training_state, unwrap
 from training.cli import make_parser, positive, validate
+from training.faults import fault_hook
 from training.metrics import Totals, evaluate
 from training.models import build_model, has_batchnorm
 from training.optim import autocast_dtype, make_optimizer, make_scheduler
@@ -185,14 +178,10 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     # ---- resume: the checkpoint names the epoch, and the step inside it, to go on from
-    step, start_epoch, skip_steps = 0, 0, 0
-    resume = out_dir / "checkpoint.pt" if args.resume == "auto" else args.resume
-    if resume and (args.resume != "auto" or Path(resume).exists()):
-        state = load_checkpoint(resume)
-        check_same_batches(state, args.batch_size * env.world_size * args.grad_accum, str(resume))
-        restore_training_state(state, model, optimizer, scheduler, scaler, str(resume))
-        step, start_epoch, skip_steps = state["step"], state["epoch"], state["step_in_epoch"]
-        run.info("resumed from %s at step %d (epoch %d)", resume, step, start_epoch)
+    checkpoints = CheckpointManager(out_dir, args.keep, env, log=run.info)
+    at = checkpoints.resume(args.resume, args, model, optimizer, scheduler, scaler)
+    step, start_epoch, skip_steps = at.step, at.epoch, at.step_in_epoch
+    fault = fault_hook(env.rank)  # test-only crash/hang injection, off unless TRAIN_FAULT is set
 
     def save(epoch: int, step_in_epoch: int) -> None:
         state = training_state(
@@ -206,7 +195,7 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
             world_size=env.world_size,
             args=args,
         )
-        save_checkpoint(out_dir / "checkpoint.pt", state, env.is_main)
+        checkpoints.save(state)
 
     # ---- observability: both stay off (and cost nothing) unless asked for
     tracer = CommTracer(enabled=args.trace_comm)
@@ -258,6 +247,10 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
             scheduler.step()
             step += 1
             bar.update()
+            done = (micro + 1) // args.grad_accum  # steps of this epoch's slice so far
+            if args.save_every and step % args.save_every == 0 and done < n_steps:
+                save(epoch, first + done)  # the slice's last step is saved after it, below
+            fault(step)
             if step % args.log_every == 0 or step == total_steps:
                 final_train = totals.reduce()  # a collective: every rank gets here together
                 run.info(

@@ -13,6 +13,7 @@ its whole process group when the deadline passes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing as mp
 import os
@@ -137,6 +138,25 @@ def run_world(
     return [torch.load(io.BytesIO(got[r][1]), weights_only=False) for r in range(world_size)]
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc (empty where there is none). torchrun starts
+    each worker in a session of its own, so killing the launcher's process group misses
+    them, and they would keep the output pipes open after their launcher is gone."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def run_cmd(
     argv: Sequence[str],
     timeout: float = 90.0,
@@ -144,7 +164,8 @@ def run_cmd(
     cwd: Path = ROOT,
     check: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run a command with a deadline; on timeout kill its whole process group."""
+    """Run a command with a deadline; on timeout kill its process group and every process
+    it started."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(
         list(argv),
@@ -158,7 +179,11 @@ def run_cmd(
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        stragglers = _descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
+        for pid in stragglers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate()
         raise AssertionError(
             f"{' '.join(argv)} did not finish within {timeout}s\n--- stdout ---\n{out}\n"

@@ -214,7 +214,7 @@ def test_optimizer_state_moves_between_wrappers(world_of_one, tmp_path):
 
 
 def test_resume_with_another_model_fails_in_one_line(tmp_path, capsys):
-    args = _args(batch_size=32)
+    args = _args(batch_size=32, lr=0.05)  # the run's own flags: only the model differs
     model = cnn()
     opt = make_optimizer(model, args)
     state = training_state(

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.multiproc import WorldFailed, run_world
+from tests.multiproc import PYTHON, WorldFailed, run_cmd, run_world
 
 
 def _allreduce_rank_plus_one(rank, world_size):
@@ -34,3 +34,16 @@ def test_results_in_rank_order_and_failures_reported():
     # Rank 0 is stuck in a barrier with a 60 s process-group timeout: the harness must not
     # wait for it, it kills it a moment after rank 1's failure.
     assert time.monotonic() - start < 25
+
+
+def test_run_cmd_deadline_also_kills_children_in_their_own_session():
+    # torchrun starts its workers with start_new_session: they survive a kill of the
+    # launcher's process group and hold its output pipes open.
+    code = (
+        "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+        "'import time; time.sleep(60)'], start_new_session=True); time.sleep(60)"
+    )
+    start = time.monotonic()
+    with pytest.raises(AssertionError, match="did not finish within 2"):
+        run_cmd([PYTHON, "-c", code], timeout=2)
+    assert time.monotonic() - start < 15

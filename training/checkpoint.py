@@ -2,13 +2,16 @@
 
 The file is one dict: `model` (a plain state_dict: no `module.` or `_orig_mod.` in any key,
 whatever wrapped the model when it was saved), `optimizer`, `scheduler`, `scaler`, `epoch`,
-`step`, `world_size`, `args` and `rng`. It is written by global rank 0 alone, to a temporary
-file in the same directory that is fsync'ed and then renamed over the old one, so a crash
-never leaves a half-written checkpoint under the real name; every rank then meets at a
-barrier, so nobody reads a file that is still being written.
+`step`, `step_in_epoch`, `world_size`, `args` and `rng`. Global rank 0 alone writes it, to
+a temporary file in the same directory that is fsync'ed and then renamed into place, so a
+crash never leaves a half-written checkpoint under a real name; every rank then meets at a
+barrier, so nobody reads a file that is still being written. `CheckpointManager` keeps the
+newest few as `<out-dir>/checkpoints/step-XXXXXXXX.pt` and moves the symlink
+`<out-dir>/checkpoint.pt` to the newest once it is whole (docs/checkpoints.md).
 
 It is loaded with `weights_only=True`: a checkpoint is untrusted input, and a full unpickler
-would run whatever code the file asks for.
+would run whatever code the file asks for. Each zip entry's CRC-32 is checked first, since
+torch.load does not, and nothing is restored until the whole file has been checked.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import io
 import os
 import random
 import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from comm.dist import UsageError
+from comm.dist import DistEnv, UsageError
 
 REQUIRED = ("model", "optimizer", "epoch", "step", "world_size", "args", "rng")
 WRAPPER_ATTRS = {"module", "_orig_mod"}  # DDP / DataParallel, and torch.compile
@@ -176,6 +182,14 @@ def set_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------ save and load
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that `path` is at every moment either the old file or the
     new one: temp file in the same directory (same filesystem, so the rename is atomic),
@@ -191,33 +205,57 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_dir(path.parent)
+
+
+def write_checkpoint(path: Path, state: dict) -> None:
+    """Serialise in memory, then write atomically: the file appears whole or not at all."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, buf.getvalue())
 
 
 def save_checkpoint(path: Path, state: dict, is_main: bool) -> None:
-    """Rank 0 writes, then everyone waits at a barrier until the file is complete.
-
-    Called on every rank: the barrier is a collective, so calling it inside
-    `if rank == 0:` would deadlock the others."""
+    """One file, no rotation: rank 0 writes, then everyone waits at a barrier until the
+    file is complete. Called on every rank: the barrier is a collective, so calling it
+    inside `if rank == 0:` would deadlock the others."""
     if is_main:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write(path, buf.getvalue())
+        write_checkpoint(path, state)
     if dist.is_initialized():
         dist.barrier()
+
+
+def _check_archive(path: Path) -> None:
+    """torch.save writes a zip archive with a CRC-32 per entry, but torch.load never checks
+    them: a flipped bit inside a tensor loads silently as a wrong number. zipfile does."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated, or not written by torch.save: "
+            "its zip directory is missing)"
+        ) from None
+    except Exception as e:  # a damaged header can fail in many ways (bad names, bad sizes)
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (corrupt zip structure: {type(e).__name__})"
+        ) from None
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (corrupt: entry {bad} fails its CRC-32 check)"
+        )
 
 
 def load_checkpoint(path: Path) -> dict:
     """Read and check a checkpoint; any problem is a CheckpointError naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a directory; name a checkpoint file in it")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: checkpoint file is empty")
+    _check_archive(path)
     try:
         # map_location="cpu": tensors saved from cuda:0 would otherwise all land on cuda:0 in
         # every rank; load_state_dict copies them to each rank's own device.
@@ -274,39 +312,243 @@ def training_state(
     }
 
 
-def check_same_batches(state: dict, samples_per_step: int, source: str) -> None:
-    """Refuse to resume a run whose optimizer steps took other samples than this one's.
+# Flags that decide what every step computes. A checkpoint written with other values belongs
+# to another run: continuing it would silently mix two trajectories. The batch is checked as
+# samples per optimizer step (check_same_batches); everything else (paths, logging,
+# --workers, --timeout, --sync, --epochs / --max-steps) may change between restarts.
+TRAJECTORY_FLAGS = (
+    "dataset",
+    "train_size",
+    "augment",
+    "model",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "lr_schedule",
+    "warmup_steps",
+    "amp",
+    "seed",
+    "sync_bn",
+)
 
-    The sampler's permutation depends only on the seed and the epoch, and each optimizer
-    step takes the next `samples_per_step` indices of it, however they are split into
-    ranks (DDP), replicas (DataParallel) or micro-batches (--grad-accum). So
-    `train_dp.py --batch-size 32` goes on in `train_ddp.py --batch-size 16` on 2 ranks,
-    and the other way round, but not with another number of samples per step.
-    """
+
+def check_same_batches(state: dict, samples_per_step: int, source: Path) -> None:
+    """Refuse a checkpoint whose optimizer steps took another number of samples.
+
+    Each step takes the next `samples_per_step` indices of the epoch's permutation (which
+    depends on seed and epoch only), however they are split into ranks, DataParallel
+    replicas or --grad-accum micro-batches. So the world size may change between restarts
+    as long as this product stays the same; another product would draw other batches."""
     saved = state["args"]
     theirs = saved["batch_size"] * state["world_size"] * saved["grad_accum"]
     if theirs != samples_per_step:
         raise CheckpointError(
-            f"{source} was written by a run with {theirs} samples per optimizer step "
+            f"{source}: written by a run with {theirs} samples per optimizer step "
             f"({saved['batch_size']} x {state['world_size']} rank(s) x {saved['grad_accum']} "
             f"micro-batches), this run has {samples_per_step}: the data order would differ"
         )
 
 
+def check_resumable(state: dict, args, world_size: int, source: Path) -> list[str]:
+    """Refuse a checkpoint that would not continue the run these flags describe; return
+    notes on changes that are allowed but make the rest of the run differ from the
+    original's (to float tolerance, or in its schedule)."""
+    check_same_batches(state, args.batch_size * world_size * args.grad_accum, source)
+    saved, live = state["args"], vars(args)
+    notes = []
+    if state["world_size"] != world_size:
+        notes.append(
+            f"{source} was written by {state['world_size']} rank(s), this job has "
+            f"{world_size}: the same samples per step, so the same run to float tolerance "
+            "(sums in another order), but not bit for bit"
+        )
+    differ = [
+        f"--{k.replace('_', '-')} {saved[k]} (this run: {live[k]})"
+        for k in TRAJECTORY_FLAGS
+        if k in saved and k in live and saved[k] != live[k]
+    ]
+    if differ:
+        raise CheckpointError(
+            f"{source}: written with {', '.join(differ)}; resume with the same flags or "
+            "start a fresh --out-dir"
+        )
+    horizon = [k for k in ("epochs", "max_steps") if k in saved and saved[k] != live.get(k)]
+    if horizon and live.get("lr_schedule") == "cosine":
+        flags = " and ".join("--" + k.replace("_", "-") for k in horizon)
+        notes.append(
+            f"{source} was written with other {flags}: the cosine schedule now ends at "
+            "another step, so the learning rate from here on differs from the original run's"
+        )
+    return notes
+
+
+def _check_optimizer(saved, optimizer, source: Path) -> None:
+    """The optimizer state must be for exactly these parameters, shape for shape."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    try:
+        sizes = [len(g["params"]) for g in saved["param_groups"]]
+        entries = saved["state"].items()
+    except (KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{source}: optimizer state is malformed") from None
+    if sizes != [len(g["params"]) for g in optimizer.param_groups]:
+        raise CheckpointError(
+            f"{source}: optimizer state is for a different set of parameters "
+            f"({sum(sizes)} in the file, {len(params)} in this model)"
+        )
+    for index, entry in entries:
+        if not isinstance(index, int) or not 0 <= index < len(params):
+            raise CheckpointError(f"{source}: optimizer state names parameter {index!r}")
+        for name, value in entry.items():
+            shape = params[index].shape
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != shape:
+                raise CheckpointError(
+                    f"{source}: optimizer state {name!r} of parameter {index} has shape "
+                    f"{tuple(value.shape)}, the parameter {tuple(shape)}"
+                )
+
+
 def restore_training_state(
-    state: dict, model: nn.Module, optimizer, scheduler, scaler, source: str
+    state: dict, model: nn.Module, optimizer, scheduler, scaler, source: Path
 ) -> None:
-    """Put a loaded checkpoint back into live objects. The model and then the optimizer are
-    checked before anything changes, so a checkpoint of another architecture is reported
-    by its model keys rather than by its optimizer's parameter count."""
-    weights = match_model_state(model, state["model"], source)
-    saved_groups = state["optimizer"].get("param_groups", [])
-    live_groups = optimizer.state_dict()["param_groups"]
-    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in live_groups]:
-        raise CheckpointError(f"{source}: optimizer state is for a different set of parameters")
+    """Put a loaded checkpoint back into live objects, all or nothing: everything that can be
+    checked is checked before the first object changes. The model comes first, so a
+    checkpoint of another architecture is reported by its model keys rather than by its
+    optimizer's parameter count; the RNG states are set before the model is loaded because
+    setting them is what can still fail, and are put back if it does."""
+    weights = match_model_state(model, state["model"], str(source))
+    _check_optimizer(state["optimizer"], optimizer, source)
+    for key in ("scheduler", "rng"):
+        if not isinstance(state[key], dict):
+            raise CheckpointError(f"{source}: {key} state is malformed")
+    if state.get("scaler") is not None and not isinstance(state["scaler"], dict):
+        raise CheckpointError(f"{source}: scaler state is malformed")
+    before = rng_state()
+    try:
+        set_rng_state(state["rng"])
+    except Exception:
+        set_rng_state(before)
+        raise CheckpointError(f"{source}: RNG state is malformed") from None
     model.load_state_dict(weights)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+    except Exception as e:  # unreachable for files this project writes: all checked above
+        raise CheckpointError(f"{source}: could not restore the training state ({e})") from None
+
+
+# ------------------------------------------------------- rotation and resume
+
+POINTER = "checkpoint.pt"  # <out-dir>/checkpoint.pt -> checkpoints/step-XXXXXXXX.pt
+FOLDER = "checkpoints"
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training starts: all zero for a fresh run, else the checkpoint's counters."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+
+def point(link: Path, target: Path) -> None:
+    """Make `link` a relative symlink to `target`, atomically: a new link under a temporary
+    name renamed over the old one, so readers see the old target or the new, never neither."""
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+    _fsync_dir(link.parent)
+
+
+class CheckpointManager:
+    """The checkpoints of one --out-dir: `checkpoints/step-XXXXXXXX.pt`, the newest `keep` of
+    them kept, and `checkpoint.pt`, a symlink to the newest, moved only once that file is
+    complete on disk. A crash at any moment leaves `checkpoint.pt` naming a whole file."""
+
+    def __init__(
+        self, out_dir: Path, keep: int, env: DistEnv, log: Callable[..., None] | None = None
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.folder = self.out_dir / FOLDER
+        self.latest = self.out_dir / POINTER
+        self.keep = keep
+        self.env = env
+        self.log = log or (lambda *_: None)
+
+    def path_for(self, step: int) -> Path:
+        return self.folder / f"step-{step:08d}.pt"  # zero-padded: name order is step order
+
+    def save(self, state: dict) -> Path:
+        """Called on every rank: global rank 0 writes, moves the pointer and deletes old
+        files; then everyone meets at a barrier (a collective, so never inside
+        `if rank == 0`), so no rank goes on while the file may still be incomplete."""
+        path = self.path_for(state["step"])
+        if self.env.is_main:
+            write_checkpoint(path, state)
+            point(self.latest, path)
+            self._prune()
+        if dist.is_initialized():
+            dist.barrier()
+        return path
+
+    def _prune(self) -> None:
+        # Newest by write time, not by step: a run resumed from an older file in the same
+        # --out-dir writes lower step numbers than the files of the run it abandoned.
+        files = sorted(self.folder.glob("step-*.pt"), key=lambda p: (p.stat().st_mtime_ns, p))
+        for old in files[: -self.keep]:
+            old.unlink()
+        for tmp in self.folder.glob(".step-*.pt.tmp-*"):  # left by a writer that was killed
+            tmp.unlink(missing_ok=True)
+
+    def find(self, resume: str | None) -> Path | None:
+        """The file `--resume` means: None (fresh start) for no flag, or for `auto` when
+        --out-dir has no checkpoint yet; the file `checkpoint.pt` points to otherwise."""
+        if not resume:
+            return None
+        if resume != "auto":
+            return Path(resume)
+        if self.latest.is_symlink():
+            target = self.latest.parent / os.readlink(self.latest)
+            if not target.exists():
+                raise CheckpointError(f"{self.latest}: points to {target}, which is missing")
+            return target
+        return self.latest if self.latest.exists() else None
+
+    def resume(
+        self, resume: str | None, args, model: nn.Module, optimizer, scheduler, scaler
+    ) -> Position:
+        """Load, check and restore the checkpoint `--resume` names, on every rank.
+
+        The ranks agree before anything changes: if any of them cannot use the file, or they
+        see different files (an --out-dir that is not shared between nodes), all of them
+        raise, rather than some walking into a collective that never completes."""
+        error, path, state, notes = None, None, None, []
+        try:
+            path = self.find(resume)
+            if path is not None:
+                state = load_checkpoint(path)
+                notes = check_resumable(state, args, self.env.world_size, path)
+        except CheckpointError as e:
+            error = str(e)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            views: list[tuple | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(views, (error, str(path) if path else None))
+            failed = [(r, e) for r, (e, _) in enumerate(views) if e is not None]
+            if failed and error is None:
+                error = "rank {} cannot resume: {}".format(*failed[0])
+            elif error is None and len({p for _, p in views}) > 1:
+                seen = ", ".join(f"rank {r}: {p or 'none'}" for r, (_, p) in enumerate(views))
+                error = f"the ranks see different checkpoints ({seen}); is --out-dir shared?"
+        if error is not None:
+            raise CheckpointError(error)
+        if path is None:
+            return Position()
+        restore_training_state(state, model, optimizer, scheduler, scaler, path)
+        for note in notes:
+            self.log("note: %s", note)
+        position = Position(state["step"], state["epoch"], state["step_in_epoch"])
+        self.log("resumed from %s at step %d (epoch %d)", path, position.step, position.epoch)
+        return position

@@ -122,13 +122,26 @@ def make_parser(
     r.add_argument(
         "--out-dir",
         default=default_out_dir,
-        help="checkpoint.pt, summary.json and tb/ (TensorBoard) go here",
+        help="checkpoints/, checkpoint.pt (the newest), summary.json and tb/ go here",
     )
     r.add_argument(
         "--resume",
         default=None,
-        help="checkpoint to continue from (a file, or 'auto': the one in --out-dir "
-        "if there is one)",
+        help="checkpoint to continue from: a file, or 'auto': the newest in --out-dir if "
+        "there is one, else start fresh (the same command for the first start and restarts)",
+    )
+    r.add_argument(
+        "--save-every",
+        type=non_negative,
+        default=0,
+        help="also save a checkpoint every N optimizer steps (0: only at the end of each "
+        "epoch and of the run)",
+    )
+    r.add_argument(
+        "--keep",
+        type=positive,
+        default=3,
+        help="keep the newest N checkpoints in --out-dir/checkpoints/, delete older ones",
     )
     r.add_argument(
         "--log-every",

@@ -1,0 +1,60 @@
+"""Failures under torchrun: a SIGKILLed worker is replaced by an elastic restart that resumes
+from the latest checkpoint and ends where an uninterrupted run ends, bit for bit; a hung peer
+ends the job through the process-group timeout instead of hanging it. Both use the test
+hook TRAIN_FAULT (training/faults.py) to make rank 1 misbehave at a chosen step."""
+
+import time
+
+import pytest
+import torch
+
+from tests.multiproc import torchrun
+from training.checkpoint import load_checkpoint
+
+# 8 steps per epoch on 2 ranks; a checkpoint every 3 steps.
+JOB = ["train_ddp.py", "--model", "mlp", "--train-size", "64", "--eval-size", "16",
+       "--batch-size", "4", "--epochs", "2", "--no-eval", "--save-every", "3",
+       "--resume", "auto"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_is_restarted_and_ends_like_an_uninterrupted_run(tmp_path):
+    killed = torchrun(
+        ["--max-restarts", "1", *JOB, "--timeout", "60", "--out-dir", str(tmp_path / "killed")],
+        # kill after step 7, the newest checkpoint is step 6's. A fresh rendezvous store for
+        # the restart: the shared one keeps the dead group's addresses (docs/checkpoints.md).
+        env={"TRAIN_FAULT": "kill:1:7", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+        timeout=240,
+    )
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    assert "exitcode: -9" in killed.stderr  # torchrun saw rank 1 die by SIGKILL ...
+    assert (
+        "resumed from" in killed.stdout and "at step 6 (epoch 0)" in killed.stdout
+    )  # ... and restarted
+
+    plain = torchrun([*JOB, "--out-dir", str(tmp_path / "plain")], timeout=240)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")
+    assert a["step"] == b["step"] == 16
+    for key in b["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for index, entry in b["optimizer"]["state"].items():
+        assert torch.equal(
+            a["optimizer"]["state"][index]["momentum_buffer"], entry["momentum_buffer"]
+        )
+
+
+def test_hung_peer_ends_the_job_through_the_timeout(tmp_path):
+    start = time.monotonic()
+    hung = torchrun(
+        [*JOB, "--timeout", "5", "--out-dir", str(tmp_path)],
+        env={"TRAIN_FAULT": "hang:1:3"},  # rank 1 stops answering after step 3
+        timeout=120,
+    )
+    assert hung.returncode != 0
+    assert "Timed out waiting 5000ms" in hung.stderr, hung.stderr[-3000:]
+    assert "train_ddp.py FAILED" in hung.stderr  # torchrun's report names the failed rank
+    assert not (tmp_path / "summary.json").exists()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3  # saved before the hang
+    assert time.monotonic() - start < 100

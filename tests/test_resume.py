@@ -1,0 +1,128 @@
+"""Resume is exact: N steps, stop, resume for N more gives the bit-identical parameters,
+optimizer state, scheduler state and RNG states of 2N steps straight (2 ranks, gloo, CPU),
+whether the stop falls at an epoch end, mid-epoch, between accumulated micro-batches, or the
+resume starts from an older rotated file by path."""
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_ddp
+from tests.multiproc import run_world
+from training.checkpoint import CheckpointError, load_checkpoint
+
+# 64 samples / (4 per rank x 2 ranks) = 8 steps per epoch (4 with --grad-accum 2). The
+# warm-up outlasts every run, so the learning rate changes at every step and a scheduler
+# that was not restored would show. Momentum (default 0.9) gives the optimizer a state.
+COMMON = [
+    "--model", "mlp", "--train-size", "64", "--eval-size", "16", "--batch-size", "4",
+    "--lr", "0.02", "--warmup-steps", "40", "--no-eval", "--log-every", "1000", "--epochs", "2",
+]  # fmt: skip
+
+
+def _runs(rank: int, world_size: int, root: str) -> list[str]:
+    root = Path(root)
+
+    def run(name: str, *flags: str, fresh: bool) -> None:
+        # Python and NumPy generators are not seeded by the script; a fresh run starts from
+        # a known state, a resumed one from garbage, so only a restored state can match.
+        random.seed(1 if fresh else 1000 + rank)
+        np.random.seed(1 if fresh else 1000 + rank)
+        train_ddp.main([*COMMON, "--out-dir", str(root / name), *flags])
+
+    # 16 steps, saved at 5, 8 (end of epoch 0), 10, 15 and 16 (the end)
+    run("straight", "--save-every", "5", "--keep", "4", fresh=True)
+    run("mid_epoch", "--max-steps", "5", fresh=True)  # stop inside epoch 0 ...
+    run("mid_epoch", "--max-steps", "10", "--resume", "auto", fresh=False)  # ... end in epoch 1
+    step8 = root / "straight" / "checkpoints" / "step-00000008.pt"
+    run("epoch_end", "--resume", str(step8), fresh=False)  # 8 more steps from an epoch end
+    run(
+        "accum_straight", "--grad-accum", "2", "--save-every", "3", "--keep", "4", fresh=True
+    )  # 8 steps
+    step3 = root / "accum_straight" / "checkpoints" / "step-00000003.pt"
+    run("accum", "--grad-accum", "2", "--resume", str(step3), fresh=False)  # 5 more, from 3
+
+    # Ranks that cannot all use the same file must all fail, before any collective of
+    # training: rank 1 cannot read its file; then rank 1 sees a file where rank 0 sees none.
+    errors = []
+    for theirs in (root / "missing.pt", step8):
+        flags = ["--resume", "auto" if rank == 0 else str(theirs)]
+        try:
+            train_ddp.main([*COMMON, "--out-dir", str(root / "disagree"), *flags])
+        except CheckpointError as e:
+            errors.append(str(e))
+    return errors
+
+
+def _assert_identical(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
+        assert torch.equal(a, b), f"{where}: differs by {(a.double() - b.double()).abs().max()}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_identical(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _assert_same_run(resumed: Path, straight: Path) -> None:
+    a, b = load_checkpoint(resumed), load_checkpoint(straight)
+    assert a["optimizer"]["state"], "momentum buffers must exist for this test to mean much"
+    for key in ("model", "optimizer", "scheduler", "scaler", "rng"):
+        _assert_identical(a[key], b[key], f"{resumed.parent.name}:{key}")
+    assert (a["epoch"], a["step"], a["step_in_epoch"]) == (
+        b["epoch"],
+        b["step"],
+        b["step_in_epoch"],
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    errors = run_world(_runs, 2, str(root), timeout=120)
+    missing, step8 = root / "missing.pt", root / "straight/checkpoints/step-00000008.pt"
+    assert errors[0] == [
+        f"rank 1 cannot resume: {missing}: no such checkpoint file",
+        f"the ranks see different checkpoints (rank 0: none, rank 1: {step8}); "
+        "is --out-dir shared?",
+    ]
+    assert errors[1] == [f"{missing}: no such checkpoint file", errors[0][1]]
+    return root
+
+
+def test_stop_and_resume_equals_straight_run(runs):
+    straight = runs / "straight"
+    # rotation: of the 5 saves the newest 4 are kept; checkpoint.pt points to the last one
+    kept = sorted(p.name for p in (straight / "checkpoints").iterdir())
+    assert kept == [f"step-{s:08d}.pt" for s in (8, 10, 15, 16)]
+    assert (straight / "checkpoint.pt").resolve() == straight / "checkpoints" / kept[-1]
+
+    assert (runs / "mid_epoch" / "checkpoints" / "step-00000005.pt").is_file()  # it stopped
+    _assert_same_run(
+        runs / "mid_epoch" / "checkpoint.pt", straight / "checkpoints" / "step-00000010.pt"
+    )
+    _assert_same_run(runs / "epoch_end" / "checkpoint.pt", straight / "checkpoint.pt")
+    _assert_same_run(runs / "accum" / "checkpoint.pt", runs / "accum_straight" / "checkpoint.pt")
+
+
+def test_resume_on_another_world_size_with_the_same_samples_per_step(runs, tmp_path, capsys):
+    """The 2-rank run's step-8 checkpoint (4 samples per rank) continues in this process
+    with 8 per step: the same batches, so the same run to float tolerance."""
+    step8 = runs / "straight" / "checkpoints" / "step-00000008.pt"
+    flags = [*COMMON, "--batch-size", "8", "--out-dir", str(tmp_path), "--resume", str(step8)]
+    train_ddp.main(flags)
+    assert "written by 2 rank(s), this job has 1" in capsys.readouterr().out
+    one = load_checkpoint(tmp_path / "checkpoint.pt")
+    two = load_checkpoint(runs / "straight" / "checkpoint.pt")
+    assert one["step"] == two["step"] == 16
+    for key, value in two["model"].items():
+        torch.testing.assert_close(one["model"][key], value, rtol=0, atol=1e-5)

@@ -1,0 +1,54 @@
+"""A test hook that makes one rank crash or hang at a chosen step, to show what the job does
+then. Off unless the environment variable TRAIN_FAULT is set; never set it in real jobs.
+
+    TRAIN_FAULT=kill:1:7      rank 1 SIGKILLs itself right after optimizer step 7
+    TRAIN_FAULT=hang:1:7      rank 1 stops answering after step 7 (its peers time out)
+    TRAIN_FAULT=kill:1:7:0    the same, in restart attempt 0 only (the default)
+
+A fault fires only in the attempt it names, read from TORCHELASTIC_RESTART_COUNT (set by
+torchrun, 0 for the first attempt; a run without torchrun counts as attempt 0). So under
+`torchrun --max-restarts 1` the first attempt dies and the restarted group runs through,
+which is exactly a preempted or crashed worker followed by an elastic restart.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from comm.dist import UsageError
+
+ENV = "TRAIN_FAULT"
+KINDS = ("kill", "hang")
+
+
+def fault_hook(rank: int) -> Callable[[int], None]:
+    """A function to call with the step number after every optimizer step."""
+    spec = os.environ.get(ENV, "")
+    if not spec:
+        return lambda step: None
+    try:
+        kind, fault_rank, fault_step, *rest = spec.split(":")
+        fault_rank, fault_step = int(fault_rank), int(fault_step)
+        attempt = int(rest[0]) if rest else 0
+        if kind not in KINDS or len(rest) > 1:
+            raise ValueError
+    except ValueError:
+        raise UsageError(
+            f"{ENV}={spec!r}: expected KIND:RANK:STEP[:ATTEMPT], KIND kill or hang"
+        ) from None
+    this_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if rank != fault_rank or attempt != this_attempt:
+        return lambda step: None
+
+    def hook(step: int) -> None:
+        if step != fault_step:
+            return
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exit code: like an OOM kill
+        while True:  # hang: alive but silent, until the launcher or a deadline kills us
+            time.sleep(60)
+
+    return hook
