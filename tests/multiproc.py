@@ -1,10 +1,11 @@
 """Run test code on a real multi-process world, without ports and without hangs.
 
-`run_world(fn, world_size, *args)` starts `world_size` fresh processes, joins them in a gloo process group
-through a FileStore in a fresh temporary directory, calls `fn(rank, world_size, *args)` on
-each and returns the per-rank results in rank order. A deadline bounds the whole call: past
-it every child is killed. When ranks fail, each rank's own traceback is reported, in the
-order the failures happened, so the root cause comes first and its peers' secondary
+`run_world(fn, world_size, *args)` starts `world_size` fresh processes (forked from a
+forkserver, see `_context`), joins them in a gloo process group through a FileStore in a
+fresh temporary directory, calls `fn(rank, world_size, *args)` on each and returns the
+per-rank results in rank order. A deadline bounds the whole call: past it every child is
+killed. When ranks fail, each rank's own traceback is reported, in the order the failures
+happened, so the root cause comes first and its peers' secondary
 "connection closed" errors come after it.
 
 `run_cmd(argv)` runs a command line (torchrun, a launch script) with a deadline and kills
