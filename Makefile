@@ -22,8 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node $(NPROC) \
-	  train_ddp.py --epochs 3 --out-dir runs/demo
+	launch/cpu_sim.sh $(NPROC) --epochs 3 --out-dir runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
@@ -34,11 +33,19 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Each writes a table to stdout and a CSV and a PNG plot to bench_out/. Timings on a shared
+# machine are noisy: read them as the ratios within one run.
 bench: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_sync --out-dir bench_out
+	$(BIN)/python -m benchmarks.bench_dp_ddp --out-dir bench_out
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node $(NPROC) \
+	  -m comm.bench --out-dir bench_out
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	@if command -v shellcheck >/dev/null; then shellcheck launch/*.sh launch/slurm.sbatch; \
+	else echo "shellcheck not installed (apt-get install shellcheck): launch/ scripts not checked"; fi
 
 clean:
 	rm -rf runs bench_out .pytest_cache
