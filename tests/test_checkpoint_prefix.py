@@ -29,15 +29,6 @@ from training.models import build_model
 from training.optim import make_optimizer, make_scheduler
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared by many processes: one intra-op thread is ten times faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world_of_one():
     """DDP needs a process group: a gloo world of one in this process, with no network."""

@@ -15,15 +15,6 @@ from training.models import build_model
 from training.scratch_dp import ScratchDataParallel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared by many processes: one intra-op thread is ten times faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return build_model("cnn", 3, 32, 10)

@@ -56,17 +56,7 @@ def max_diff(a: dict, b: dict) -> float:
 TOLERANCE = 1e-4
 
 
-@pytest.fixture
-def one_thread():
-    """The DP runs share two cores with the DDP ranks and the rest of the machine; several
-    intra-op threads fighting over them run ten times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_dp_and_ddp_are_the_same_run_and_resume_each_other(tmp_path, one_thread, capsys):
+def test_dp_and_ddp_are_the_same_run_and_resume_each_other(tmp_path, capsys):
     dp = train_dp.main(_args(tmp_path / "dp", STEPS, 32))
     if not torch.cuda.is_available():
         note = "no GPU: training the plain module on the CPU (DataParallel needs GPUs)\n"
