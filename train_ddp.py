@@ -184,6 +184,7 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
     fault = fault_hook(env.rank)  # test-only crash/hang injection, off unless TRAIN_FAULT is set
 
     def save(epoch: int, step_in_epoch: int) -> None:
+        sync.consolidate(optimizer)  # local-sgd: average the replicas first
         state = training_state(
             model,
             optimizer,
@@ -278,6 +279,7 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
         run.scalars(step, samples_per_s=samples / max(train_time, 1e-9))
 
         if not args.no_eval:
+            sync.consolidate(optimizer)
             metrics = evaluate(unwrap(sync.model), evaluation, env.device, amp_dtype)
             run.info(
                 "epoch %d  eval loss %.4f  eval acc %.4f  (%d samples)",

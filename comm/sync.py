@@ -71,6 +71,10 @@ class Sync:
     def after_step(self, optimizer) -> None:
         pass
 
+    def consolidate(self, optimizer) -> None:
+        """Called before evaluation and before every checkpoint: afterwards all replicas
+        hold the same model. Modes that synchronise every step are consistent already."""
+
 
 class DDPSync(Sync):
     """DistributedDataParallel: broadcasts rank 0's parameters and buffers when it wraps the
@@ -233,6 +237,14 @@ class LocalSGDSync(Sync):
         self.steps += 1
         if self.steps % self.sync_every == 0:
             communicate(self.replica_state(optimizer), dist.all_reduce, average=True)
+
+    def consolidate(self, optimizer: torch.optim.Optimizer) -> None:
+        """Average now if any rank has stepped alone since the last average, so that an
+        evaluation or a checkpoint sees one model, not rank 0's replica; the count of K
+        steps starts again from here, as it does in a run resumed from this checkpoint."""
+        if self.steps % self.sync_every:
+            communicate(self.replica_state(optimizer), dist.all_reduce, average=True)
+        self.steps = 0
 
 
 def make_sync(

@@ -38,6 +38,8 @@ RUNS = {
     "overlap-accum-sgd-small-buckets": ["--sync", "overlap", *ACCUM_SGD],
     "local-sgd-1-accum-sgd": ["--sync", "local-sgd", "--sync-every", "1", *ACCUM_SGD],
     "local-sgd-2": ["--sync", "local-sgd", "--sync-every", "2"],  # momentum 0.9 is averaged too
+    # 4 steps are not a multiple of 3: the final checkpoint must still be one averaged model.
+    "local-sgd-3": ["--sync", "local-sgd", "--sync-every", "3"],
 }
 
 
@@ -149,6 +151,12 @@ def test_local_sgd_replicas_equal_right_after_each_average(runs):
             assert len(distinct) == 1, f"after averaging step {step + 1} the replicas differ"
         else:
             assert len(distinct) == len(runs), f"step {step + 1}: ranks did not step alone"
+
+
+def test_local_sgd_checkpoint_is_the_average_when_steps_are_not_a_multiple_of_k(runs):
+    # Steps 1-3 alone, average, step 4 alone: without the average before the checkpoint,
+    # each rank would end with its own replica and the file would hold rank 0's.
+    assert len({r["local-sgd-3"]["checksum"] for r in runs}) == 1
 
 
 def test_overlap_launches_buckets_during_backward(runs):
