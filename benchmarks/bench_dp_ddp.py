@@ -39,14 +39,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from comm.dist import UsageError, run_cli
-from training.cli import positive
+from training.cli import Parser, positive
 from training.models import MODELS, build_model
 from training.scratch_dp import ScratchDataParallel
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from training.cli import Parser
-
     p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="cnn", choices=MODELS, help="network to train")
     p.add_argument("--global-batch", type=positive, default=64, help="samples per step")
