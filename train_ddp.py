@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -101,11 +101,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @record  # under torchrun, a crash is reported with the failing rank and its traceback
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    with distributed(args.backend, timedelta(seconds=args.timeout)) as env:
-        return train(args, env)
+    with distributed(args.backend, timedelta(seconds=args.timeout)) as env, ExitStack() as cleanup:
+        return train(args, env, cleanup)
 
 
-def train(args: argparse.Namespace, env: DistEnv) -> dict:
+def train(args: argparse.Namespace, env: DistEnv, cleanup: ExitStack) -> dict:
+    """The whole run on this rank. What it starts that must end even if the run fails (the
+    tracer's patched collectives, the profiler) is left to `cleanup`."""
     validate(args, cuda=env.device.type == "cuda")
     out_dir = Path(args.out_dir)
     run = RunLog(env, out_dir)
@@ -199,14 +201,13 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
         checkpoints.save(state)
 
     # ---- observability: both stay off (and cost nothing) unless asked for
-    tracer = CommTracer(enabled=args.trace_comm)
+    tracer = cleanup.enter_context(CommTracer(enabled=args.trace_comm))
     tracer.attach(sync.model)  # a comm hook on DDP's reducer, which bypasses dist.*
     profiler = make_profiler(out_dir, env.rank, args.profile)
+    if profiler:
+        cleanup.enter_context(profiler)
 
     # ---- train
-    tracer.start()
-    if profiler:
-        profiler.start()
     totals = Totals(env.device)
     history, train_time, samples = [], 0.0, 0
     final_train, metrics = {}, {}
@@ -301,9 +302,6 @@ def train(args: argparse.Namespace, env: DistEnv) -> dict:
         done_epoch = n_steps == steps_per_epoch - first
         save(epoch + 1 if done_epoch else epoch, 0 if done_epoch else first + n_steps)
 
-    if profiler:
-        profiler.stop()
-    tracer.stop()
     summary = {
         "script": "train_ddp.py",
         "world_size": env.world_size,
