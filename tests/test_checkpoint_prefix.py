@@ -21,9 +21,9 @@ from training.checkpoint import (
     load_model_state,
     model_state,
     restore_training_state,
-    save_checkpoint,
     training_state,
     unwrap,
+    write_checkpoint,
 )
 from training.models import build_model
 from training.optim import make_optimizer, make_scheduler
@@ -185,7 +185,7 @@ def test_optimizer_state_moves_between_wrappers(world_of_one, tmp_path):
     state = training_state(
         ddp, opt, sched, None, epoch=0, step=2, step_in_epoch=2, world_size=1, args=args
     )
-    save_checkpoint(tmp_path / "checkpoint.pt", state, is_main=True)
+    write_checkpoint(tmp_path / "checkpoint.pt", state)
 
     plain = cnn(seed=5)
     plain_opt = make_optimizer(plain, args)
@@ -220,7 +220,7 @@ def test_resume_with_another_model_fails_in_one_line(tmp_path, capsys):
         args=args,
     )
     path = tmp_path / "cnn.pt"
-    save_checkpoint(path, state, is_main=True)
+    write_checkpoint(path, state)
     argv = ["--model", "mlp", "--resume", str(path), "--batch-size", "32"]
     argv += ["--train-size", "64", "--no-eval", "--out-dir", str(tmp_path / "run")]
     assert run_cli(train_dp.main, argv) == 2

@@ -15,7 +15,7 @@ import train_ddp
 import train_dp
 from comm.dist import run_cli
 from tests.multiproc import PYTHON, run_cmd, run_world
-from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint, write_checkpoint
 from training.models import build_model
 
 SEED = 3
@@ -68,7 +68,7 @@ def test_dp_and_ddp_are_the_same_run_and_resume_each_other(tmp_path, capsys):
     # model's own state_dict() would have written it: every key starts with `module.`.
     state = load_checkpoint(tmp_path / "relay_ddp" / "checkpoint.pt")
     state["model"] = {f"module.{k}": v for k, v in state["model"].items()}
-    save_checkpoint(tmp_path / "prefixed.pt", state, is_main=True)
+    write_checkpoint(tmp_path / "prefixed.pt", state)
     relay = train_dp.main(
         [*_args(tmp_path / "relay", STEPS, 32), "--resume", str(tmp_path / "prefixed.pt")]
     )

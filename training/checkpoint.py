@@ -215,16 +215,6 @@ def write_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def save_checkpoint(path: Path, state: dict, is_main: bool) -> None:
-    """One file, no rotation: rank 0 writes, then everyone waits at a barrier until the
-    file is complete. Called on every rank: the barrier is a collective, so calling it
-    inside `if rank == 0:` would deadlock the others."""
-    if is_main:
-        write_checkpoint(path, state)
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _check_archive(path: Path) -> None:
     """torch.save writes a zip archive with a CRC-32 per entry, but torch.load never checks
     them: a flipped bit inside a tensor loads silently as a wrong number. zipfile does."""
