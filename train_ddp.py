@@ -171,7 +171,8 @@ def train(args: argparse.Namespace, env: DistEnv, cleanup: ExitStack) -> dict:
         if not has_batchnorm(model):
             raise UsageError(f"--sync-bn: model {args.model} has no BatchNorm layer")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(env.device)
+    dtype = getattr(torch, args.dtype)  # float32; float64 for exact comparisons
+    model = model.to(env.device, dtype)
     # wraps the model in DDP for --sync ddp
     sync = make_sync(args.sync, model, env, sync_every=args.sync_every)
     optimizer = make_optimizer(model, args)
@@ -223,7 +224,7 @@ def train(args: argparse.Namespace, env: DistEnv, cleanup: ExitStack) -> dict:
         bar = run.progress(n_steps, f"epoch {epoch}")
         tic = time.perf_counter()
         for micro, (images, labels) in enumerate(batches):
-            images = images.to(env.device, non_blocking=True)
+            images = images.to(env.device, dtype, non_blocking=True)
             labels = labels.to(env.device, non_blocking=True)
             last_micro = (micro + 1) % args.grad_accum == 0
             # Accumulation micro-steps skip the all-reduce; the last one syncs the sum.
@@ -234,7 +235,7 @@ def train(args: argparse.Namespace, env: DistEnv, cleanup: ExitStack) -> dict:
                     enabled=amp_dtype is not None,
                 ):
                     logits = sync.model(images)
-                loss = F.cross_entropy(logits.float(), labels)
+                loss = F.cross_entropy(logits.to(dtype), labels)  # float32 also under autocast
                 scaler.scale(loss / args.grad_accum).backward()
             totals.add(
                 loss.detach() * labels.numel(), (logits.argmax(1) == labels).sum(), labels.numel()
@@ -281,7 +282,7 @@ def train(args: argparse.Namespace, env: DistEnv, cleanup: ExitStack) -> dict:
 
         if not args.no_eval:
             sync.consolidate(optimizer)
-            metrics = evaluate(unwrap(sync.model), evaluation, env.device, amp_dtype)
+            metrics = evaluate(unwrap(sync.model), evaluation, env.device, dtype, amp_dtype)
             run.info(
                 "epoch %d  eval loss %.4f  eval acc %.4f  (%d samples)",
                 epoch,

@@ -156,7 +156,8 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     # ---- model: one copy, on the first device; DataParallel re-copies it every forward
     torch.manual_seed(args.seed)
     model = build_model(args.model, data.in_channels, data.image_size, data.num_classes)
-    model = model.to(env.device)
+    dtype = getattr(torch, args.dtype)  # float32; float64 for exact comparisons
+    model = model.to(env.device, dtype)
     if len(devices) > 1:
         model = nn.DataParallel(model, device_ids=devices, output_device=env.device)
         run.info("nn.DataParallel over %d GPUs, outputs gathered on %s", len(devices), env.device)
@@ -206,7 +207,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         bar = run.progress(n_steps, f"epoch {epoch}")
         tic = time.perf_counter()
         for micro, (images, labels) in enumerate(batches):
-            images = images.to(env.device, non_blocking=True)
+            images = images.to(env.device, dtype, non_blocking=True)
             labels = labels.to(env.device, non_blocking=True)
             last_micro = (micro + 1) % args.grad_accum == 0
             # Nothing to skip on accumulation micro-steps: there is no all-reduce, each
@@ -217,7 +218,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                 enabled=amp_dtype is not None,
             ):
                 logits = model(images)  # scatter, replicate, parallel forward, gather
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = F.cross_entropy(logits.to(dtype), labels)  # float32 also under autocast
             scaler.scale(loss / args.grad_accum).backward()
             totals.add(
                 loss.detach() * labels.numel(), (logits.argmax(1) == labels).sum(), labels.numel()
@@ -258,7 +259,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
 
         if not args.no_eval:
             # No collective inside, so the wrapper may stay: eval batches are split too.
-            metrics = evaluate(model, evaluation, env.device, amp_dtype)
+            metrics = evaluate(model, evaluation, env.device, dtype, amp_dtype)
             run.info(
                 "epoch %d  eval loss %.4f  eval acc %.4f  (%d samples)",
                 epoch,

@@ -317,6 +317,7 @@ TRAJECTORY_FLAGS = (
     "lr_schedule",
     "warmup_steps",
     "amp",
+    "dtype",
     "seed",
     "sync_bn",
 )

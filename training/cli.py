@@ -116,6 +116,13 @@ def make_parser(
         choices=("none", "bf16", "fp16"),
         help="autocast dtype; fp16 (CUDA only) adds a GradScaler",
     )
+    m.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float64"),
+        help="precision of the parameters and of every computation; float64 is for exact "
+        "comparisons (the tests' oracles, docs/dp-vs-ddp.md), not for speed",
+    )
     m.add_argument("--seed", type=int, default=0, help="model init, data order, synthetic data")
 
     r = p.add_argument_group("output and resume")
@@ -157,5 +164,7 @@ def validate(args: argparse.Namespace, cuda: bool) -> None:
     """Checks that involve more than one flag (single flags are checked by their type)."""
     if args.amp == "fp16" and not cuda:
         raise UsageError("--amp fp16 needs CUDA (use --amp bf16 on CPU)")
+    if args.amp != "none" and args.dtype != "float32":
+        raise UsageError(f"--amp {args.amp} autocasts float32 work; it does not go with --dtype {args.dtype}")
     if args.dataset != "synthetic" and not args.data_dir:
         raise UsageError(f"--dataset {args.dataset} needs --data-dir")

@@ -37,6 +37,7 @@ def evaluate(
     model: nn.Module,
     loader: DataLoader,
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Loss and accuracy over the whole eval set, each sample counted exactly once.
@@ -48,14 +49,14 @@ def evaluate(
     model.eval()  # BatchNorm uses its running statistics, dropout is off
     totals = Totals(device)
     for images, labels in loader:
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, dtype, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(
             device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
         ):
             logits = model(images)
         totals.add(
-            F.cross_entropy(logits.float(), labels, reduction="sum"),
+            F.cross_entropy(logits.to(dtype), labels, reduction="sum"),
             (logits.argmax(1) == labels).sum(),
             labels.numel(),
         )
