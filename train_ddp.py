@@ -183,23 +183,26 @@ def train(args: argparse.Namespace, env: DistEnv, cleanup: ExitStack) -> dict:
     # ---- resume: the checkpoint names the epoch, and the step inside it, to go on from
     checkpoints = CheckpointManager(out_dir, args.keep, env, log=run.info)
     at = checkpoints.resume(args.resume, args, model, optimizer, scheduler, scaler)
+    sync.load_rank_state(optimizer, at.rank_state, at.step)  # local-sgd: this rank's replica
     step, start_epoch, skip_steps = at.step, at.epoch, at.step_in_epoch
     fault = fault_hook(env.rank)  # test-only crash/hang injection, off unless TRAIN_FAULT is set
 
     def save(epoch: int, step_in_epoch: int) -> None:
-        sync.consolidate(optimizer)  # local-sgd: average the replicas first
-        state = training_state(
-            model,
-            optimizer,
-            scheduler,
-            scaler,
-            epoch=epoch,
-            step=step,
-            step_in_epoch=step_in_epoch,
-            world_size=env.world_size,
-            args=args,
-        )
-        checkpoints.save(state)
+        mine = sync.rank_state(optimizer)  # local-sgd: this rank's own replica
+        with sync.consolidated(optimizer):  # every rank holds the one model to save
+            state = training_state(
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                epoch=epoch,
+                step=step,
+                step_in_epoch=step_in_epoch,
+                world_size=env.world_size,
+                args=args,
+                devices=[env.device],
+            )
+            checkpoints.save(state, mine)
 
     # ---- observability: both stay off (and cost nothing) unless asked for
     tracer = cleanup.enter_context(CommTracer(enabled=args.trace_comm))
@@ -281,8 +284,8 @@ def train(args: argparse.Namespace, env: DistEnv, cleanup: ExitStack) -> dict:
         run.scalars(step, samples_per_s=samples / max(train_time, 1e-9))
 
         if not args.no_eval:
-            sync.consolidate(optimizer)
-            metrics = evaluate(unwrap(sync.model), evaluation, env.device, dtype, amp_dtype)
+            with sync.consolidated(optimizer):  # every rank evaluates the model it saves
+                metrics = evaluate(unwrap(sync.model), evaluation, env.device, dtype, amp_dtype)
             run.info(
                 "epoch %d  eval loss %.4f  eval acc %.4f  (%d samples)",
                 epoch,
@@ -303,6 +306,8 @@ def train(args: argparse.Namespace, env: DistEnv, cleanup: ExitStack) -> dict:
         done_epoch = n_steps == steps_per_epoch - first
         save(epoch + 1 if done_epoch else epoch, 0 if done_epoch else first + n_steps)
 
+    with sync.consolidated(optimizer):
+        checksum = param_checksum(sync.model)
     summary = {
         "script": "train_ddp.py",
         "world_size": env.world_size,
@@ -317,7 +322,7 @@ def train(args: argparse.Namespace, env: DistEnv, cleanup: ExitStack) -> dict:
         "eval_loss": metrics.get("loss"),
         "eval_accuracy": metrics.get("accuracy"),
         "eval_samples": metrics.get("count"),
-        "param_checksum": param_checksum(sync.model),
+        "param_checksum": checksum,  # of the model the checkpoint holds
         "history": history,
     }
     if args.trace_comm:

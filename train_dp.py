@@ -171,7 +171,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     # ---- resume: the checkpoint names the epoch, and the step inside it, to go on from
-    checkpoints = CheckpointManager(out_dir, args.keep, env, log=run.info)
+    checkpoints = CheckpointManager(out_dir, args.keep, env, log=run.info, devices=devices)
     at = checkpoints.resume(args.resume, args, model, optimizer, scheduler, scaler)
     step, start_epoch, skip_steps = at.step, at.epoch, at.step_in_epoch
     fault = fault_hook(env.rank)  # test-only crash/hang injection, off unless TRAIN_FAULT is set
@@ -187,6 +187,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
             step_in_epoch=step_in_epoch,
             world_size=env.world_size,
             args=args,
+            devices=devices,
         )
         checkpoints.save(state)
 

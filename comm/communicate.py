@@ -82,10 +82,9 @@ def plan_buckets(
     return buckets
 
 
-def _world_size(op: CommOp) -> int:
-    """Size of the group the op runs on: the `group=` of a functools.partial, else WORLD."""
-    group = op.keywords.get("group") if isinstance(op, functools.partial) else None
-    return dist.get_world_size(group)
+def _group(op: CommOp) -> dist.ProcessGroup | None:
+    """The group the op runs on: the `group=` of a functools.partial, else None (WORLD)."""
+    return op.keywords.get("group") if isinstance(op, functools.partial) else None
 
 
 @dataclass
@@ -132,7 +131,13 @@ def communicate_async(
         )
         if ints:
             raise TypeError(f"average=True needs floating-point tensors, got {', '.join(ints)}")
-    divisor = _world_size(communication_op) if average else None
+    group = _group(communication_op)
+    if dist.get_rank(group) < 0:
+        # This rank is not in the op's group: torch makes the collective a no-op here (and
+        # reports a group size of -1, which would negate the tensors when averaging).
+        # Nothing is sent and nothing is written.
+        return PendingCommunication([], None)
+    divisor = dist.get_world_size(group) if average else None
     tensors = [t for t in tensors if t.numel() > 0]  # nothing to send, nothing to write
     buckets = []
     with torch.no_grad():  # parameters are leaves that require grad: copy into them freely
@@ -162,7 +167,8 @@ def communicate(
     original tensors. Mixed shapes, dtypes and devices, non-contiguous tensors and an empty
     list are fine; the tensors must not overlap in memory. `average=True` divides the
     results by the size of the op's process group (all_reduce sums; averaging is what
-    gradient synchronisation wants; gloo has no ReduceOp.AVG).
+    gradient synchronisation wants; gloo has no ReduceOp.AVG). On a rank outside the op's
+    group it does nothing, as the collective itself does.
 
     Every rank must call it with the same number, shapes, dtypes and order of tensors, as
     for any collective.

@@ -4,7 +4,7 @@ torchrun starts one process per rank and tells each one who it is through the en
 RANK (global), LOCAL_RANK (index on this node, used to pick the GPU), WORLD_SIZE,
 LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT (the rendezvous store). `distributed()` reads
 that, picks the backend and the device, creates the process group with an explicit timeout
-and destroys it on the way out, whatever happened in between.
+and destroys it when the block ends cleanly (not after an error: see `distributed`).
 
 Run without torchrun (plain `python train_ddp.py`), the same code becomes a world of one with
 an in-memory store, so every script works on a laptop without a launcher.
@@ -93,7 +93,7 @@ def resolve(backend: str | None = None) -> DistEnv:
 def distributed(
     backend: str | None = None, timeout: timedelta = DEFAULT_TIMEOUT
 ) -> Iterator[DistEnv]:
-    """Join the process group for the duration of the block and always leave it.
+    """Join the process group for the duration of the block and leave it on a clean exit.
 
     If a process group already exists (a test harness or a notebook made one), it is used
     as it is and left to its owner.
@@ -126,8 +126,16 @@ def distributed(
     dist.init_process_group(**kwargs)  # env:// under torchrun
     try:
         yield env
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        # After an error the group is left alone: peers may still sit inside a collective
+        # with this rank, and on NCCL destroying the group can then block until the timeout
+        # and hide the real error. The process exits and torchrun's report names the rank
+        # that failed. A world of one has no peers, and must not leave a group behind for
+        # the next caller in the same process (a notebook, a test).
+        if env.world_size == 1:
+            dist.destroy_process_group()
+        raise
+    dist.destroy_process_group()  # a clean exit: every rank gets here
 
 
 def rank0_logger(env: DistEnv, name: str = "ddp") -> logging.Logger:

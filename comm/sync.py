@@ -9,6 +9,8 @@ parameters) cross the network. The loop only ever does:
     sync.finish_backward()          # gradients are averaged across ranks when this returns
     optimizer.step()
     sync.after_step(optimizer)
+    with sync.consolidated(optimizer):  # evaluation, checkpoints
+        ...
 
 The modes, from the library's to the most hand-made:
 
@@ -30,14 +32,15 @@ The modes, from the library's to the most hand-made:
 
 Every mode starts from rank 0's parameters and buffers (DDP broadcasts them when it wraps
 the model; the others call `broadcast_state`), so replicas are equal even if a rank's
-initialisation differed.
+initialisation differed. `consolidated()` gives every rank the same model for evaluation
+and checkpoints without changing what training does next.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.distributed as dist
@@ -61,9 +64,16 @@ class Sync:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.syncing = True  # False inside no_sync(): the micro-steps of an accumulation
 
-    def no_sync(self) -> AbstractContextManager:
-        raise NotImplementedError
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Forward and backward of an accumulation micro-step: no gradient is communicated."""
+        self.syncing = False
+        try:
+            yield
+        finally:
+            self.syncing = True
 
     def finish_backward(self) -> None:
         pass
@@ -71,9 +81,35 @@ class Sync:
     def after_step(self, optimizer) -> None:
         pass
 
-    def consolidate(self, optimizer) -> None:
-        """Called before evaluation and before every checkpoint: afterwards all replicas
-        hold the same model. Modes that synchronise every step are consistent already."""
+    @contextmanager
+    def consolidated(self, optimizer) -> Iterator[None]:
+        """Inside the block every rank holds the same model, parameters and buffers: the one
+        to evaluate, save or report (the checkpoint holds rank 0's copy). Training goes on
+        afterwards exactly as if the block had not run, so evaluating or saving a checkpoint
+        never changes the trajectory."""
+        yield
+
+    def rank_state(self, optimizer) -> dict:
+        """What a checkpoint must keep of this rank besides the shared model (local-sgd: the
+        replica it is training alone)."""
+        return {}
+
+    def load_rank_state(self, optimizer, state: dict | None, step: int) -> None:
+        """Continue from a checkpoint: this rank's `rank_state()` (None when the checkpoint
+        has none for it) and the number of optimizer steps already taken."""
+
+
+def broadcast_state(model: nn.Module) -> None:
+    """Overwrite every rank's parameters and buffers with rank 0's, as DDP does on wrapping."""
+    state = [*model.parameters(), *model.buffers()]
+    communicate(state, functools.partial(dist.broadcast, src=0))
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) replace everyone's."""
+    buffers = list(model.buffers())
+    if buffers:
+        communicate(buffers, functools.partial(dist.broadcast, src=0))
 
 
 class DDPSync(Sync):
@@ -91,26 +127,44 @@ class DDPSync(Sync):
         # whether the coming backward reduces gradients.
         return self.model.no_sync()
 
+    @contextmanager
+    def consolidated(self, optimizer) -> Iterator[None]:
+        # Each rank's BatchNorm statistics have moved with its own last batch. DDP replaces
+        # them with rank 0's before the next training forward anyway; doing it now makes
+        # every rank evaluate the model that the checkpoint holds.
+        broadcast_buffers(self.model.module)
+        yield
 
-def broadcast_state(model: nn.Module) -> None:
-    """Overwrite every rank's parameters and buffers with rank 0's, as DDP does on wrapping."""
-    state = [*model.parameters(), *model.buffers()]
-    communicate(state, functools.partial(dist.broadcast, src=0))
 
+class GradientSync(Sync):
+    """What the hand-made modes that average gradients every step share with DDP: they start
+    from rank 0's parameters and buffers, and broadcast rank 0's buffers when DDP would."""
 
-def broadcast_buffers_before_forward(model: nn.Module) -> None:
-    """Like DDP (broadcast_buffers=True): before each training forward, rank 0's buffers
-    (BatchNorm running statistics) replace everyone's, so all replicas evaluate alike.
-    Models without buffers get no hook and pay nothing."""
-    buffers = list(model.buffers())
-    if not buffers:
-        return
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        broadcast_state(model)
+        self._buffers_due = True
+        if any(True for _ in model.buffers()):  # models without buffers pay nothing
+            model.register_forward_pre_hook(self._before_forward)
+            model.register_forward_hook(self._after_forward)
 
-    def hook(module: nn.Module, args) -> None:
-        if module.training:
-            communicate(buffers, functools.partial(dist.broadcast, src=0))
+    # DDP (broadcast_buffers=True) broadcasts rank 0's buffers before a training forward
+    # that follows a synchronising one (torch/nn/parallel/distributed.py,
+    # require_forward_param_sync): with --grad-accum K, at the first of the K micro-steps
+    # of every optimizer step, not at each. Forwards in eval mode (evaluation) never
+    # communicate: the ranks' eval shards differ in length.
+    def _before_forward(self, module: nn.Module, args) -> None:
+        if module.training and torch.is_grad_enabled() and self._buffers_due:
+            broadcast_buffers(module)
 
-    model.register_forward_pre_hook(hook)
+    def _after_forward(self, module: nn.Module, args, output) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._buffers_due = self.syncing
+
+    @contextmanager
+    def consolidated(self, optimizer) -> Iterator[None]:
+        broadcast_buffers(self.model)  # as DDPSync: what the next training forward does
+        yield
 
 
 def gradients(params: list[nn.Parameter]) -> list[torch.Tensor]:
@@ -122,18 +176,13 @@ def gradients(params: list[nn.Parameter]) -> list[torch.Tensor]:
     return [p.grad for p in params]
 
 
-class AllReduceSync(Sync):
+class AllReduceSync(GradientSync):
     """Backward runs undisturbed; then one communicate() averages all gradients at once."""
 
     def __init__(self, model: nn.Module, bucket_bytes: int | None = None) -> None:
         super().__init__(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.bucket_bytes = bucket_bytes
-        broadcast_state(model)
-        broadcast_buffers_before_forward(model)
-
-    def no_sync(self) -> AbstractContextManager:
-        return nullcontext()  # backward never communicates; finish_backward() does
 
     def finish_backward(self) -> None:
         communicate(
@@ -141,7 +190,7 @@ class AllReduceSync(Sync):
         )
 
 
-class OverlapSync(Sync):
+class OverlapSync(GradientSync):
     """Bucketed all-reduce launched from gradient hooks during backward, as DDP does."""
 
     def __init__(
@@ -151,8 +200,6 @@ class OverlapSync(Sync):
         first_bucket_bytes: int = FIRST_BUCKET_BYTES,
     ) -> None:
         super().__init__(model)
-        broadcast_state(model)
-        broadcast_buffers_before_forward(model)
         # Backward computes the last layer's gradients first: bucket in reverse order.
         params = [p for p in model.parameters() if p.requires_grad][::-1]
         self.buckets = [
@@ -161,7 +208,6 @@ class OverlapSync(Sync):
         ]
         self._ready = [0] * len(self.buckets)
         self._launched: list[PendingCommunication] = []
-        self._syncing = True
         for index, bucket in enumerate(self.buckets):
             for p in bucket:
                 # Runs once p.grad holds this backward's whole gradient (after accumulation,
@@ -174,7 +220,7 @@ class OverlapSync(Sync):
         return len(self._launched)
 
     def _grad_ready(self, index: int, param: nn.Parameter) -> None:
-        if not self._syncing:
+        if not self.syncing:
             return
         self._ready[index] += 1
         # Launch strictly in bucket order: every rank must issue its collectives in the same
@@ -188,14 +234,6 @@ class OverlapSync(Sync):
     def _launch(self, index: int) -> None:
         grads = gradients(self.buckets[index])
         self._launched.append(communicate_async(grads, dist.all_reduce, average=True))
-
-    @contextmanager
-    def no_sync(self) -> Iterator[None]:
-        self._syncing = False
-        try:
-            yield
-        finally:
-            self._syncing = True
 
     def finish_backward(self) -> None:
         # Buckets holding a parameter that got no gradient in this backward are still
@@ -214,11 +252,8 @@ class LocalSGDSync(Sync):
     def __init__(self, model: nn.Module, sync_every: int) -> None:
         super().__init__(model)
         self.sync_every = sync_every
-        self.steps = 0
+        self.steps = 0  # optimizer steps taken in the run (also before a resume)
         broadcast_state(model)
-
-    def no_sync(self) -> AbstractContextManager:
-        return nullcontext()  # gradients are never communicated
 
     def replica_state(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         """What makes up a replica: parameters, floating-point buffers and the optimizer's
@@ -233,18 +268,59 @@ class LocalSGDSync(Sync):
                     tensors.append(value)
         return tensors
 
+    def _average(self, optimizer: torch.optim.Optimizer) -> None:
+        communicate(self.replica_state(optimizer), dist.all_reduce, average=True)
+
+    def _replicas_equal(self) -> bool:
+        """True when the replicas are equal: no step alone since the last average."""
+        return self.steps % self.sync_every == 0
+
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.steps += 1
-        if self.steps % self.sync_every == 0:
-            communicate(self.replica_state(optimizer), dist.all_reduce, average=True)
+        if self._replicas_equal():
+            self._average(optimizer)
 
-    def consolidate(self, optimizer: torch.optim.Optimizer) -> None:
-        """Average now if any rank has stepped alone since the last average, so that an
-        evaluation or a checkpoint sees one model, not rank 0's replica; the count of K
-        steps starts again from here, as it does in a run resumed from this checkpoint."""
-        if self.steps % self.sync_every:
-            communicate(self.replica_state(optimizer), dist.all_reduce, average=True)
-        self.steps = 0
+    @contextmanager
+    def consolidated(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+        """The average of the replicas for the block only: each rank then goes back to its
+        own replica, so a run that evaluates or saves between two averages trains exactly
+        like one that does not."""
+        if self._replicas_equal():
+            yield
+            return
+        replicas = self.replica_state(optimizer)
+        own = [t.detach().clone() for t in replicas]
+        self._average(optimizer)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, mine in zip(replicas, own, strict=True):
+                    t.copy_(mine)
+
+    def rank_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        if self._replicas_equal():
+            return {}  # the replicas equal the checkpoint's model
+        return {"replica": [t.detach().cpu().clone() for t in self.replica_state(optimizer)]}
+
+    def load_rank_state(self, optimizer, state: dict | None, step: int) -> None:
+        self.steps = step
+        replica = (state or {}).get("replica")
+        if replica is None:
+            return  # saved right after an average (or by another world size): the model
+        tensors = self.replica_state(optimizer)
+        if not (
+            isinstance(replica, list)
+            and len(replica) == len(tensors)
+            and all(
+                torch.is_tensor(r) and r.shape == t.shape and r.dtype == t.dtype
+                for r, t in zip(replica, tensors, strict=True)
+            )
+        ):
+            raise UsageError("the checkpoint's local-sgd replica does not fit this model")
+        with torch.no_grad():
+            for t, saved in zip(tensors, replica, strict=True):
+                t.copy_(saved)
 
 
 def make_sync(

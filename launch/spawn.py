@@ -81,10 +81,8 @@ def _train(store_path: str, argv: list[str]) -> None:
         timeout=timedelta(seconds=args.timeout),
         **kwargs,
     )
-    try:
-        train_ddp.main(argv)
-    finally:
-        dist.destroy_process_group()
+    train_ddp.main(argv)
+    dist.destroy_process_group()  # on a clean exit only, as comm/dist.py explains
 
 
 def usable_cores() -> int:

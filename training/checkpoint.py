@@ -22,7 +22,7 @@ import os
 import random
 import sys
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from comm.dist import DistEnv, UsageError
+from comm.sync import LOCAL_SGD_EVERY
 
 REQUIRED = ("model", "optimizer", "epoch", "step", "world_size", "args", "rng")
 WRAPPER_ATTRS = {"module", "_orig_mod"}  # DDP / DataParallel, and torch.compile
@@ -144,8 +145,11 @@ def match_model_state(
 # ---------------------------------------------------------------------- RNG state
 
 
-def rng_state() -> dict:
-    """Every generator that can change a run: Python, NumPy, torch CPU and CUDA."""
+def rng_state(devices: Sequence[torch.device] = ()) -> dict:
+    """Every generator of this process that can change a run: Python, NumPy, torch's CPU
+    generator and the CUDA generators of `devices` (the GPUs this process computes on: one
+    per DDP rank). Other GPUs' generators belong to other ranks, and a node with fewer GPUs
+    must still be able to resume."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -157,12 +161,15 @@ def rng_state() -> dict:
         },
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    cuda = [d for d in devices if d.type == "cuda"]
+    if cuda:
+        state["cuda"] = [torch.cuda.get_rng_state(d) for d in cuda]
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, devices: Sequence[torch.device] = ()) -> None:
+    """The inverse of `rng_state(devices)`. CUDA states saved for another number of devices
+    (another kind of run) are left out: those generators keep their seeded state."""
     random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state(
@@ -175,8 +182,11 @@ def set_rng_state(state: dict) -> None:
         )
     )
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = [d for d in devices if d.type == "cuda"]
+    saved = state.get("cuda")
+    if cuda and isinstance(saved, list) and len(saved) == len(cuda):
+        for device, generator in zip(cuda, saved, strict=True):
+            torch.cuda.set_rng_state(generator, device)
 
 
 # ------------------------------------------------------------------ save and load
@@ -286,8 +296,10 @@ def training_state(
     step_in_epoch: int,
     world_size: int,
     args,
+    devices: Sequence[torch.device] = (),
 ) -> dict:
-    """Everything needed to continue exactly where this run is now."""
+    """Everything needed to continue exactly where this run is now, as this process sees
+    it (`CheckpointManager.save` adds every rank's own part under `ranks`)."""
     return {
         "model": model_state(model),
         "optimizer": optimizer.state_dict(),
@@ -298,14 +310,15 @@ def training_state(
         "step_in_epoch": step_in_epoch,
         "world_size": world_size,
         "args": dict(vars(args)),
-        "rng": rng_state(),
+        "rng": rng_state(devices),
     }
 
 
 # Flags that decide what every step computes. A checkpoint written with other values belongs
 # to another run: continuing it would silently mix two trajectories. The batch is checked as
-# samples per optimizer step (check_same_batches); everything else (paths, logging,
-# --workers, --timeout, --sync, --epochs / --max-steps) may change between restarts.
+# samples per optimizer step (check_same_batches), the gradient sync by `_sync_mode`;
+# everything else (paths, logging, --workers, --timeout, --epochs / --max-steps) may change
+# between restarts.
 TRAJECTORY_FLAGS = (
     "dataset",
     "train_size",
@@ -321,6 +334,15 @@ TRAJECTORY_FLAGS = (
     "seed",
     "sync_bn",
 )
+
+
+def _sync_mode(args: dict) -> str:
+    """The --sync mode with its K, as one value to compare. train_dp.py has no --sync: it
+    averages the gradients every step, as ddp does. local-sgd without --sync-every is K=4."""
+    mode = args.get("sync") or "ddp"
+    if mode == "local-sgd":
+        return f"local-sgd --sync-every {args.get('sync_every') or LOCAL_SGD_EVERY}"
+    return mode
 
 
 def check_same_batches(state: dict, samples_per_step: int, source: Path) -> None:
@@ -358,6 +380,8 @@ def check_resumable(state: dict, args, world_size: int, source: Path) -> list[st
         for k in TRAJECTORY_FLAGS
         if k in saved and k in live and saved[k] != live[k]
     ]
+    if _sync_mode(saved) != _sync_mode(live):
+        differ.append(f"--sync {_sync_mode(saved)} (this run: {_sync_mode(live)})")
     if differ:
         raise CheckpointError(
             f"{source}: written with {', '.join(differ)}; resume with the same flags or "
@@ -399,13 +423,25 @@ def _check_optimizer(saved, optimizer, source: Path) -> None:
 
 
 def restore_training_state(
-    state: dict, model: nn.Module, optimizer, scheduler, scaler, source: Path
-) -> None:
+    state: dict,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    scaler,
+    source: Path,
+    rank: int = 0,
+    world_size: int = 1,
+    devices: Sequence[torch.device] = (),
+) -> dict | None:
     """Put a loaded checkpoint back into live objects, all or nothing: everything that can be
     checked is checked before the first object changes. The model comes first, so a
     checkpoint of another architecture is reported by its model keys rather than by its
     optimizer's parameter count; the RNG states are set before the model is loaded because
-    setting them is what can still fail, and are put back if it does."""
+    setting them is what can still fail, and are put back if it does.
+
+    Each rank takes its own entry of `ranks` (its RNG states, its local-sgd replica) when
+    the checkpoint was written by as many ranks as there are now, and returns it; else the
+    RNG states of the writer (rank 0) and None."""
     weights = match_model_state(model, state["model"], str(source))
     _check_optimizer(state["optimizer"], optimizer, source)
     for key in ("scheduler", "rng"):
@@ -413,11 +449,21 @@ def restore_training_state(
             raise CheckpointError(f"{source}: {key} state is malformed")
     if state.get("scaler") is not None and not isinstance(state["scaler"], dict):
         raise CheckpointError(f"{source}: scaler state is malformed")
-    before = rng_state()
+    ranks, mine = state.get("ranks"), None
+    if ranks is not None:
+        if not (
+            isinstance(ranks, list)
+            and len(ranks) == state["world_size"]
+            and all(isinstance(r, dict) and isinstance(r.get("rng"), dict) for r in ranks)
+        ):
+            raise CheckpointError(f"{source}: per-rank state is malformed")
+        if len(ranks) == world_size:
+            mine = ranks[rank]
+    before = rng_state(devices)
     try:
-        set_rng_state(state["rng"])
+        set_rng_state(mine["rng"] if mine else state["rng"], devices)
     except Exception:
-        set_rng_state(before)
+        set_rng_state(before, devices)
         raise CheckpointError(f"{source}: RNG state is malformed") from None
     model.load_state_dict(weights)
     try:
@@ -427,6 +473,7 @@ def restore_training_state(
             scaler.load_state_dict(state["scaler"])
     except Exception as e:  # unreachable for files this project writes: all checked above
         raise CheckpointError(f"{source}: could not restore the training state ({e})") from None
+    return {k: v for k, v in mine.items() if k != "rng"} if mine else None
 
 
 # ------------------------------------------------------- rotation and resume
@@ -442,6 +489,7 @@ class Position:
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
+    rank_state: dict | None = None  # this rank's own part of the checkpoint (Sync.rank_state)
 
 
 def point(link: Path, target: Path) -> None:
@@ -460,24 +508,40 @@ class CheckpointManager:
     complete on disk. A crash at any moment leaves `checkpoint.pt` naming a whole file."""
 
     def __init__(
-        self, out_dir: Path, keep: int, env: DistEnv, log: Callable[..., None] | None = None
+        self,
+        out_dir: Path,
+        keep: int,
+        env: DistEnv,
+        log: Callable[..., None] | None = None,
+        devices: Sequence[torch.device] | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.folder = self.out_dir / FOLDER
         self.latest = self.out_dir / POINTER
         self.keep = keep
         self.env = env
+        self.devices = list(devices) if devices is not None else [env.device]
         self.log = log or (lambda *_: None)
 
     def path_for(self, step: int) -> Path:
         return self.folder / f"step-{step:08d}.pt"  # zero-padded: name order is step order
 
-    def save(self, state: dict) -> Path:
-        """Called on every rank: global rank 0 writes, moves the pointer and deletes old
-        files; then everyone meets at a barrier (a collective, so never inside
-        `if rank == 0`), so no rank goes on while the file may still be incomplete."""
+    def save(self, state: dict, rank_state: dict | None = None) -> Path:
+        """Called on every rank with its own `state` (`training_state`) and `rank_state`
+        (`Sync.rank_state`). Each rank's RNG states and rank state are gathered into the
+        file's `ranks` list, so that every rank resumes its own generators; global rank 0
+        writes, moves the pointer and deletes old files; then everyone meets at a barrier
+        (collectives, so never inside `if rank == 0`), so no rank goes on while the file may
+        still be incomplete."""
         path = self.path_for(state["step"])
+        mine = {"rng": state["rng"], **(rank_state or {})}
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            ranks = [None] * dist.get_world_size() if self.env.is_main else None
+            dist.gather_object(mine, ranks, dst=0)
+        else:
+            ranks = [mine]
         if self.env.is_main:
+            state = {**state, "ranks": ranks}
             write_checkpoint(path, state)
             point(self.latest, path)
             self._prune()
@@ -537,9 +601,19 @@ class CheckpointManager:
             raise CheckpointError(error)
         if path is None:
             return Position()
-        restore_training_state(state, model, optimizer, scheduler, scaler, path)
+        mine = restore_training_state(
+            state,
+            model,
+            optimizer,
+            scheduler,
+            scaler,
+            path,
+            self.env.rank,
+            self.env.world_size,
+            self.devices,
+        )
         for note in notes:
             self.log("note: %s", note)
-        position = Position(state["step"], state["epoch"], state["step_in_epoch"])
+        position = Position(state["step"], state["epoch"], state["step_in_epoch"], mine)
         self.log("resumed from %s at step %d (epoch %d)", path, position.step, position.epoch)
         return position

@@ -165,6 +165,6 @@ def validate(args: argparse.Namespace, cuda: bool) -> None:
     if args.amp == "fp16" and not cuda:
         raise UsageError("--amp fp16 needs CUDA (use --amp bf16 on CPU)")
     if args.amp != "none" and args.dtype != "float32":
-        raise UsageError(f"--amp {args.amp} autocasts float32 work; it does not go with --dtype {args.dtype}")
+        raise UsageError(f"--amp {args.amp} goes with --dtype float32, not {args.dtype}")
     if args.dataset != "synthetic" and not args.data_dir:
         raise UsageError(f"--dataset {args.dataset} needs --data-dir")
