@@ -11,7 +11,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 NPROC      ?= 2
 STAMP      := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all bench lint clean
+.PHONY: demo test test-slow test-all test-fakegpu bench lint clean
 
 # Installs pyproject.toml's dependencies (and the dev extra) without installing the repo
 # itself: the scripts run from the checkout, as `python train_ddp.py` or `-m comm.bench`.
@@ -33,13 +33,21 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The default suite on a CPU machine that pretends to have 2 GPUs (tests/fakegpu): it fails
+# if a test not marked `gpu` would have used a GPU on a real GPU host.
+test-fakegpu: $(STAMP)
+	FAKE_GPUS=2 PYTHONPATH=$(CURDIR)/tests/fakegpu$${PYTHONPATH:+:$$PYTHONPATH} \
+	  $(BIN)/python -m pytest -m "not slow and not gpu"
+
 # Each writes a table to stdout and a CSV and a PNG plot to bench_out/. Timings on a shared
-# machine are noisy: read them as the ratios within one run.
+# machine are noisy: read them as the ratios within one run. Each fits itself to the machine:
+# bench_sync and comm.bench run one NCCL rank per GPU with 2 or more GPUs, else 2 gloo ranks
+# on CPU; bench_dp_ddp uses every GPU, or 2 CPU workers. `make bench NPROC=4`: 4 of them.
+BENCH_NPROC := $(if $(filter file undefined,$(origin NPROC)),,--nproc $(NPROC))
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.bench_sync --out-dir bench_out
-	$(BIN)/python -m benchmarks.bench_dp_ddp --out-dir bench_out
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node $(NPROC) \
-	  -m comm.bench --out-dir bench_out
+	$(BIN)/python -m benchmarks.bench_sync --out-dir bench_out $(BENCH_NPROC)
+	$(BIN)/python -m benchmarks.bench_dp_ddp --out-dir bench_out $(BENCH_NPROC)
+	$(BIN)/python -m comm.bench --out-dir bench_out $(BENCH_NPROC)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

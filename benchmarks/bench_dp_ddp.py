@@ -47,7 +47,12 @@ from training.scratch_dp import ScratchDataParallel
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="cnn", choices=MODELS, help="network to train")
-    p.add_argument("--global-batch", type=positive, default=64, help="samples per step")
+    p.add_argument(
+        "--global-batch",
+        type=positive,
+        default=64,
+        help="samples per step, rounded up to a multiple of --nproc (DDP splits it evenly)",
+    )
     p.add_argument("--steps", type=positive, default=20, help="timed training steps")
     p.add_argument("--warmup", type=positive, default=3, help="untimed steps before timing")
     p.add_argument(
@@ -147,14 +152,18 @@ def _ddp_rank(rank: int, args, nproc: int, cuda: bool, store: str, result: str) 
 
 def ddp(args, nproc: int, cuda: bool) -> float:
     """One process per rank (spawned; a FileStore rendezvous, so no port is needed)."""
-    if args.global_batch % nproc:
-        raise UsageError(f"--global-batch {args.global_batch} does not split over {nproc} ranks")
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         result = os.path.join(tmp, "seconds.json")
         mp.spawn(
             _ddp_rank, args=(args, nproc, cuda, os.path.join(tmp, "store"), result), nprocs=nproc
         )
         return json.loads(Path(result).read_text())
+
+
+def split_evenly(global_batch: int, nproc: int) -> int:
+    """`global_batch` rounded up to a multiple of `nproc`: every DDP rank gets the same share,
+    and every configuration trains on the same global batch (64 on 3 GPUs: 66)."""
+    return -(-global_batch // nproc) * nproc
 
 
 def machine(cuda: bool) -> str:
@@ -171,6 +180,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if cuda and nproc > torch.cuda.device_count():
         raise UsageError(f"--nproc {nproc}: only {torch.cuda.device_count()} GPU(s) visible")
     where = machine(cuda)
+    if args.global_batch % nproc:
+        fitted = split_evenly(args.global_batch, nproc)
+        print(f"--global-batch {args.global_batch} does not split over {nproc}: using {fitted}")
+        args.global_batch = fitted
     print(f"{args.model}, global batch {args.global_batch}, {args.steps} steps; {where}")
 
     # (label, processes, threads per process, how to time it)

@@ -1,7 +1,11 @@
 """Sync modes against DDP, and communicate() against one all-reduce per tensor.
 
-    python -m benchmarks.bench_sync              # starts 2 gloo ranks itself, through torchrun
+    python -m benchmarks.bench_sync              # starts its ranks itself, through torchrun
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m benchmarks.bench_sync
+
+Started without torchrun, it picks a world that fits the machine as comm/bench.py does: one
+NCCL rank per GPU with two GPUs or more, else 2 gloo ranks on CPU; --backend and --nproc
+override that.
 
 1. Step time of every `--sync` mode (and of no communication at all) on the same model and
    the same fixed batch: forward, backward, gradient synchronisation, SGD step. Reported as
@@ -25,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from comm.bench import launch, rank_backend
 from comm.communicate import communicate
 from comm.dist import BACKENDS, DistEnv, distributed, rank0_logger, run_cli
 from comm.sync import SYNC_MODES, Sync, make_sync
@@ -67,9 +71,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="bucket size of the bucketed communicate() row, KiB",
     )
     p.add_argument(
-        "--nproc", type=positive, default=2, help="ranks to start when not run under torchrun"
+        "--nproc",
+        type=positive,
+        default=None,
+        help="ranks to start when not run under torchrun (default: one per GPU with 2+ GPUs, "
+        "else 2 on CPU)",
     )
-    p.add_argument("--backend", default=None, choices=BACKENDS, help="default: nccl or gloo")
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=BACKENDS,
+        help="default: nccl if each rank has a GPU, else gloo",
+    )
     p.add_argument("--out-dir", default="bench_out", help="where the CSV and the PNG go")
     return p.parse_args(argv)
 
@@ -253,19 +266,9 @@ def main(argv: list[str] | None = None) -> None:
     if "RANK" not in os.environ:
         # Not under torchrun: start it, with this same command line, and one thread per rank
         # (the ranks share the machine's cores).
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={args.nproc}",
-            "-m",
-            "benchmarks.bench_sync",
-            *(sys.argv[1:] if argv is None else argv),
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        raise SystemExit(subprocess.call(cmd, env=env))
-    with distributed(args.backend) as env:
+        own_argv = sys.argv[1:] if argv is None else argv
+        raise SystemExit(launch("benchmarks.bench_sync", own_argv, args.backend, args.nproc))
+    with distributed(rank_backend(args.backend)) as env:
         modes = bench_sync_modes(args, env)
         comms, what = bench_communicate(args, env)
         report(args, env, modes, comms, what)

@@ -1,7 +1,14 @@
 """Collective benchmark in the manner of nccl-tests: time, algorithm and bus bandwidth.
 
+    python -m comm.bench                       # starts its ranks itself, see below
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m comm.bench
     torchrun --standalone --nproc-per-node gpu -m comm.bench --max-bytes 1G   # NCCL
+
+Started without torchrun, it starts torchrun itself on a world that fits the machine
+(`fitting_world`): one NCCL rank per GPU where there are two GPUs or more, else 2 gloo ranks
+on CPU (a collective needs two ranks, and NCCL cannot put two ranks on one GPU); --backend and
+--nproc override that. Under torchrun the default backend is nccl where every local rank has
+a GPU of its own, else gloo.
 
 For each size S (bytes, float32) and op, every rank runs `--warmup` untimed and `--iters`
 timed calls; the time of one call is the slowest rank's mean. Then
@@ -22,8 +29,11 @@ and <out-dir>/bench.png (busbw against size, one line per op).
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -45,6 +55,37 @@ OPS = (
 )
 DEFAULT_OPS = tuple(op for op in OPS if op != "naive_all_reduce")
 COLUMNS = ("op", "bytes", "count", "world_size", "backend", "time_us", "algbw_gbs", "busbw_gbs")
+
+
+def fitting_world(backend: str | None, nproc: int | None, gpus: int) -> tuple[str, int]:
+    """(backend, ranks) for a benchmark on a machine with `gpus` visible GPUs: one nccl rank
+    per GPU with two GPUs or more, else 2 gloo ranks on CPU. An explicit `backend` or `nproc`
+    wins; given only `nproc`, the backend is nccl where each rank gets a GPU of its own."""
+    if backend is None:
+        backend = "nccl" if (gpus >= nproc if nproc else gpus >= 2) else "gloo"
+    if nproc is None:
+        nproc = max(gpus, 1) if backend == "nccl" else 2
+    return backend, nproc
+
+
+def rank_backend(backend: str | None) -> str:
+    """The backend of a rank started by torchrun: `backend`, else what fits its node's ranks."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return backend or fitting_world(None, local_ranks, torch.cuda.device_count())[0]
+
+
+def launch(module: str, argv: Sequence[str], backend: str | None, nproc: int | None) -> int:
+    """Start `python -m module argv` on a fitting world through torchrun, one intra-op thread
+    per rank unless OMP_NUM_THREADS says otherwise; return torchrun's exit status."""
+    gpus = torch.cuda.device_count()  # this process only starts the ranks: no CUDA use here
+    chosen, nproc = fitting_world(backend, nproc, gpus)
+    where = f"{nproc} {chosen} rank(s)" + (" on CPU" if chosen == "gloo" else "")
+    print(f"{module}: {gpus} GPU(s) visible, starting {where} (--backend/--nproc to choose)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={nproc}", "-m", module, *argv, "--backend", chosen]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    sys.stdout.flush()
+    return subprocess.call(cmd, env=env)
 
 
 def parse_size(text: str) -> int:
@@ -224,10 +265,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=non_negative, default=3, help="untimed calls per size")
     p.add_argument("--iters", type=positive, default=10, help="timed calls per size")
     p.add_argument("--out-dir", default="bench_out", help="bench.csv and bench.png go here")
-    p.add_argument("--backend", choices=BACKENDS, help="default: nccl with CUDA, else gloo")
+    p.add_argument(
+        "--backend", choices=BACKENDS, help="default: nccl if each rank has a GPU, else gloo"
+    )
+    p.add_argument(
+        "--nproc",
+        type=positive,
+        default=None,
+        help="ranks to start when not run under torchrun (default: one per GPU with 2+ GPUs, "
+        "else 2 on CPU)",
+    )
     args = p.parse_args(argv)
     size_list = sizes(parse_size(args.min_bytes), parse_size(args.max_bytes), args.step_factor)
-    with distributed(args.backend) as env:
+    if "RANK" not in os.environ:  # not under torchrun: start it, with this command line
+        own_argv = sys.argv[1:] if argv is None else argv
+        raise SystemExit(launch("comm.bench", own_argv, args.backend, args.nproc))
+    with distributed(rank_backend(args.backend)) as env:
         return run(env, args.ops, size_list, args.warmup, args.iters, Path(args.out_dir))
 
 

@@ -10,22 +10,30 @@ happened, so the root cause comes first and its peers' secondary
 
 `run_cmd(argv)` runs a command line (torchrun, a launch script) with a deadline and kills
 its whole process group when the deadline passes.
+
+GPUs: tests/conftest.py calls `hide_gpus()` before anything can initialise CUDA, so the test
+process and every process it starts see none (CUDA_VISIBLE_DEVICES=""), and every test runs
+on CPU/gloo even on a host with GPUs. A test marked `gpu` gets them back only in the children
+it starts with `run_cmd(..., gpus=True)` / `torchrun(..., gpus=True)`; see `gpu_env()`.
+`run_world` ranks always run on CPU with gloo.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -35,6 +43,68 @@ PYTHON = sys.executable
 
 class WorldFailed(AssertionError):
     pass
+
+
+# ---------------------------------------------------------------------------- GPUs
+
+# CUDA_VISIBLE_DEVICES as it was before hide_gpus() (None: it was unset).
+_real_visible_devices: list[str | None] = []
+
+
+def hide_gpus() -> None:
+    """Make this process, and every process it starts from now on, see no GPU; remember the
+    real setting for `gpu_env()`. CUDA reads the variable once, when a process first
+    initialises it, so this must run before anything in the process touches CUDA."""
+    if not _real_visible_devices:
+        _real_visible_devices.append(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def gpu_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` as a child that may use the GPUs gets it: the real CUDA_VISIBLE_DEVICES back, and
+    TF32 off in every process of that child's tree. NVIDIA_TF32_OVERRIDE=0 is NVIDIA's switch
+    for it (NVIDIA's "Accelerating AI Training with NVIDIA TF32 Tensor Cores": it overrides
+    the defaults and whatever the program asks of its libraries, cuBLAS and cuDNN); it reaches
+    the scripts the tests run unchanged (train_ddp.py, pitfalls/) and their workers, which no
+    in-process flag set by a test could. PyTorch's
+    TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 (set in NGC containers) forces TF32 back on for matmuls
+    at PyTorch's level: it is dropped. tests/test_nccl.py checks on a real GPU that matmuls and
+    convolutions in such a child have float32 accuracy even when PyTorch asks for TF32."""
+    env = dict(env)
+    real = _real_visible_devices[0] if _real_visible_devices else env.get("CUDA_VISIBLE_DEVICES")
+    if real is None:
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = real
+    env["NVIDIA_TF32_OVERRIDE"] = "0"
+    env.pop("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", None)
+    return env
+
+
+def count_gpus(env: Mapping[str, str]) -> int:
+    """torch.cuda.device_count() in a fresh interpreter with `env`."""
+    code = "import torch; print(torch.cuda.device_count())"
+    result = subprocess.run(
+        [PYTHON, "-c", code], env=dict(env), capture_output=True, text=True, timeout=120
+    )
+    if result.returncode != 0:
+        last = result.stderr.strip().splitlines()[-1:] or [f"exit status {result.returncode}"]
+        raise RuntimeError(last[0])
+    return int(result.stdout.split()[-1])
+
+
+@functools.cache
+def gpu_count() -> int:
+    """GPUs the `gpu` tests may use. Counted in a child: the test process must not initialise
+    CUDA (it would not see the GPUs anyway, and CUDA state does not survive the forks that
+    start ranks). Where no NVIDIA GPU is plausible (no /dev/nvidia0, no nvidia-smi) the answer
+    is 0 without starting anything."""
+    if not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
+        return 0
+    return count_gpus(gpu_env(os.environ))
+
+
+# ----------------------------------------------------------------------- run_world
 
 
 def _child(rank: int, world_size: int, store_path: str, pg_timeout: float, fn, args, results):
@@ -164,10 +234,12 @@ def run_cmd(
     env: dict[str, str] | None = None,
     cwd: Path = ROOT,
     check: bool = False,
+    gpus: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run a command with a deadline; on timeout kill its process group and every process
-    it started."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    it started. `gpus=True` (tests marked `gpu` only) lets it see the GPUs: `gpu_env()`."""
+    base = gpu_env(os.environ) if gpus else os.environ
+    full_env = {**base, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(
         list(argv),
         cwd=cwd,
