@@ -51,6 +51,9 @@ def _ring_checks(rank: int, group: dist.ProcessGroup | None) -> list[dict]:
     for n in RING_SIZES:
         g = torch.Generator().manual_seed(1000 * n + rank)
         exact = torch.randint(-1000, 1000, (n,), generator=g).float()  # sums are exact
+        # Error model for "close": each element sums W <= 4 standard-normal float64 values
+        # (|x| < 6) in another order than gloo: at most 3 roundings of 24 u (u = 1.1e-16),
+        # < 1e-14; 1e-12 leaves 100x, and a chunk added twice or not at all is off by ~1.
         noisy = torch.randn(n, generator=g, dtype=torch.float64)
         checks = {"n": n}
         for name, fn in (("ring", ring_all_reduce), ("naive", naive_all_reduce)):
@@ -182,18 +185,21 @@ def _check_tour(tour: dict, r: int, w: int) -> None:
     }
 
 
+@pytest.mark.oracle
 def test_tour_results_are_the_closed_forms(world):
     results, _ = world
     for r, result in enumerate(results):
         _check_tour(result["tour"], r, W)
 
 
+@pytest.mark.oracle
 def test_tour_fallbacks_give_the_same_results(world):
     results, _ = world
     for result in results:
         assert result["fallback"] == {k: result["tour"][k] for k in result["fallback"]}
 
 
+@pytest.mark.oracle
 def test_collectives_under_torchrun():
     proc = torchrun(["-m", "comm.collectives"], nproc=2, timeout=90)
     assert proc.returncode == 0, proc.stderr
@@ -222,6 +228,7 @@ def test_tour_rejects_unknown_demo():
 # ---- ring and naive all-reduce ------------------------------------------------------------
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("w", RING_WORLDS)
 def test_ring_and_naive_equal_dist_all_reduce(world, w):
     results, _ = world

@@ -142,6 +142,7 @@ def communicate_checks(rank: int, world_size: int) -> list[int]:
     return checked
 
 
+@pytest.mark.oracle
 def test_closed_form_sums_at_2_3_and_4_ranks():
     checked = [r["communicate"] for r in comm_world.results()]
     assert checked == [[2, 3, 4], [2, 3, 4], [3, 4], [4]]
