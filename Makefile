@@ -11,7 +11,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 NPROC      ?= 2
 STAMP      := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all test-fakegpu bench lint clean
+.PHONY: demo test test-slow test-all test-oracles test-fakegpu bench lint clean
 
 # Installs pyproject.toml's dependencies (and the dev extra) without installing the repo
 # itself: the scripts run from the checkout, as `python train_ddp.py` or `-m comm.bench`.
@@ -32,6 +32,13 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The oracle tests once more under the portable kernels: another CPU picks other SIMD kernels
+# (ATEN_CPU_CAPABILITY=default|avx2|avx512), and a verdict that changes with them would not be
+# an oracle. `make test-oracles CAPABILITY=avx2` for another choice.
+CAPABILITY ?= default
+test-oracles: $(STAMP)
+	ATEN_CPU_CAPABILITY=$(CAPABILITY) $(BIN)/python -m pytest -m "oracle and not slow"
 
 # The default suite on a CPU machine that pretends to have 2 GPUs (tests/fakegpu): it fails
 # if a test not marked `gpu` would have used a GPU on a real GPU host.
