@@ -207,7 +207,8 @@ BAD = {
     "arbitrary object": "not a readable checkpoint (Weights only load failed",
     "wrong architecture": "checkpoint does not fit this model (missing 1.weight",
     "optimizer mismatch": "optimizer state is for a different set of parameters (2 in the file, 6",
-    "other flags": "written with --lr 0.5 (this run: 0.05), --momentum 0.5 (this run: 0.9)",
+    "other flags": f"written with --lr 0.5 (this run: {train_ddp.parse_args([]).lr}), "
+    "--momentum 0.5 (this run: 0.9)",
     "other batches": "written by a run with 8 samples per optimizer step (4 x 2 rank(s) x 1",
 }
 

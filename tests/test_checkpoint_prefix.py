@@ -205,7 +205,8 @@ def test_optimizer_state_moves_between_wrappers(world_of_one, tmp_path):
 
 
 def test_resume_with_another_model_fails_in_one_line(tmp_path, capsys):
-    args = _args(batch_size=32, lr=0.05)  # the run's own flags: only the model differs
+    # The run's own flags (the scripts' defaults): only the model differs.
+    args = _args(batch_size=32, lr=train_dp.parse_args([]).lr)
     model = cnn()
     opt = make_optimizer(model, args)
     state = training_state(

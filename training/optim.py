@@ -10,6 +10,8 @@ import torch.nn as nn
 
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """SGD at --lr as given: not rescaled with the world size or the global batch, so
+    train_dp.py with batch 2B and train_ddp.py on 2 ranks x B take the same steps."""
     return torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
     )
