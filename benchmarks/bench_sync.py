@@ -39,9 +39,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from comm.bench import launch, rank_backend
+from comm.bench import add_world_flags, launch, rank_backend
 from comm.communicate import communicate
-from comm.dist import BACKENDS, DistEnv, distributed, rank0_logger, run_cli
+from comm.dist import DistEnv, distributed, rank0_logger, run_cli
 from comm.sync import SYNC_MODES, Sync, make_sync
 from training.cli import Parser, positive
 from training.models import MODELS, build_model
@@ -70,19 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=128,
         help="bucket size of the bucketed communicate() row, KiB",
     )
-    p.add_argument(
-        "--nproc",
-        type=positive,
-        default=None,
-        help="ranks to start when not run under torchrun (default: one per GPU with 2+ GPUs, "
-        "else 2 on CPU)",
-    )
-    p.add_argument(
-        "--backend",
-        default=None,
-        choices=BACKENDS,
-        help="default: nccl if each rank has a GPU, else gloo",
-    )
+    add_world_flags(p)
     p.add_argument("--out-dir", default="bench_out", help="where the CSV and the PNG go")
     return p.parse_args(argv)
 

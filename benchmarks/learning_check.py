@@ -22,12 +22,9 @@ under --timeout, past which its whole process tree is killed and it counts as fa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +32,7 @@ from pathlib import Path
 
 from comm.dist import UsageError, run_cli
 from training.cli import Parser, positive
+from training.processes import run_with_deadline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,45 +71,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid`, from /proc. torchrun starts each worker in a session of
-    its own, so killing the launcher's process group alone would leave them running."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError, IndexError, ValueError):  # exited meanwhile
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def run(argv: list[str], timeout: float) -> tuple[int | None, str]:
     """(exit status, stdout + stderr); status None when it ran past `timeout` and was killed."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        argv,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-        return proc.returncode, out
-    except subprocess.TimeoutExpired:
-        stragglers = _descendants(proc.pid)
-        os.killpg(proc.pid, signal.SIGKILL)
-        for pid in stragglers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        return None, out
+    code, out, _ = run_with_deadline(argv, timeout, env, ROOT, merge_stderr=True)
+    return code, out
 
 
 def check(accuracy: list[float], epochs: int, min_first: float, max_drop: float) -> str:

@@ -28,6 +28,7 @@ and <out-dir>/bench.png (busbw against size, one line per op).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import subprocess
@@ -86,6 +87,20 @@ def launch(module: str, argv: Sequence[str], backend: str | None, nproc: int | N
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     sys.stdout.flush()
     return subprocess.call(cmd, env=env)
+
+
+def add_world_flags(p: argparse.ArgumentParser) -> None:
+    """--backend and --nproc, the flags of `launch` and `rank_backend`."""
+    p.add_argument(
+        "--backend", choices=BACKENDS, help="default: nccl if each rank has a GPU, else gloo"
+    )
+    p.add_argument(
+        "--nproc",
+        type=positive,
+        default=None,
+        help="ranks to start when not run under torchrun (default: one per GPU with 2+ GPUs, "
+        "else 2 on CPU)",
+    )
 
 
 def parse_size(text: str) -> int:
@@ -265,16 +280,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=non_negative, default=3, help="untimed calls per size")
     p.add_argument("--iters", type=positive, default=10, help="timed calls per size")
     p.add_argument("--out-dir", default="bench_out", help="bench.csv and bench.png go here")
-    p.add_argument(
-        "--backend", choices=BACKENDS, help="default: nccl if each rank has a GPU, else gloo"
-    )
-    p.add_argument(
-        "--nproc",
-        type=positive,
-        default=None,
-        help="ranks to start when not run under torchrun (default: one per GPU with 2+ GPUs, "
-        "else 2 on CPU)",
-    )
+    add_world_flags(p)
     args = p.parse_args(argv)
     size_list = sizes(parse_size(args.min_bytes), parse_size(args.max_bytes), args.step_factor)
     if "RANK" not in os.environ:  # not under torchrun: start it, with this command line

@@ -20,14 +20,12 @@ it starts with `run_cmd(..., gpus=True)` / `torchrun(..., gpus=True)`; see `gpu_
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import multiprocessing as mp
 import os
 import queue
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +34,8 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
+
+from training.processes import run_with_deadline
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -209,25 +209,6 @@ def run_world(
     return [torch.load(io.BytesIO(got[r][1]), weights_only=False) for r in range(world_size)]
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid`, read from /proc (empty where there is none). torchrun starts
-    each worker in a session of its own, so killing the launcher's process group misses
-    them, and they would keep the output pipes open after their launcher is gone."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # exited meanwhile
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def run_cmd(
     argv: Sequence[str],
     timeout: float = 90.0,
@@ -240,33 +221,16 @@ def run_cmd(
     it started. `gpus=True` (tests marked `gpu` only) lets it see the GPUs: `gpu_env()`."""
     base = gpu_env(os.environ) if gpus else os.environ
     full_env = {**base, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen(
-        list(argv),
-        cwd=cwd,
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stragglers = _descendants(proc.pid)
-        os.killpg(proc.pid, signal.SIGKILL)
-        for pid in stragglers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        out, err = proc.communicate()
+    code, out, err = run_with_deadline(argv, timeout, full_env, cwd)
+    if code is None:
         raise AssertionError(
             f"{' '.join(argv)} did not finish within {timeout}s\n--- stdout ---\n{out}\n"
             f"--- stderr ---\n{err}"
-        ) from None
-    result = subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
-    if check and proc.returncode != 0:
+        )
+    result = subprocess.CompletedProcess(list(argv), code, out, err)
+    if check and code != 0:
         raise AssertionError(
-            f"{' '.join(argv)} exited {proc.returncode}\n--- stdout ---\n{out}\n"
-            f"--- stderr ---\n{err}"
+            f"{' '.join(argv)} exited {code}\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
         )
     return result
 
