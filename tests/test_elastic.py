@@ -3,6 +3,7 @@ from the latest checkpoint and ends where an uninterrupted run ends, bit for bit
 ends the job through the process-group timeout instead of hanging it. Both use the test
 hook TRAIN_FAULT (training/faults.py) to make rank 1 misbehave at a chosen step."""
 
+import re
 import time
 
 import pytest
@@ -27,7 +28,12 @@ def test_sigkilled_worker_is_restarted_and_ends_like_an_uninterrupted_run(tmp_pa
         timeout=240,
     )
     assert killed.returncode == 0, killed.stderr[-3000:]
-    assert "exitcode: -9" in killed.stderr  # torchrun saw rank 1 die by SIGKILL ...
+    # torchrun saw the first attempt fail ... It names the failure with the earliest
+    # timestamp: rank 1's SIGKILL (-9) when its poll notices that first, or rank 0, whose
+    # error file (gloo: the peer closed the connection) can be stamped before that poll; rank
+    # 0 is then terminated (-15). Which one wins is a race, so either is accepted here.
+    first = re.search(r"failed \(exitcode: (-?\d+)\) local_rank: (\d)", killed.stderr)
+    assert first and first.groups() in {("-9", "1"), ("1", "0"), ("-15", "0")}, killed.stderr
     assert (
         "resumed from" in killed.stdout and "at step 6 (epoch 0)" in killed.stdout
     )  # ... and restarted
