@@ -171,3 +171,14 @@ def test_average_refuses_integer_tensors():
         communicate(
             [torch.zeros(2), torch.zeros(2, dtype=torch.int64)], dist.all_reduce, average=True
         )
+
+
+def test_from_comm_import_communicate_is_the_function():
+    """The natural import gives the callable, and the module keeps the rest of its names."""
+    import importlib
+
+    from comm import communicate as imported
+
+    assert imported is communicate and callable(imported)
+    module = importlib.import_module("comm.communicate")
+    assert module.communicate is communicate and module.flatten is flatten
