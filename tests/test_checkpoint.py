@@ -15,7 +15,6 @@ import torch
 
 import train_ddp
 from comm.dist import DistEnv, UsageError, run_cli
-from training import checkpoint
 from training.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -66,7 +65,7 @@ def _save_and_die_before_rename(out_dir: str) -> None:
     def kill_instead(src, dst):
         os.kill(os.getpid(), signal.SIGKILL)
 
-    checkpoint.os.replace = kill_instead  # the rename of the data file is the first replace
+    os.replace = kill_instead  # the rename of the data file is the first replace
     CheckpointManager(Path(out_dir), keep=3, env=ONE).save(_small_state(2, seed=1))
 
 

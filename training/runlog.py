@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from comm.dist import DistEnv, rank0_logger
-from training.checkpoint import atomic_write
+from training.checkpoint.files import atomic_write
 
 
 class RunLog:

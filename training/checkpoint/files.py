@@ -1,0 +1,110 @@
+"""How a checkpoint file is written safely and read back checked.
+
+Global rank 0 alone writes, to a temporary file in the same directory that is fsync'ed and
+then renamed into place, so a crash never leaves a half-written checkpoint under a real
+name; `point` moves a symlink the same way. A checkpoint is untrusted input: it is loaded
+with `weights_only=True` (a full unpickler would run whatever code the file asks for), and
+each zip entry's CRC-32 is checked first, since torch.load does not.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import torch
+
+from training.checkpoint.contents import REQUIRED, CheckpointError
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is at every moment either the old file or the
+    new one: temp file in the same directory (same filesystem, so the rename is atomic),
+    fsync, rename, fsync of the directory (so the rename itself survives a power cut)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def write_checkpoint(path: Path, state: dict) -> None:
+    """Serialise in memory, then write atomically: the file appears whole or not at all."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def _check_archive(path: Path) -> None:
+    """torch.save writes a zip archive with a CRC-32 per entry, but torch.load never checks
+    them: a flipped bit inside a tensor loads silently as a wrong number. zipfile does."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated, or not written by torch.save: "
+            "its zip directory is missing)"
+        ) from None
+    except Exception as e:  # a damaged header can fail in many ways (bad names, bad sizes)
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (corrupt zip structure: {type(e).__name__})"
+        ) from None
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (corrupt: entry {bad} fails its CRC-32 check)"
+        )
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read and check a checkpoint; any problem is a CheckpointError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a directory; name a checkpoint file in it")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: checkpoint file is empty")
+    _check_archive(path)
+    try:
+        # map_location="cpu": tensors saved from cuda:0 would otherwise all land on cuda:0 in
+        # every rank; load_state_dict copies them to each rank's own device.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first[:200]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(state).__name__})")
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a training checkpoint of this project (missing {', '.join(missing)})"
+        )
+    return state
+
+
+def point(link: Path, target: Path) -> None:
+    """Make `link` a relative symlink to `target`, atomically: a new link under a temporary
+    name renamed over the old one, so readers see the old target or the new, never neither."""
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+    _fsync_dir(link.parent)

@@ -1,0 +1,239 @@
+"""How a run resumes: the checkpoints of one --out-dir, and which of them a run may go on from.
+
+`CheckpointManager` keeps the newest few as `<out-dir>/checkpoints/step-XXXXXXXX.pt` and
+moves the symlink `<out-dir>/checkpoint.pt` to the newest once it is whole; every rank then
+meets at a barrier, so nobody reads a file that is still being written (docs/checkpoints.md).
+`resume` finds the file `--resume` names, refuses one that belongs to another run
+(`check_resumable`), and has every rank agree before anything changes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from comm.dist import DistEnv
+from comm.sync import LOCAL_SGD_EVERY
+from training.checkpoint.contents import CheckpointError, restore_training_state
+from training.checkpoint.files import load_checkpoint, point, write_checkpoint
+
+# Flags that decide what every step computes. A checkpoint written with other values belongs
+# to another run: continuing it would silently mix two trajectories. The batch is checked as
+# samples per optimizer step (check_same_batches), the gradient sync by `_sync_mode`;
+# everything else (paths, logging, --workers, --timeout, --epochs / --max-steps) may change
+# between restarts.
+TRAJECTORY_FLAGS = (
+    "dataset",
+    "train_size",
+    "augment",
+    "model",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "lr_schedule",
+    "warmup_steps",
+    "amp",
+    "dtype",
+    "seed",
+    "sync_bn",
+)
+
+
+def _sync_mode(args: dict) -> str:
+    """The --sync mode with its K, as one value to compare. train_dp.py has no --sync: it
+    averages the gradients every step, as ddp does. local-sgd without --sync-every is K=4."""
+    mode = args.get("sync") or "ddp"
+    if mode == "local-sgd":
+        return f"local-sgd --sync-every {args.get('sync_every') or LOCAL_SGD_EVERY}"
+    return mode
+
+
+def check_same_batches(state: dict, samples_per_step: int, source: Path) -> None:
+    """Refuse a checkpoint whose optimizer steps took another number of samples.
+
+    Each step takes the next `samples_per_step` indices of the epoch's permutation (which
+    depends on seed and epoch only), however they are split into ranks, DataParallel
+    replicas or --grad-accum micro-batches. So the world size may change between restarts
+    as long as this product stays the same; another product would draw other batches."""
+    saved = state["args"]
+    theirs = saved["batch_size"] * state["world_size"] * saved["grad_accum"]
+    if theirs != samples_per_step:
+        raise CheckpointError(
+            f"{source}: written by a run with {theirs} samples per optimizer step "
+            f"({saved['batch_size']} x {state['world_size']} rank(s) x {saved['grad_accum']} "
+            f"micro-batches), this run has {samples_per_step}: the data order would differ"
+        )
+
+
+def check_resumable(state: dict, args, world_size: int, source: Path) -> list[str]:
+    """Refuse a checkpoint that would not continue the run these flags describe; return
+    notes on changes that are allowed but make the rest of the run differ from the
+    original's (to float tolerance, or in its schedule)."""
+    check_same_batches(state, args.batch_size * world_size * args.grad_accum, source)
+    saved, live = state["args"], vars(args)
+    notes = []
+    if state["world_size"] != world_size:
+        notes.append(
+            f"{source} was written by {state['world_size']} rank(s), this job has "
+            f"{world_size}: the same samples per step, so the same run to float tolerance "
+            "(sums in another order), but not bit for bit"
+        )
+    differ = [
+        f"--{k.replace('_', '-')} {saved[k]} (this run: {live[k]})"
+        for k in TRAJECTORY_FLAGS
+        if k in saved and k in live and saved[k] != live[k]
+    ]
+    if _sync_mode(saved) != _sync_mode(live):
+        differ.append(f"--sync {_sync_mode(saved)} (this run: {_sync_mode(live)})")
+    if differ:
+        raise CheckpointError(
+            f"{source}: written with {', '.join(differ)}; resume with the same flags or "
+            "start a fresh --out-dir"
+        )
+    horizon = [k for k in ("epochs", "max_steps") if k in saved and saved[k] != live.get(k)]
+    if horizon and live.get("lr_schedule") == "cosine":
+        flags = " and ".join("--" + k.replace("_", "-") for k in horizon)
+        notes.append(
+            f"{source} was written with other {flags}: the cosine schedule now ends at "
+            "another step, so the learning rate from here on differs from the original run's"
+        )
+    return notes
+
+
+# ------------------------------------------------------- rotation and resume
+
+POINTER = "checkpoint.pt"  # <out-dir>/checkpoint.pt -> checkpoints/step-XXXXXXXX.pt
+FOLDER = "checkpoints"
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training starts: all zero for a fresh run, else the checkpoint's counters."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    rank_state: dict | None = None  # this rank's own part of the checkpoint (Sync.rank_state)
+
+
+class CheckpointManager:
+    """The checkpoints of one --out-dir: `checkpoints/step-XXXXXXXX.pt`, the newest `keep` of
+    them kept, and `checkpoint.pt`, a symlink to the newest, moved only once that file is
+    complete on disk. A crash at any moment leaves `checkpoint.pt` naming a whole file."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        keep: int,
+        env: DistEnv,
+        log: Callable[..., None] | None = None,
+        devices: Sequence[torch.device] | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.folder = self.out_dir / FOLDER
+        self.latest = self.out_dir / POINTER
+        self.keep = keep
+        self.env = env
+        self.devices = list(devices) if devices is not None else [env.device]
+        self.log = log or (lambda *_: None)
+
+    def path_for(self, step: int) -> Path:
+        return self.folder / f"step-{step:08d}.pt"  # zero-padded: name order is step order
+
+    def save(self, state: dict, rank_state: dict | None = None) -> Path:
+        """Called on every rank with its own `state` (`training_state`) and `rank_state`
+        (`Sync.rank_state`). Each rank's RNG states and rank state are gathered into the
+        file's `ranks` list, so that every rank resumes its own generators; global rank 0
+        writes, moves the pointer and deletes old files; then everyone meets at a barrier
+        (collectives, so never inside `if rank == 0`), so no rank goes on while the file may
+        still be incomplete."""
+        path = self.path_for(state["step"])
+        mine = {"rng": state["rng"], **(rank_state or {})}
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            ranks = [None] * dist.get_world_size() if self.env.is_main else None
+            dist.gather_object(mine, ranks, dst=0)
+        else:
+            ranks = [mine]
+        if self.env.is_main:
+            state = {**state, "ranks": ranks}
+            write_checkpoint(path, state)
+            point(self.latest, path)
+            self._prune()
+        if dist.is_initialized():
+            dist.barrier()
+        return path
+
+    def _prune(self) -> None:
+        # Newest by write time, not by step: a run resumed from an older file in the same
+        # --out-dir writes lower step numbers than the files of the run it abandoned.
+        files = sorted(self.folder.glob("step-*.pt"), key=lambda p: (p.stat().st_mtime_ns, p))
+        for old in files[: -self.keep]:
+            old.unlink()
+        for tmp in self.folder.glob(".step-*.pt.tmp-*"):  # left by a writer that was killed
+            tmp.unlink(missing_ok=True)
+
+    def find(self, resume: str | None) -> Path | None:
+        """The file `--resume` means: None (fresh start) for no flag, or for `auto` when
+        --out-dir has no checkpoint yet; the file `checkpoint.pt` points to otherwise."""
+        if not resume:
+            return None
+        if resume != "auto":
+            return Path(resume)
+        if self.latest.is_symlink():
+            target = self.latest.parent / os.readlink(self.latest)
+            if not target.exists():
+                raise CheckpointError(f"{self.latest}: points to {target}, which is missing")
+            return target
+        return self.latest if self.latest.exists() else None
+
+    def resume(
+        self, resume: str | None, args, model: nn.Module, optimizer, scheduler, scaler
+    ) -> Position:
+        """Load, check and restore the checkpoint `--resume` names, on every rank.
+
+        The ranks agree before anything changes: if any of them cannot use the file, or they
+        see different files (an --out-dir that is not shared between nodes), all of them
+        raise, rather than some walking into a collective that never completes."""
+        error, path, state, notes = None, None, None, []
+        try:
+            path = self.find(resume)
+            if path is not None:
+                state = load_checkpoint(path)
+                notes = check_resumable(state, args, self.env.world_size, path)
+        except CheckpointError as e:
+            error = str(e)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            views: list[tuple | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(views, (error, str(path) if path else None))
+            failed = [(r, e) for r, (e, _) in enumerate(views) if e is not None]
+            if failed and error is None:
+                error = "rank {} cannot resume: {}".format(*failed[0])
+            elif error is None and len({p for _, p in views}) > 1:
+                seen = ", ".join(f"rank {r}: {p or 'none'}" for r, (_, p) in enumerate(views))
+                error = f"the ranks see different checkpoints ({seen}); is --out-dir shared?"
+        if error is not None:
+            raise CheckpointError(error)
+        if path is None:
+            return Position()
+        mine = restore_training_state(
+            state,
+            model,
+            optimizer,
+            scheduler,
+            scaler,
+            path,
+            self.env.rank,
+            self.env.world_size,
+            self.devices,
+        )
+        for note in notes:
+            self.log("note: %s", note)
+        position = Position(state["step"], state["epoch"], state["step_in_epoch"], mine)
+        self.log("resumed from %s at step %d (epoch %d)", path, position.step, position.epoch)
+        return position
