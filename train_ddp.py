@@ -13,8 +13,9 @@ during backward DDP averages the gradients across ranks, so after optimizer.step
 replicas hold the same parameters again.
 
 --batch-size is *per rank*: one optimizer step sees batch_size x world_size x grad_accum
-samples. The single-process twin is train_dp.py, where --batch-size is the global batch;
-`diff -u train_dp.py train_ddp.py` shows what DDP changes.
+samples. The single-process twin is train_dp.py, where --batch-size is the global batch.
+
+`diff -u train_dp.py train_ddp.py` shows what DDP changes (docs/dp-vs-ddp.md reads it).
 """
 
 from __future__ import annotations
@@ -22,24 +23,26 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from comm.dist import BACKENDS, DistEnv, UsageError, distributed, run_cli
-from comm.sync import SYNC_MODES, make_sync
-from comm.tracer import CommTracer, make_profiler
+from comm.dist import BACKENDS, DistEnv, UsageError, exit_on_error, rendezvous, resolve, run_cli
+from comm.sync import add_sync_flags, make_sync
 from data.datasets import build_datasets, download_once
-from data.sampling import eval_loader, set_epoch, train_loader
-from training.checkpoint import CheckpointManager, param_checksum, training_state, unwrap
+from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
+from training.checkpoint import CheckpointManager, param_checksum, unwrap
 from training.cli import make_parser, positive, validate
 from training.faults import fault_hook
 from training.metrics import Totals, evaluate
 from training.models import build_model, has_batchnorm
+from training.observe import Observer
 from training.optim import autocast_dtype, make_optimizer, make_scheduler
 from training.runlog import RunLog
 
@@ -66,49 +69,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds a collective may wait for its peers before the job fails",
     )
     g.add_argument(
-        "--sync",
-        default="ddp",
-        choices=SYNC_MODES,
-        help="who synchronises gradients: DDP's reducer or one of comm/sync.py",
-    )
-    g.add_argument(
-        "--sync-every",
-        type=positive,
-        default=None,
-        metavar="K",
-        help="--sync local-sgd only: average the replicas every K optimizer steps (unset: 4)",
-    )
-    g.add_argument(
         "--sync-bn",
         action="store_true",
         help="SyncBatchNorm: batch statistics over the global batch (CUDA only)",
     )
-    o = parser.add_argument_group("observability")
-    o.add_argument(
-        "--trace-comm",
-        action="store_true",
-        help="record every collective's bytes and time (comm/tracer.py): TensorBoard comm/* "
-        "and the 'comm' key of summary.json",
-    )
-    o.add_argument(
-        "--profile",
-        action="store_true",
-        help="torch.profiler trace of steps 3-5 in <out-dir>/profile/ (chrome://tracing)",
-    )
+    add_sync_flags(g)  # --sync, --sync-every: the hand-made strategies of comm/sync.py
     return parser.parse_args(argv)
 
 
 @record  # under torchrun, a crash is reported with the failing rank and its traceback
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    with distributed(args.backend, timedelta(seconds=args.timeout)) as env, ExitStack() as cleanup:
-        return train(args, env, cleanup)
+    # torchrun starts one process per rank and tells it who it is (RANK; LOCAL_RANK, its GPU
+    # on this node; WORLD_SIZE) and where to meet (MASTER_ADDR, MASTER_PORT). Backend nccl
+    # with CUDA, else gloo. Without torchrun: a world of one.
+    env = resolve(args.backend)
+    if env.device.type == "cuda":
+        # Bind this process to its GPU *before* the group exists: otherwise every rank's
+        # NCCL communicator (and stray allocations) land on cuda:0.
+        torch.cuda.set_device(env.device)
+    if dist.is_initialized():  # a test harness or a notebook made the group: theirs to end
+        return train(args, env, [env.device])
+    dist.init_process_group(
+        backend=env.backend,
+        timeout=timedelta(seconds=args.timeout),  # a lost peer fails the job, never hangs it
+        device_id=env.device if env.device.type == "cuda" else None,
+        **rendezvous(env),  # torchrun's env://; an in-memory store for a world of one
+    )
+    with exit_on_error(env):  # an error leaves the group alone: torchrun reports the rank
+        summary = train(args, env, [env.device])
+    dist.destroy_process_group()  # on a clean exit only: every rank gets here
+    return summary
 
 
-def train(args: argparse.Namespace, env: DistEnv, cleanup: ExitStack) -> dict:
-    """The whole run on this rank. What it starts that must end even if the run fails (the
-    tracer's patched collectives, the profiler) is left to `cleanup`."""
-    validate(args, cuda=env.device.type == "cuda")
+def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -> dict:
+    validate(args, env)
     out_dir = Path(args.out_dir)
     run = RunLog(env, out_dir)
     global_batch = args.batch_size * env.world_size * args.grad_accum
@@ -126,7 +121,7 @@ def train(args: argparse.Namespace, env: DistEnv, cleanup: ExitStack) -> dict:
 
     # ---- data: every rank builds the same dataset; the sampler hands each its shard
     if args.download:
-        download_once(args.dataset, args.data_dir, env.is_main)
+        download_once(args.dataset, args.data_dir, env.is_main)  # rank 0 downloads, all wait
     data = build_datasets(
         args.dataset,
         args.data_dir,
@@ -136,14 +131,18 @@ def train(args: argparse.Namespace, env: DistEnv, cleanup: ExitStack) -> dict:
         augment=args.augment,
     )
     pin = env.device.type == "cuda"
-    loader = train_loader(
+    # DistributedSampler: every rank shuffles the same permutation of the epoch and keeps
+    # every W-th index of it, so the W shards of one step are the batch one process draws.
+    sampler = ResumableDistributedSampler(
         data.train,
-        args.batch_size,
+        num_replicas=env.world_size,
         rank=env.rank,
-        world_size=env.world_size,
+        shuffle=True,
         seed=args.seed,
-        workers=args.workers,
-        pin_memory=pin,
+        drop_last=True,
+    )
+    loader = train_loader(
+        data.train, args.batch_size, sampler, workers=args.workers, pin_memory=pin
     )
     evaluation = eval_loader(
         data.eval,
@@ -173,141 +172,129 @@ def train(args: argparse.Namespace, env: DistEnv, cleanup: ExitStack) -> dict:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     dtype = getattr(torch, args.dtype)  # float32; float64 for exact comparisons
     model = model.to(env.device, dtype)
-    # wraps the model in DDP for --sync ddp
-    sync = make_sync(args.sync, model, env, sync_every=args.sync_every)
+    if args.sync == "ddp":
+        # Broadcasts rank 0's parameters and buffers now; from here on every backward
+        # all-reduces the gradients, bucket by bucket, while it is still computing.
+        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    sync = make_sync(args.sync, model, env, sync_every=args.sync_every)  # comm/sync.py
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args, total_steps)
     amp_dtype = autocast_dtype(args.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     # ---- resume: the checkpoint names the epoch, and the step inside it, to go on from
-    checkpoints = CheckpointManager(out_dir, args.keep, env, log=run.info)
+    checkpoints = CheckpointManager(out_dir, args.keep, env, run.info, devices, sync=sync)
     at = checkpoints.resume(args.resume, args, model, optimizer, scheduler, scaler)
-    sync.load_rank_state(optimizer, at.rank_state, at.step)  # local-sgd: this rank's replica
     step, start_epoch, skip_steps = at.step, at.epoch, at.step_in_epoch
     fault = fault_hook(env.rank)  # test-only crash/hang injection, off unless TRAIN_FAULT is set
 
     def save(epoch: int, step_in_epoch: int) -> None:
-        mine = sync.rank_state(optimizer)  # local-sgd: this rank's own replica
-        with sync.consolidated(optimizer):  # every rank holds the one model to save
-            state = training_state(
-                model,
-                optimizer,
-                scheduler,
-                scaler,
-                epoch=epoch,
-                step=step,
-                step_in_epoch=step_in_epoch,
-                world_size=env.world_size,
-                args=args,
-                devices=[env.device],
-            )
-            checkpoints.save(state, mine)
+        checkpoints.save_training(
+            args,
+            model,
+            optimizer,
+            scheduler,
+            scaler,
+            epoch=epoch,
+            step=step,
+            step_in_epoch=step_in_epoch,
+        )
 
-    # ---- observability: both stay off (and cost nothing) unless asked for
-    tracer = cleanup.enter_context(CommTracer(enabled=args.trace_comm))
-    tracer.attach(sync.model)  # a comm hook on DDP's reducer, which bypasses dist.*
-    profiler = make_profiler(out_dir, env.rank, args.profile)
-    if profiler:
-        cleanup.enter_context(profiler)
-
-    # ---- train
+    # ---- train, watched by --trace-comm and --profile (off, and free, unless asked for)
     totals = Totals(env.device)
     history, train_time, samples = [], 0.0, 0
     final_train, metrics = {}, {}
-    for epoch in range(start_epoch, args.epochs):
-        if step >= total_steps:
-            break
-        set_epoch(loader, epoch, args.seed, env.rank)  # forget this and every epoch repeats
-        first = skip_steps if epoch == start_epoch else 0
-        loader.sampler.start_at(first * args.grad_accum * args.batch_size)
-        n_steps = min(steps_per_epoch - first, total_steps - step)
-        batches = itertools.islice(loader, n_steps * args.grad_accum)
-        sync.model.train()
-        bar = run.progress(n_steps, f"epoch {epoch}")
-        tic = time.perf_counter()
-        for micro, (images, labels) in enumerate(batches):
-            images = images.to(env.device, dtype, non_blocking=True)
-            labels = labels.to(env.device, non_blocking=True)
-            last_micro = (micro + 1) % args.grad_accum == 0
-            # Accumulation micro-steps skip the all-reduce; the last one syncs the sum.
-            with nullcontext() if last_micro else sync.no_sync():
-                with torch.autocast(
-                    env.device.type,
-                    dtype=amp_dtype or torch.bfloat16,
-                    enabled=amp_dtype is not None,
-                ):
-                    logits = sync.model(images)
-                loss = F.cross_entropy(logits.to(dtype), labels)  # float32 also under autocast
-                scaler.scale(loss / args.grad_accum).backward()
-            totals.add(
-                loss.detach() * labels.numel(), (logits.argmax(1) == labels).sum(), labels.numel()
-            )
-            if not last_micro:
-                continue
-            sync.finish_backward()  # gradients are the average over all ranks from here on
-            scaler.step(optimizer)
-            scaler.update()
-            sync.after_step(optimizer)
-            optimizer.zero_grad(set_to_none=True)  # after the step: the next one starts at 0
-            scheduler.step()
-            step += 1
-            bar.update()
-            done = (micro + 1) // args.grad_accum  # steps of this epoch's slice so far
-            if args.save_every and step % args.save_every == 0 and done < n_steps:
-                save(epoch, first + done)  # the slice's last step is saved after it, below
-            fault(step)
-            if step % args.log_every == 0 or step == total_steps:
-                final_train = totals.reduce()  # a collective: every rank gets here together
+    with Observer(args, env, model, out_dir) as observer:
+        for epoch in range(start_epoch, args.epochs):
+            if step >= total_steps:
+                break
+            sampler.set_epoch(epoch)  # forget this and every epoch repeats the same order
+            first = skip_steps if epoch == start_epoch else 0
+            sampler.start_at(first * args.grad_accum * args.batch_size)
+            n_steps = min(steps_per_epoch - first, total_steps - step)
+            batches = itertools.islice(loader, n_steps * args.grad_accum)
+            model.train()
+            bar = run.progress(n_steps, f"epoch {epoch}")
+            tic = time.perf_counter()
+            for micro, (images, labels) in enumerate(batches):
+                images = images.to(env.device, dtype, non_blocking=True)
+                labels = labels.to(env.device, non_blocking=True)
+                last_micro = (micro + 1) % args.grad_accum == 0
+                # Accumulation micro-steps skip the all-reduce (DDP's model.no_sync()); the
+                # last one syncs the sum. Forward too: DDP decides there what backward does.
+                with nullcontext() if last_micro else sync.no_sync():
+                    with torch.autocast(
+                        env.device.type,
+                        dtype=amp_dtype or torch.bfloat16,
+                        enabled=amp_dtype is not None,
+                    ):
+                        logits = model(images)
+                    loss = F.cross_entropy(logits.to(dtype), labels)  # float32 also under autocast
+                    scaler.scale(loss / args.grad_accum).backward()
+                totals.add(
+                    loss.detach() * labels.numel(),
+                    (logits.argmax(1) == labels).sum(),
+                    labels.numel(),
+                )
+                if not last_micro:
+                    continue
+                sync.finish_backward()  # the gradients are the average over all ranks from here
+                scaler.step(optimizer)
+                scaler.update()
+                sync.after_step(optimizer)
+                optimizer.zero_grad(set_to_none=True)  # after the step: the next one starts at 0
+                scheduler.step()
+                step += 1
+                bar.update()
+                done = (micro + 1) // args.grad_accum  # steps of this epoch's slice so far
+                if args.save_every and step % args.save_every == 0 and done < n_steps:
+                    save(epoch, first + done)  # the slice's last step is saved after it, below
+                fault(step)
+                if step % args.log_every == 0 or step == total_steps:
+                    final_train = totals.reduce()  # a collective: every rank gets here together
+                    run.info(
+                        "step %d  epoch %d  loss %.4f  acc %.3f  lr %.4g",
+                        step,
+                        epoch,
+                        final_train["loss"],
+                        final_train["accuracy"],
+                        scheduler.get_last_lr()[0],
+                    )
+                    run.scalars(
+                        step,
+                        **{
+                            "train/loss": final_train["loss"],
+                            "train/accuracy": final_train["accuracy"],
+                            "lr": scheduler.get_last_lr()[0],
+                        },
+                    )
+                run.scalars(step, **observer.step())  # the step's collectives, the log's too
+            train_time += time.perf_counter() - tic
+            bar.close()
+            samples += n_steps * global_batch
+            run.scalars(step, samples_per_s=samples / max(train_time, 1e-9))
+
+            if not args.no_eval:
+                with sync.consolidated(optimizer):  # every rank evaluates the model it saves
+                    metrics = evaluate(unwrap(model), evaluation, env.device, dtype, amp_dtype)
                 run.info(
-                    "step %d  epoch %d  loss %.4f  acc %.3f  lr %.4g",
-                    step,
+                    "epoch %d  eval loss %.4f  eval acc %.4f  (%d samples)",
                     epoch,
-                    final_train["loss"],
-                    final_train["accuracy"],
-                    scheduler.get_last_lr()[0],
+                    metrics["loss"],
+                    metrics["accuracy"],
+                    metrics["count"],
                 )
                 run.scalars(
-                    step,
-                    **{
-                        "train/loss": final_train["loss"],
-                        "train/accuracy": final_train["accuracy"],
-                        "lr": scheduler.get_last_lr()[0],
-                    },
+                    step, **{"eval/loss": metrics["loss"], "eval/accuracy": metrics["accuracy"]}
                 )
-            run.scalars(step, **tracer.end_step())  # the step's collectives, the log's included
-            if profiler:
-                profiler.step()
-        train_time += time.perf_counter() - tic
-        bar.close()
-        samples += n_steps * global_batch
-        run.scalars(step, samples_per_s=samples / max(train_time, 1e-9))
-
-        if not args.no_eval:
-            with sync.consolidated(optimizer):  # every rank evaluates the model it saves
-                metrics = evaluate(unwrap(sync.model), evaluation, env.device, dtype, amp_dtype)
-            run.info(
-                "epoch %d  eval loss %.4f  eval acc %.4f  (%d samples)",
-                epoch,
-                metrics["loss"],
-                metrics["accuracy"],
-                metrics["count"],
+            history.append(
+                {"epoch": epoch, "step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
             )
-            run.scalars(
-                step,
-                **{
-                    "eval/loss": metrics["loss"],
-                    "eval/accuracy": metrics["accuracy"],
-                },
-            )
-        history.append(
-            {"epoch": epoch, "step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
-        )
-        done_epoch = n_steps == steps_per_epoch - first
-        save(epoch + 1 if done_epoch else epoch, 0 if done_epoch else first + n_steps)
+            done_epoch = n_steps == steps_per_epoch - first
+            save(epoch + 1 if done_epoch else epoch, 0 if done_epoch else first + n_steps)
 
     with sync.consolidated(optimizer):
-        checksum = param_checksum(sync.model)
+        checksum = param_checksum(model)
     summary = {
         "script": "train_ddp.py",
         "world_size": env.world_size,
@@ -324,9 +311,8 @@ def train(args: argparse.Namespace, env: DistEnv, cleanup: ExitStack) -> dict:
         "eval_samples": metrics.get("count"),
         "param_checksum": checksum,  # of the model the checkpoint holds
         "history": history,
+        **observer.summary(),
     }
-    if args.trace_comm:
-        summary["comm"] = tracer.summary()
     run.write_summary(summary)
     run.info(
         "done: %d steps, %.1f samples/s, checkpoint and summary.json in %s",

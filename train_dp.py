@@ -16,7 +16,9 @@ in a page of code; docs/dp-vs-ddp.md says where the time goes and why DDP is fas
 
 --batch-size is the *global* batch: one optimizer step sees batch_size x grad_accum
 samples, however many devices share them. The multi-process twin is train_ddp.py, where
---batch-size is per rank; `diff -u train_dp.py train_ddp.py` shows what DDP changes.
+--batch-size is per rank.
+
+`diff -u train_dp.py train_ddp.py` shows what DDP changes (docs/dp-vs-ddp.md reads it).
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ import torch.nn.functional as F
 
 from comm.dist import DistEnv, UsageError, run_cli
 from data.datasets import build_datasets
-from data.sampling import eval_loader, set_epoch, train_loader
-from training.checkpoint import CheckpointManager, param_checksum, training_state
+from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
+from training.checkpoint import CheckpointManager, param_checksum
 from training.cli import make_parser, validate
+from training.devices import gpu_list, pick_devices
 from training.faults import fault_hook
 from training.metrics import Totals, evaluate
 from training.models import build_model
+from training.observe import Observer
 from training.optim import autocast_dtype, make_optimizer, make_scheduler
 from training.runlog import RunLog
 
@@ -62,43 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def gpu_list(value: str) -> list[int] | None:
-    """--gpus: None for every visible GPU, [] for none, else the indices in order."""
-    if value == "all":
-        return None
-    if value == "none":
-        return []
-    try:
-        ids = [int(part) for part in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected all, none or indices such as 0,1, got {value!r}"
-        ) from None
-    if len(set(ids)) != len(ids) or min(ids) < 0:
-        raise argparse.ArgumentTypeError(f"indices must be distinct and >= 0, got {value!r}")
-    return ids
-
-
-def pick_devices(gpus: list[int] | None) -> list[torch.device]:
-    """The devices DataParallel spreads each batch over; [cpu] when there is no GPU."""
-    count = torch.cuda.device_count()
-    if gpus is None:
-        gpus = list(range(count))
-    missing = [i for i in gpus if i >= count]
-    if missing:
-        raise UsageError(
-            f"--gpus asks for cuda:{missing[0]} but {count} CUDA device(s) are visible"
-        )
-    return [torch.device("cuda", i) for i in gpus] or [torch.device("cpu")]
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise UsageError(
             "train_dp.py is one process for all devices; under torchrun use train_ddp.py"
         )
-    devices = pick_devices(args.gpus)
+    devices = pick_devices(args.gpus)  # --gpus, or every visible GPU; [cpu] without one
     # One process is the whole job: a world of one, whose device is where batches arrive.
     env = DistEnv(
         rank=0, local_rank=0, world_size=1, local_world_size=1, backend="none", device=devices[0]
@@ -107,13 +81,17 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -> dict:
-    validate(args, cuda=env.device.type == "cuda")
+    validate(args, env)
     out_dir = Path(args.out_dir)
     run = RunLog(env, out_dir)
+    global_batch = args.batch_size * env.world_size * args.grad_accum
     run.info(
-        "one process, %d device(s): %s",
+        "one process, %d device(s): %s; global batch %d = %d x %d micro",
         len(devices),
         ", ".join(str(d) for d in devices),
+        global_batch,
+        args.batch_size,
+        args.grad_accum,
     )
 
     # ---- data: one loader, no sharding; DataParallel splits every batch itself
@@ -127,14 +105,18 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         augment=args.augment,
     )
     pin = env.device.type == "cuda"
-    loader = train_loader(
+    # A world of one: every sample, in the epoch's seeded order, which is the order that
+    # train_ddp.py's ranks deal out between them (so both scripts take the same steps).
+    sampler = ResumableDistributedSampler(
         data.train,
-        args.batch_size,
-        rank=0,  # one process sees every sample: a "world" of one
-        world_size=1,
+        num_replicas=1,
+        rank=0,
+        shuffle=True,
         seed=args.seed,
-        workers=args.workers,
-        pin_memory=pin,
+        drop_last=True,
+    )
+    loader = train_loader(
+        data.train, args.batch_size, sampler, workers=args.workers, pin_memory=pin
     )
     evaluation = eval_loader(
         data.eval,
@@ -171,13 +153,14 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     # ---- resume: the checkpoint names the epoch, and the step inside it, to go on from
-    checkpoints = CheckpointManager(out_dir, args.keep, env, log=run.info, devices=devices)
+    checkpoints = CheckpointManager(out_dir, args.keep, env, run.info, devices)
     at = checkpoints.resume(args.resume, args, model, optimizer, scheduler, scaler)
     step, start_epoch, skip_steps = at.step, at.epoch, at.step_in_epoch
     fault = fault_hook(env.rank)  # test-only crash/hang injection, off unless TRAIN_FAULT is set
 
     def save(epoch: int, step_in_epoch: int) -> None:
-        state = training_state(
+        checkpoints.save_training(
+            args,
             model,
             optimizer,
             scheduler,
@@ -185,103 +168,99 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
             epoch=epoch,
             step=step,
             step_in_epoch=step_in_epoch,
-            world_size=env.world_size,
-            args=args,
-            devices=devices,
         )
-        checkpoints.save(state)
 
-    # ---- train
+    # ---- train, watched by --trace-comm and --profile (off, and free, unless asked for)
     totals = Totals(env.device)
-    global_batch = args.batch_size * env.world_size * args.grad_accum
     history, train_time, samples = [], 0.0, 0
     final_train, metrics = {}, {}
-    for epoch in range(start_epoch, args.epochs):
-        if step >= total_steps:
-            break
-        set_epoch(loader, epoch, args.seed, rank=0)  # forget this and every epoch repeats
-        first = skip_steps if epoch == start_epoch else 0
-        loader.sampler.start_at(first * args.grad_accum * args.batch_size)
-        n_steps = min(steps_per_epoch - first, total_steps - step)
-        batches = itertools.islice(loader, n_steps * args.grad_accum)
-        model.train()
-        bar = run.progress(n_steps, f"epoch {epoch}")
-        tic = time.perf_counter()
-        for micro, (images, labels) in enumerate(batches):
-            images = images.to(env.device, dtype, non_blocking=True)
-            labels = labels.to(env.device, non_blocking=True)
-            last_micro = (micro + 1) % args.grad_accum == 0
-            # Nothing to skip on accumulation micro-steps: there is no all-reduce, each
-            # replica's gradients land in the one set of parameters during backward.
-            with torch.autocast(
-                env.device.type,
-                dtype=amp_dtype or torch.bfloat16,
-                enabled=amp_dtype is not None,
-            ):
-                logits = model(images)  # scatter, replicate, parallel forward, gather
-            loss = F.cross_entropy(logits.to(dtype), labels)  # float32 also under autocast
-            scaler.scale(loss / args.grad_accum).backward()
-            totals.add(
-                loss.detach() * labels.numel(), (logits.argmax(1) == labels).sum(), labels.numel()
-            )
-            if not last_micro:
-                continue
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)  # after the step: the next one starts at 0
-            scheduler.step()
-            step += 1
-            bar.update()
-            done = (micro + 1) // args.grad_accum  # steps of this epoch's slice so far
-            if args.save_every and step % args.save_every == 0 and done < n_steps:
-                save(epoch, first + done)  # the slice's last step is saved after it, below
-            fault(step)
-            if step % args.log_every == 0 or step == total_steps:
-                final_train = totals.reduce()
+    with Observer(args, env, model, out_dir) as observer:
+        for epoch in range(start_epoch, args.epochs):
+            if step >= total_steps:
+                break
+            sampler.set_epoch(epoch)  # forget this and every epoch repeats the same order
+            first = skip_steps if epoch == start_epoch else 0
+            sampler.start_at(first * args.grad_accum * args.batch_size)
+            n_steps = min(steps_per_epoch - first, total_steps - step)
+            batches = itertools.islice(loader, n_steps * args.grad_accum)
+            model.train()
+            bar = run.progress(n_steps, f"epoch {epoch}")
+            tic = time.perf_counter()
+            for micro, (images, labels) in enumerate(batches):
+                images = images.to(env.device, dtype, non_blocking=True)
+                labels = labels.to(env.device, non_blocking=True)
+                last_micro = (micro + 1) % args.grad_accum == 0
+                # Nothing to skip on accumulation micro-steps: there is no all-reduce, each
+                # replica's gradients land in the one set of parameters during backward.
+                with torch.autocast(
+                    env.device.type,
+                    dtype=amp_dtype or torch.bfloat16,
+                    enabled=amp_dtype is not None,
+                ):
+                    logits = model(images)  # scatter, replicate, parallel forward, gather
+                loss = F.cross_entropy(logits.to(dtype), labels)  # float32 also under autocast
+                scaler.scale(loss / args.grad_accum).backward()
+                totals.add(
+                    loss.detach() * labels.numel(),
+                    (logits.argmax(1) == labels).sum(),
+                    labels.numel(),
+                )
+                if not last_micro:
+                    continue
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)  # after the step: the next one starts at 0
+                scheduler.step()
+                step += 1
+                bar.update()
+                done = (micro + 1) // args.grad_accum  # steps of this epoch's slice so far
+                if args.save_every and step % args.save_every == 0 and done < n_steps:
+                    save(epoch, first + done)  # the slice's last step is saved after it, below
+                fault(step)
+                if step % args.log_every == 0 or step == total_steps:
+                    final_train = totals.reduce()
+                    run.info(
+                        "step %d  epoch %d  loss %.4f  acc %.3f  lr %.4g",
+                        step,
+                        epoch,
+                        final_train["loss"],
+                        final_train["accuracy"],
+                        scheduler.get_last_lr()[0],
+                    )
+                    run.scalars(
+                        step,
+                        **{
+                            "train/loss": final_train["loss"],
+                            "train/accuracy": final_train["accuracy"],
+                            "lr": scheduler.get_last_lr()[0],
+                        },
+                    )
+                run.scalars(step, **observer.step())  # the step's collectives, the log's too
+            train_time += time.perf_counter() - tic
+            bar.close()
+            samples += n_steps * global_batch
+            run.scalars(step, samples_per_s=samples / max(train_time, 1e-9))
+
+            if not args.no_eval:
+                # No collective inside, so the wrapper may stay: eval batches are split too.
+                metrics = evaluate(model, evaluation, env.device, dtype, amp_dtype)
                 run.info(
-                    "step %d  epoch %d  loss %.4f  acc %.3f  lr %.4g",
-                    step,
+                    "epoch %d  eval loss %.4f  eval acc %.4f  (%d samples)",
                     epoch,
-                    final_train["loss"],
-                    final_train["accuracy"],
-                    scheduler.get_last_lr()[0],
+                    metrics["loss"],
+                    metrics["accuracy"],
+                    metrics["count"],
                 )
                 run.scalars(
-                    step,
-                    **{
-                        "train/loss": final_train["loss"],
-                        "train/accuracy": final_train["accuracy"],
-                        "lr": scheduler.get_last_lr()[0],
-                    },
+                    step, **{"eval/loss": metrics["loss"], "eval/accuracy": metrics["accuracy"]}
                 )
-        train_time += time.perf_counter() - tic
-        bar.close()
-        samples += n_steps * global_batch
-
-        if not args.no_eval:
-            # No collective inside, so the wrapper may stay: eval batches are split too.
-            metrics = evaluate(model, evaluation, env.device, dtype, amp_dtype)
-            run.info(
-                "epoch %d  eval loss %.4f  eval acc %.4f  (%d samples)",
-                epoch,
-                metrics["loss"],
-                metrics["accuracy"],
-                metrics["count"],
+            history.append(
+                {"epoch": epoch, "step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
             )
-            run.scalars(
-                step,
-                **{
-                    "eval/loss": metrics["loss"],
-                    "eval/accuracy": metrics["accuracy"],
-                    "samples_per_s": samples / max(train_time, 1e-9),
-                },
-            )
-        history.append(
-            {"epoch": epoch, "step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
-        )
-        done_epoch = n_steps == steps_per_epoch - first
-        save(epoch + 1 if done_epoch else epoch, 0 if done_epoch else first + n_steps)
+            done_epoch = n_steps == steps_per_epoch - first
+            save(epoch + 1 if done_epoch else epoch, 0 if done_epoch else first + n_steps)
 
+    checksum = param_checksum(model)
     summary = {
         "script": "train_dp.py",
         "world_size": env.world_size,
@@ -297,8 +276,9 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         "eval_loss": metrics.get("loss"),
         "eval_accuracy": metrics.get("accuracy"),
         "eval_samples": metrics.get("count"),
-        "param_checksum": param_checksum(model),
+        "param_checksum": checksum,  # of the model the checkpoint holds
         "history": history,
+        **observer.summary(),
     }
     run.write_summary(summary)
     run.info(

@@ -4,7 +4,9 @@ torchrun starts one process per rank and tells each one who it is through the en
 RANK (global), LOCAL_RANK (index on this node, used to pick the GPU), WORLD_SIZE,
 LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT (the rendezvous store). `distributed()` reads
 that, picks the backend and the device, creates the process group with an explicit timeout
-and destroys it when the block ends cleanly (not after an error: see `distributed`).
+and destroys it when the block ends cleanly (not after an error: see `exit_on_error`).
+train_ddp.py spells the same steps out in its main(), with `resolve`, `rendezvous` and
+`exit_on_error` from here.
 
 Run without torchrun (plain `python train_ddp.py`), the same code becomes a world of one with
 an in-memory store, so every script works on a laptop without a launcher.
@@ -65,11 +67,18 @@ def default_backend() -> str:
 
 
 def resolve(backend: str | None = None) -> DistEnv:
-    """Read torchrun's environment (a world of one without it) and pick backend and device."""
+    """Read torchrun's environment (a world of one without it) and pick backend and device.
+
+    If a process group already exists (a test harness, launch/spawn.py or a notebook made
+    one), rank, world size and, unless `backend` says otherwise, the backend are the group's.
+    """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", rank)
     local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        backend = backend or dist.get_backend()
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -89,52 +98,56 @@ def resolve(backend: str | None = None) -> DistEnv:
     return DistEnv(rank, local_rank, world_size, local_world_size, backend, device)
 
 
+def rendezvous(env: DistEnv) -> dict:
+    """How `init_process_group` finds its peers: under torchrun nothing to add (env://,
+    MASTER_ADDR and MASTER_PORT); with no launcher, a world of one needs no network at all
+    and gets an in-memory store."""
+    if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        return {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+    return {}
+
+
+@contextmanager
+def exit_on_error(env: DistEnv) -> Iterator[None]:
+    """Around the work of a process group this process created: an error leaves the group
+    alone. Peers may still sit inside a collective with this rank, and on NCCL destroying the
+    group can then block until the timeout and hide the real error; the process exits and
+    torchrun's report names the rank that failed. A world of one has no peers, and must not
+    leave a group behind for the next caller in the same process (a notebook, a test)."""
+    try:
+        yield
+    except BaseException:
+        if env.world_size == 1:
+            dist.destroy_process_group()
+        raise
+
+
 @contextmanager
 def distributed(
     backend: str | None = None, timeout: timedelta = DEFAULT_TIMEOUT
 ) -> Iterator[DistEnv]:
-    """Join the process group for the duration of the block and leave it on a clean exit.
+    """Join the process group for the duration of the block and leave it on a clean exit:
+    the steps that train_ddp.py's main() spells out, for the pitfalls, benchmarks and tools.
 
     If a process group already exists (a test harness or a notebook made one), it is used
     as it is and left to its owner.
     """
-    if dist.is_initialized():
-        env = resolve(backend or dist.get_backend())
-        env = DistEnv(
-            dist.get_rank(),
-            env.local_rank,
-            dist.get_world_size(),
-            env.local_world_size,
-            env.backend,
-            env.device,
-        )
-        if env.device.type == "cuda":
-            torch.cuda.set_device(env.device)
-        yield env
-        return
-
     env = resolve(backend)
-    kwargs: dict = {"backend": env.backend, "timeout": timeout}
     if env.device.type == "cuda":
         # Bind this process to its GPU *before* the group exists: otherwise every rank's
         # NCCL communicator (and stray allocations) land on cuda:0.
         torch.cuda.set_device(env.device)
-        kwargs["device_id"] = env.device
-    if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
-        # No launcher: a world of one needs no network rendezvous at all.
-        kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
-    dist.init_process_group(**kwargs)  # env:// under torchrun
-    try:
+    if dist.is_initialized():
         yield env
-    except BaseException:
-        # After an error the group is left alone: peers may still sit inside a collective
-        # with this rank, and on NCCL destroying the group can then block until the timeout
-        # and hide the real error. The process exits and torchrun's report names the rank
-        # that failed. A world of one has no peers, and must not leave a group behind for
-        # the next caller in the same process (a notebook, a test).
-        if env.world_size == 1:
-            dist.destroy_process_group()
-        raise
+        return
+    dist.init_process_group(
+        backend=env.backend,
+        timeout=timeout,
+        device_id=env.device if env.device.type == "cuda" else None,
+        **rendezvous(env),  # env:// under torchrun
+    )
+    with exit_on_error(env):
+        yield env
     dist.destroy_process_group()  # a clean exit: every rank gets here
 
 

@@ -38,6 +38,7 @@ and checkpoints without changing what training does next.
 
 from __future__ import annotations
 
+import argparse
 import functools
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -49,6 +50,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from comm.communicate import PendingCommunication, communicate, communicate_async, plan_buckets
 from comm.dist import DistEnv, UsageError
+from training.cli import positive
 
 SYNC_MODES = ("ddp", "allreduce", "overlap", "local-sgd")
 
@@ -115,12 +117,20 @@ def broadcast_buffers(model: nn.Module) -> None:
 class DDPSync(Sync):
     """DistributedDataParallel: broadcasts rank 0's parameters and buffers when it wraps the
     model, then all-reduces gradient buckets from autograd hooks while backward is still
-    running, so communication overlaps computation."""
+    running, so communication overlaps computation.
+
+    `model` is a DDP model (train_ddp.py wraps it in plain sight) or a plain module, which
+    is wrapped here (benchmarks, tests; `bucket_bytes` sets DDP's bucket cap then)."""
 
     def __init__(self, model: nn.Module, env: DistEnv, bucket_bytes: int | None = None) -> None:
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
-        kwargs = {} if bucket_bytes is None else {"bucket_cap_mb": bucket_bytes / 2**20}
-        super().__init__(DDP(model, device_ids=device_ids, **kwargs))
+        if isinstance(model, DDP):
+            if bucket_bytes is not None:
+                raise ValueError("bucket_bytes: the model is already wrapped, with its own cap")
+        else:
+            device_ids = [env.device.index] if env.device.type == "cuda" else None
+            kwargs = {} if bucket_bytes is None else {"bucket_cap_mb": bucket_bytes / 2**20}
+            model = DDP(model, device_ids=device_ids, **kwargs)
+        super().__init__(model)
 
     def no_sync(self) -> AbstractContextManager:
         # Forward *and* backward must run inside no_sync(): DDP decides during forward
@@ -323,6 +333,24 @@ class LocalSGDSync(Sync):
                 t.copy_(saved)
 
 
+def add_sync_flags(group: argparse._ArgumentGroup) -> None:
+    """train_ddp.py's --sync and --sync-every: which strategy of this module is used."""
+    group.add_argument(
+        "--sync",
+        default="ddp",
+        choices=SYNC_MODES,
+        help="who synchronises gradients: DDP's reducer or one of comm/sync.py",
+    )
+    group.add_argument(
+        "--sync-every",
+        type=positive,
+        default=None,
+        metavar="K",
+        help=f"--sync local-sgd only: average the replicas every K optimizer steps "
+        f"(unset: {LOCAL_SGD_EVERY})",
+    )
+
+
 def make_sync(
     mode: str,
     model: nn.Module,
@@ -331,8 +359,9 @@ def make_sync(
     sync_every: int | None = None,
     bucket_bytes: int | None = None,
 ) -> Sync:
-    """The strategy for `--sync mode`. `sync_every` is local-sgd's K; `bucket_bytes` caps the
-    gradient buckets of ddp, allreduce and overlap (None: each mode's default)."""
+    """The strategy for `--sync mode`, around `model` (for ddp, a DDP model or a plain one to
+    wrap). `sync_every` is local-sgd's K; `bucket_bytes` caps the gradient buckets of ddp,
+    allreduce and overlap (None: each mode's default)."""
     if mode not in SYNC_MODES:
         raise UsageError(f"unknown --sync {mode!r}; choose one of {', '.join(SYNC_MODES)}")
     if sync_every is not None and mode != "local-sgd":

@@ -1,7 +1,8 @@
 """Sharding a dataset across ranks.
 
-Training uses torch's `DistributedSampler`: every rank draws the same permutation (from
-`seed` + epoch, hence `set_epoch` every epoch) and takes every W-th index of it, so the W
+Training uses torch's `DistributedSampler` (the scripts make it, and hand it to
+`train_loader`): every rank draws the same permutation (from `seed` + epoch, hence
+`sampler.set_epoch` every epoch) and takes every W-th index of it, so the W
 per-rank batches of one step together are one contiguous slice of that permutation, exactly
 the batch a single process would draw with a W times larger batch size. That is what makes
 DDP on W ranks equal to one process, step for step.
@@ -24,19 +25,27 @@ from comm.dist import UsageError
 class ResumableDistributedSampler(DistributedSampler):
     """`DistributedSampler` that can start part-way into an epoch, so that a job resumed from
     a mid-epoch checkpoint sees exactly the samples it had not seen yet, in the same order.
-    `start_at(k)` skips this rank's first k samples of the next epoch only."""
+    `start_at(k)` skips this rank's first k samples of the next epoch only.
+
+    It also owns its DataLoader's `generator` (worker seeds, so random augmentation in the
+    workers) and reseeds it from (seed, rank, epoch) in `set_epoch`, so an epoch's randomness
+    does not depend on how many epochs this process ran before it: a resumed job gets the
+    same numbers as an uninterrupted one."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._skip = 0
+        self.generator = torch.Generator()  # for the DataLoader: see train_loader
 
     def start_at(self, samples: int) -> None:
         self._skip = samples
 
     def set_epoch(self, epoch: int) -> None:
+        """Call at the start of every epoch: without it every epoch replays the same order."""
         if epoch != self.epoch:
             self._skip = 0
         super().set_epoch(epoch)
+        self.generator.manual_seed(self.seed + self.rank + 1_000_003 * epoch)
 
     def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())[self._skip :]
@@ -73,32 +82,28 @@ def _loader_kwargs(workers: int, pin_memory: bool) -> dict:
 def train_loader(
     dataset: Dataset,
     batch_size: int,
+    sampler: ResumableDistributedSampler,
     *,
-    rank: int,
-    world_size: int,
-    seed: int,
     workers: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """Shuffled per-rank batches of `batch_size`; every optimizer step sees exactly
-    `world_size * batch_size` samples (the last, incomplete global batch is dropped)."""
-    global_batch = batch_size * world_size
+    """Batches of `batch_size` from this rank's shard; every optimizer step sees exactly
+    `num_replicas * batch_size` samples (the last, incomplete global batch is dropped)."""
+    global_batch = batch_size * sampler.num_replicas
     if len(dataset) < global_batch:
         raise UsageError(
-            f"batch size {batch_size} per rank x {world_size} rank(s) = {global_batch} "
-            f"samples per step, but the training set has only {len(dataset)}"
+            f"batch size {batch_size} per rank x {sampler.num_replicas} rank(s) = "
+            f"{global_batch} samples per step, but the training set has only {len(dataset)}"
         )
-    # drop_last=True on both: the sampler trims the epoch to a multiple of the world size,
-    # the loader drops the incomplete batch, so all ranks run the same number of steps.
-    sampler = ResumableDistributedSampler(
-        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
-    )
+    # drop_last=True here and in the sampler (the scripts make it with drop_last=True): the
+    # sampler trims the epoch to a multiple of the world size, the loader drops the
+    # incomplete batch, so all ranks run the same number of steps.
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         drop_last=True,
-        generator=torch.Generator(),  # seeded per epoch by set_epoch()
+        generator=sampler.generator,  # seeded per epoch by sampler.set_epoch()
         **_loader_kwargs(workers, pin_memory),
     )
 
@@ -118,12 +123,3 @@ def eval_loader(
         sampler=ShardSampler(dataset, rank, world_size),
         **_loader_kwargs(workers, pin_memory),
     )
-
-
-def set_epoch(loader: DataLoader, epoch: int, seed: int, rank: int) -> None:
-    """Call at the start of every epoch. Without `sampler.set_epoch`, every epoch replays the
-    same order. The loader's generator (worker seeds, random augmentation) is reseeded from
-    (seed, rank, epoch) too, so an epoch's randomness does not depend on how many epochs this
-    process ran before it: a resumed job gets the same numbers as an uninterrupted one."""
-    loader.sampler.set_epoch(epoch)
-    loader.generator.manual_seed(seed + rank + 1_000_003 * epoch)

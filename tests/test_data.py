@@ -6,7 +6,7 @@ import torch
 
 from comm.dist import UsageError
 from data.datasets import build_datasets, synthetic
-from data.sampling import ShardSampler, eval_loader, set_epoch, train_loader
+from data.sampling import ResumableDistributedSampler, ShardSampler, eval_loader, train_loader
 from tests.fake_datasets import write_cifar10, write_mnist
 
 
@@ -18,13 +18,22 @@ def test_synthetic_is_a_function_of_the_seed():
     assert a.tensors[0].shape == (64, 3, 32, 32) and set(a.tensors[1].tolist()) <= set(range(10))
 
 
+def _loader(data, batch: int, rank: int, world: int, seed: int, epoch: int | None = None):
+    """The scripts' training loader: their DistributedSampler, set to `epoch` if given."""
+    sampler = ResumableDistributedSampler(
+        data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+    if epoch is not None:
+        sampler.set_epoch(epoch)
+    return train_loader(data, batch, sampler)
+
+
 def _steps(world: int, batch: int, n: int, epoch: int, seed: int = 7) -> list[list[int]]:
     """The samples each optimizer step sees, as one list per step, over all ranks."""
     data = torch.utils.data.TensorDataset(torch.arange(n))
     per_rank = []
     for rank in range(world):
-        loader = train_loader(data, batch, rank=rank, world_size=world, seed=seed)
-        set_epoch(loader, epoch, seed, rank)
+        loader = _loader(data, batch, rank, world, seed, epoch)
         per_rank.append([b[0].tolist() for b in loader])
     assert len({len(p) for p in per_rank}) == 1, "ranks must run the same number of steps"
     return [sorted(sum((p[i] for p in per_rank), [])) for i in range(len(per_rank[0]))]
@@ -41,11 +50,9 @@ def test_ddp_global_batches_equal_single_process_batches(world):
 
 def test_resumed_sampler_skips_exactly_the_seen_samples():
     data = torch.utils.data.TensorDataset(torch.arange(50))
-    full = train_loader(data, 4, rank=1, world_size=2, seed=0)
-    set_epoch(full, 2, 0, 1)
+    full = _loader(data, 4, rank=1, world=2, seed=0, epoch=2)
     seen = [b[0].tolist() for b in full]
-    resumed = train_loader(data, 4, rank=1, world_size=2, seed=0)
-    set_epoch(resumed, 2, 0, 1)
+    resumed = _loader(data, 4, rank=1, world=2, seed=0, epoch=2)
     resumed.sampler.start_at(2 * 4)
     assert [b[0].tolist() for b in resumed] == seen[2:]
     assert [b[0].tolist() for b in resumed] == seen, "the skip applies to one epoch only"
@@ -68,7 +75,7 @@ def test_eval_shards_cover_every_sample_once(n, world):
 def test_batch_that_does_not_fit_is_a_usage_error():
     data = torch.utils.data.TensorDataset(torch.arange(10))
     with pytest.raises(UsageError, match=r"4 rank\(s\) = 12 samples per step.*only 10"):
-        train_loader(data, 3, rank=0, world_size=4, seed=0)
+        _loader(data, 3, rank=0, world=4, seed=0)
 
 
 @pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])

@@ -310,6 +310,43 @@ def test_process_group_is_destroyed_on_a_clean_exit_only(monkeypatch):
     assert calls == ["init", "destroy"]
 
 
+def test_train_ddp_main_destroys_the_group_on_a_clean_exit_only(monkeypatch):
+    """train_ddp.py spells out what `distributed()` does: the same three cases, and a group
+    made by someone else (a test harness, a notebook) is used and left alone."""
+    calls, outcome = [], {}
+    env = DistEnv(0, 0, 2, 2, "gloo", torch.device("cpu"))
+    initialized = [False]
+
+    def train(args, env, devices):
+        calls.append("train")
+        if "error" in outcome:
+            raise outcome["error"]
+        return {"devices": devices}
+
+    monkeypatch.setattr(train_ddp, "resolve", lambda backend=None: env)
+    monkeypatch.setattr(train_ddp, "train", train)
+    monkeypatch.setattr(train_ddp.dist, "is_initialized", lambda: initialized[0])
+    monkeypatch.setattr(train_ddp.dist, "init_process_group", lambda **kw: calls.append("init"))
+    monkeypatch.setattr(train_ddp.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    assert train_ddp.main([]) == {"devices": [env.device]}
+    assert calls == ["init", "train", "destroy"]
+    calls.clear()
+    outcome["error"] = RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        train_ddp.main([])  # peers may be inside a collective: leave the group be
+    assert calls == ["init", "train"]
+    calls.clear()
+    env = DistEnv(0, 0, 1, 1, "gloo", env.device)
+    with pytest.raises(RuntimeError, match="boom"):
+        train_ddp.main([])  # a world of one has no peers: nothing left behind
+    assert calls == ["init", "train", "destroy"]
+    calls.clear()
+    initialized[0] = True
+    with pytest.raises(RuntimeError, match="boom"):
+        train_ddp.main([])  # someone else's group: neither made nor destroyed here
+    assert calls == ["train"]
+
+
 @pytest.mark.parametrize(
     "first,second,message",
     [

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from comm.dist import UsageError
+from comm.dist import DistEnv, UsageError
 from data.datasets import DATASETS
 from training.models import MODELS
 
@@ -168,11 +168,31 @@ def make_parser(
         help="log the running training loss every N optimizer steps",
     )
     r.add_argument("--no-eval", action="store_true", help="skip evaluation after each epoch")
+
+    o = p.add_argument_group("observability")
+    o.add_argument(
+        "--trace-comm",
+        action="store_true",
+        help="record every collective's bytes and time (comm/tracer.py): TensorBoard comm/* "
+        "and the 'comm' key of summary.json (train_ddp.py: train_dp.py runs no collective)",
+    )
+    o.add_argument(
+        "--profile",
+        action="store_true",
+        help="torch.profiler trace of steps 3-5 in <out-dir>/profile/ (chrome://tracing)",
+    )
     return p
 
 
-def validate(args: argparse.Namespace, cuda: bool) -> None:
-    """Checks that involve more than one flag (single flags are checked by their type)."""
+def validate(args: argparse.Namespace, env: DistEnv) -> None:
+    """Checks that involve more than one flag, or a flag and the job (single flags are
+    checked by their type)."""
+    cuda = env.device.type == "cuda"
+    if args.trace_comm and env.backend == "none":
+        raise UsageError(
+            "--trace-comm records torch.distributed collectives and train_dp.py runs none "
+            "(DataParallel copies between GPUs inside one process); --profile shows its copies"
+        )
     if args.amp == "fp16" and not cuda:
         raise UsageError("--amp fp16 needs CUDA (use --amp bf16 on CPU)")
     if args.amp != "none" and args.dtype != "float32":

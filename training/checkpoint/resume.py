@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from comm.dist import DistEnv
-from comm.sync import LOCAL_SGD_EVERY
-from training.checkpoint.contents import CheckpointError, restore_training_state
+from comm.sync import LOCAL_SGD_EVERY, Sync
+from training.checkpoint.contents import CheckpointError, restore_training_state, training_state
 from training.checkpoint.files import load_checkpoint, point, write_checkpoint
 
 # Flags that decide what every step computes. A checkpoint written with other values belongs
@@ -134,6 +135,7 @@ class CheckpointManager:
         env: DistEnv,
         log: Callable[..., None] | None = None,
         devices: Sequence[torch.device] | None = None,
+        sync: Sync | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.folder = self.out_dir / FOLDER
@@ -142,9 +144,35 @@ class CheckpointManager:
         self.env = env
         self.devices = list(devices) if devices is not None else [env.device]
         self.log = log or (lambda *_: None)
+        # train_ddp.py's --sync strategy: with local-sgd the ranks' replicas differ between
+        # two averages, so a checkpoint holds their average and each rank's own replica.
+        self.sync = sync
 
     def path_for(self, step: int) -> Path:
         return self.folder / f"step-{step:08d}.pt"  # zero-padded: name order is step order
+
+    def save_training(
+        self, args, model: nn.Module, optimizer, scheduler, scaler, *, epoch: int, step: int,
+        step_in_epoch: int,
+    ) -> Path:  # fmt: skip
+        """Checkpoint the run as it is now, on every rank: the one model that every rank
+        holds (the sync strategy's `consolidated()` view: training goes on unchanged) and
+        this rank's own part (its `rank_state()`, taken before the views are merged)."""
+        mine = self.sync.rank_state(optimizer) if self.sync else None
+        with self.sync.consolidated(optimizer) if self.sync else nullcontext():
+            state = training_state(
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                epoch=epoch,
+                step=step,
+                step_in_epoch=step_in_epoch,
+                world_size=self.env.world_size,
+                args=args,
+                devices=self.devices,
+            )
+            return self.save(state, mine)
 
     def save(self, state: dict, rank_state: dict | None = None) -> Path:
         """Called on every rank with its own `state` (`training_state`) and `rank_state`
@@ -195,7 +223,8 @@ class CheckpointManager:
     def resume(
         self, resume: str | None, args, model: nn.Module, optimizer, scheduler, scaler
     ) -> Position:
-        """Load, check and restore the checkpoint `--resume` names, on every rank.
+        """Load, check and restore the checkpoint `--resume` names, on every rank, and hand
+        the sync strategy this rank's own part (a fresh start: none, at step 0).
 
         The ranks agree before anything changes: if any of them cannot use the file, or they
         see different files (an --out-dir that is not shared between nodes), all of them
@@ -219,8 +248,16 @@ class CheckpointManager:
                 error = f"the ranks see different checkpoints ({seen}); is --out-dir shared?"
         if error is not None:
             raise CheckpointError(error)
-        if path is None:
-            return Position()
+        position = Position()
+        if path is not None:
+            position = self._restore(path, state, notes, model, optimizer, scheduler, scaler)
+        if self.sync:
+            self.sync.load_rank_state(optimizer, position.rank_state, position.step)
+        return position
+
+    def _restore(
+        self, path: Path, state: dict, notes: list[str], model, optimizer, scheduler, scaler
+    ) -> Position:
         mine = restore_training_state(
             state,
             model,
