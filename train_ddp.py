@@ -176,7 +176,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         # Broadcasts rank 0's parameters and buffers now; from here on every backward
         # all-reduces the gradients, bucket by bucket, while it is still computing.
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    sync = make_sync(args.sync, model, env, sync_every=args.sync_every)  # comm/sync.py
+    sync = make_sync(args.sync, model, env, sync_every=args.sync_every)  # --sync: comm/sync.py
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args, total_steps)
     amp_dtype = autocast_dtype(args.amp)
@@ -241,7 +241,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                 sync.finish_backward()  # the gradients are the average over all ranks from here
                 scaler.step(optimizer)
                 scaler.update()
-                sync.after_step(optimizer)
+                sync.after_step(optimizer)  # local-sgd: every K steps, average the replicas
                 optimizer.zero_grad(set_to_none=True)  # after the step: the next one starts at 0
                 scheduler.step()
                 step += 1
@@ -275,7 +275,9 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
             run.scalars(step, samples_per_s=samples / max(train_time, 1e-9))
 
             if not args.no_eval:
-                with sync.consolidated(optimizer):  # every rank evaluates the model it saves
+                # Not through DDP: its forward may broadcast buffers, a collective, and the
+                # ranks' eval shards differ in length. Every rank evaluates the model it saves.
+                with sync.consolidated(optimizer):
                     metrics = evaluate(unwrap(model), evaluation, env.device, dtype, amp_dtype)
                 run.info(
                     "epoch %d  eval loss %.4f  eval acc %.4f  (%d samples)",

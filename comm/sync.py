@@ -1,7 +1,8 @@
 """Gradient synchronisation strategies behind `train_ddp.py --sync`.
 
-A strategy owns the model that the training loop calls and decides when gradients (or
-parameters) cross the network. The loop only ever does:
+A strategy holds the model that the training loop calls (for ddp, the DDP model that
+train_ddp.py built in plain sight) and decides when gradients (or parameters) cross the
+network. The loop only ever does:
 
     with sync.no_sync():            # micro-steps of gradient accumulation, except the last
         loss(sync.model(x)).backward()
