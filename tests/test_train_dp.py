@@ -111,13 +111,18 @@ def test_dp_and_ddp_are_the_same_run_and_resume_each_other(tmp_path, capsys):
         )
 
 
-def test_usage_errors_are_one_line(capsys, monkeypatch):
+def test_usage_errors_are_one_line(capsys, monkeypatch, tmp_path):
     assert run_cli(train_dp.main, ["--gpus", "99"]) == 2
     assert capsys.readouterr().err == (
         "error: --gpus asks for cuda:99 but 0 CUDA device(s) are visible\n"  # conftest.py
     )
     assert run_cli(train_dp.main, ["--gpus", "0,0"]) == 2
     assert "indices must be distinct" in capsys.readouterr().err
+    out = tmp_path / "traced"  # DataParallel runs no torch.distributed collective to trace
+    assert run_cli(train_dp.main, ["--trace-comm", "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --trace-comm records torch.distributed collectives")
+    assert err.count("\n") == 1 and not out.exists()  # one line, nothing written
     monkeypatch.setenv("WORLD_SIZE", "2")  # started by torchrun: the wrong script
     assert run_cli(train_dp.main, []) == 2
     assert "under torchrun use train_ddp.py" in capsys.readouterr().err
