@@ -75,6 +75,15 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {plain_key(k, wrappers): v for k, v in model.state_dict().items()}
 
 
+def param_checksum(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer, in key order: equal iff bit-identical."""
+    h = hashlib.sha256()
+    for key, value in sorted(model_state(model).items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _summarise(keys: list[str], limit: int = 6) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
@@ -175,15 +184,6 @@ def set_rng_state(state: dict, devices: Sequence[torch.device] = ()) -> None:
     if cuda and isinstance(saved, list) and len(saved) == len(cuda):
         for device, generator in zip(cuda, saved, strict=True):
             torch.cuda.set_rng_state(generator, device)
-
-
-def param_checksum(model: nn.Module) -> str:
-    """sha256 of every parameter and buffer, in key order: equal iff bit-identical."""
-    h = hashlib.sha256()
-    for key, value in sorted(model_state(model).items()):
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 # ------------------------------------------------------ the whole training state

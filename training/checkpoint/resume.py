@@ -24,6 +24,8 @@ from comm.sync import LOCAL_SGD_EVERY, Sync
 from training.checkpoint.contents import CheckpointError, restore_training_state, training_state
 from training.checkpoint.files import load_checkpoint, point, write_checkpoint
 
+# -------------------------------------------- which checkpoint a run may continue
+
 # Flags that decide what every step computes. A checkpoint written with other values belongs
 # to another run: continuing it would silently mix two trajectories. The batch is checked as
 # samples per optimizer step (check_same_batches), the gradient sync by `_sync_mode`;
