@@ -17,16 +17,32 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+# Imported here, before any process group exists, on purpose. torch.distributed.nn.functional
+# evaluates `group.WORLD` in the default arguments of its ten collectives when it is first
+# imported. DDP's constructor imports torch._dynamo, which imports that module; if that first
+# import happens *after* init_process_group, the ten defaults keep a reference to the default
+# group for the life of the process. destroy_process_group() then cannot free the group, its
+# gloo threads (pt_gloo_runloop, gloo_tcp_loop) are still running while the interpreter
+# shuts down, and the process can die at exit with "terminate called without an active
+# exception" (SIGABRT) after it has done all its work. Imported first, the defaults are None.
+# tests/test_exit.py checks that no backend thread outlives a clean exit.
+import torch.distributed.nn.functional  # noqa: F401
+
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 BACKENDS = ("nccl", "gloo")
+
+# True once `exit_on_error` has left a group alive after an error (see there): from then on
+# the process must end without the interpreter's teardown (see `run_cli`).
+_group_left_alive = False
 
 
 class UsageError(Exception):
@@ -114,11 +130,14 @@ def exit_on_error(env: DistEnv) -> Iterator[None]:
     group can then block until the timeout and hide the real error; the process exits and
     torchrun's report names the rank that failed. A world of one has no peers, and must not
     leave a group behind for the next caller in the same process (a notebook, a test)."""
+    global _group_left_alive
     try:
         yield
     except BaseException:
         if env.world_size == 1:
             dist.destroy_process_group()
+        else:
+            _group_left_alive = True  # run_cli ends the process without the teardown
         raise
 
 
@@ -173,11 +192,46 @@ def run_cli(main, argv: list[str] | None = None) -> int:
 
     Usage errors are the same on every rank (same flags, same files), so only global rank 0
     prints the line; the others exit with the same status silently.
+
+    After an error that left a process group alive (`exit_on_error` does not destroy it),
+    the process ends here, through `os._exit`, once the error is reported and the output
+    flushed. The group's native threads (gloo's pt_gloo_runloop and gloo_tcp_loop, NCCL's
+    watchdog) are still running, and the interpreter's teardown is not safe beside them: a
+    C++ thread that needs the GIL while Python finalizes (to free a tensor or run a future's
+    callback) is ended with pthread_exit in the middle of C++ code, which aborts the process
+    ("terminate called without an active exception", SIGABRT) and replaces the exit status
+    the error deserved. Ending without the teardown keeps the status and the one-line error.
     """
     try:
         main(argv)
+        return 0
     except UsageError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        status = 2
+    except BaseException as e:
+        if not _group_left_alive:
+            raise
+        status = _report(e)
+    if _group_left_alive:
+        _exit_without_teardown(status)
+    return status
+
+
+def _report(e: BaseException) -> int:
+    """What the interpreter would print for `e`, uncaught; the exit status it would give."""
+    if isinstance(e, SystemExit):
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    traceback.print_exception(e)
+    return 130 if isinstance(e, KeyboardInterrupt) else 1
+
+
+def _exit_without_teardown(status: int) -> None:
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):  # a closed or broken pipe: nothing more to say
+            stream.flush()
+    os._exit(status)
