@@ -8,13 +8,25 @@ import math
 import torch
 import torch.nn as nn
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def optimizer_spec(args: argparse.Namespace) -> tuple[type[torch.optim.Optimizer], dict]:
+    """The optimizer class --optimizer names and its keyword arguments from the flags.
+    --lr is used as given: not rescaled with the world size or the global batch, so
+    train_dp.py with batch 2B and train_ddp.py on 2 ranks x B take the same steps."""
+    if args.optimizer == "adamw":
+        # Two state tensors per parameter (first and second moments): the memory that the
+        # sharded modes of comm/ divide by the world size.
+        kwargs = dict(lr=args.lr, betas=tuple(args.betas), eps=args.eps)
+        return torch.optim.AdamW, {**kwargs, "weight_decay": args.weight_decay}
+    return torch.optim.SGD, dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """SGD at --lr as given: not rescaled with the world size or the global batch, so
-    train_dp.py with batch 2B and train_ddp.py on 2 ranks x B take the same steps."""
-    return torch.optim.SGD(
-        model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
-    )
+    """--optimizer over the model's parameters (see optimizer_spec)."""
+    cls, kwargs = optimizer_spec(args)
+    return cls(model.parameters(), **kwargs)
 
 
 def make_scheduler(
