@@ -40,8 +40,9 @@ from training.cli import make_parser, positive, validate
 from training.faults import fault_hook
 from training.metrics import Totals, evaluate
 from training.models import build_model, has_batchnorm
-from training.optim import autocast_dtype, make_optimizer, make_scheduler
+from training.optim import autocast_dtype, make_scheduler, optimizer_spec
 from training.runlog import RunLog
+from training.sharded import ShardedCheckpoints, check_supported
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -175,19 +176,26 @@ def train(args: argparse.Namespace, env: DistEnv, cleanup: ExitStack) -> dict:
     model = model.to(env.device, dtype)
     # wraps the model in DDP for --sync ddp
     sync = make_sync(args.sync, model, env, sync_every=args.sync_every)
-    optimizer = make_optimizer(model, args)
+    optimizer = sync.make_optimizer(*optimizer_spec(args))  # sharded modes: this rank's shard
     scheduler = make_scheduler(optimizer, args, total_steps)
     amp_dtype = autocast_dtype(args.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     # ---- resume: the checkpoint names the epoch, and the step inside it, to go on from
     checkpoints = CheckpointManager(out_dir, args.keep, env, log=run.info)
+    if sync.sharded:  # each rank writes its own shard, in one folder per checkpoint
+        check_supported(args)
+        checkpoints = ShardedCheckpoints(out_dir, args.keep, env, sync, log=run.info)
     at = checkpoints.resume(args.resume, args, model, optimizer, scheduler, scaler)
     sync.load_rank_state(optimizer, at.rank_state, at.step)  # local-sgd: this rank's replica
     step, start_epoch, skip_steps = at.step, at.epoch, at.step_in_epoch
     fault = fault_hook(env.rank)  # test-only crash/hang injection, off unless TRAIN_FAULT is set
 
     def save(epoch: int, step_in_epoch: int) -> None:
+        if sync.sharded:
+            kw = dict(epoch=epoch, step=step, step_in_epoch=step_in_epoch, args=args)
+            checkpoints.save(optimizer, scheduler, **kw)
+            return
         mine = sync.rank_state(optimizer)  # local-sgd: this rank's own replica
         with sync.consolidated(optimizer):  # every rank holds the one model to save
             state = training_state(

@@ -107,6 +107,11 @@ class Zero1Sync(GradientSync):
         self.gather_params()
         self.flat_grad.zero_()  # the loop's zero_grad() only reaches the shard's gradient
 
-    def shard_tensors(self) -> dict[str, torch.Tensor]:
-        """The flat vectors this rank owns a slice of (for training/sharded.py)."""
-        return {"params": self.shard}
+    def flat_shards(self) -> dict[str, tuple[nn.Parameter, int]]:
+        """Each flat vector this rank steps a slice of, with the vector's length: what a
+        sharded checkpoint (training/sharded.py) saves and loads."""
+        return {"all": (self.shard, self.numel)}
+
+    def after_load(self) -> None:
+        """The shards were just overwritten (a resume): rebuild every rank's parameters."""
+        self.gather_params()

@@ -166,5 +166,9 @@ class Zero3Sync(GradientSync):
             for unit in self.units:
                 unit.free()
 
-    def shard_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"unit{i}": unit.shard for i, unit in enumerate(self.units)}
+    def flat_shards(self) -> dict[str, tuple[nn.Parameter, int]]:
+        """As Zero1Sync.flat_shards: one flat vector per unit."""
+        return {f"unit{i}": (unit.shard, unit.numel) for i, unit in enumerate(self.units)}
+
+    def after_load(self) -> None:
+        pass  # each unit is gathered from its (just loaded) slices when next used
