@@ -17,6 +17,7 @@ from the tensors' storages) and the collectives of one step (comm/tracer.py). Th
 
 from __future__ import annotations
 
+import csv
 import math
 from contextlib import nullcontext
 
@@ -31,7 +32,7 @@ from comm.ring import bus_factor
 from comm.sync import make_sync
 from comm.tracer import CommTracer
 from comm.zero1 import shard_range
-from tests.multiproc import run_world
+from tests.multiproc import PYTHON, run_cmd, run_world
 from training.checkpoint import unwrap
 
 MODES = ("ddp", "zero1", "zero2", "zero3", "torch-zero1", "fsdp2")
@@ -235,3 +236,22 @@ def test_traffic_per_step_is_the_formula(ranks):
             [("all_gather", b) for b in units] + [("reduce_scatter", b) for b in units]
         )
         assert math.isclose(zero3["sent"], 3 * (w - 1) / w * sum(units), rel_tol=1e-12)
+
+
+@pytest.mark.slow
+def test_benchmark_writes_table_csv_and_plot(tmp_path):
+    result = run_cmd(
+        [PYTHON, "-m", "benchmarks.bench_zero", "--rounds", "1", "--steps", "1", "--warmup", "1"]
+        + ["--out-dir", str(tmp_path)],
+        timeout=300,
+        check=True,
+    )
+    with open(tmp_path / "bench_zero.csv", newline="") as f:
+        rows = {r["mode"]: r for r in csv.DictReader(f)}
+    assert list(rows) == list(MODES)
+    for mode in ("ddp", "zero1", "zero2", "zero3"):  # measured = predicted, byte for byte
+        for kind in ("params", "grads", "optimizer"):
+            assert rows[mode][kind] == rows[mode][f"predicted_{kind}"], (mode, kind)
+        assert math.isclose(float(rows[mode]["sent"]), float(rows[mode]["predicted_sent"]))
+    assert "zero3" in result.stdout and "vs ddp" in result.stdout
+    assert (tmp_path / "bench_zero.png").read_bytes()[:4] == b"\x89PNG"

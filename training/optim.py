@@ -15,7 +15,7 @@ def optimizer_spec(args: argparse.Namespace) -> tuple[type[torch.optim.Optimizer
     """The optimizer class --optimizer names and its keyword arguments from the flags.
     --lr is used as given: not rescaled with the world size or the global batch, so
     train_dp.py with batch 2B and train_ddp.py on 2 ranks x B take the same steps."""
-    if args.optimizer == "adamw":
+    if getattr(args, "optimizer", "sgd") == "adamw":  # namespaces built by hand: SGD
         # Two state tensors per parameter (first and second moments): the memory that the
         # sharded modes of comm/ divide by the world size.
         kwargs = dict(lr=args.lr, betas=tuple(args.betas), eps=args.eps)
