@@ -205,3 +205,9 @@ def test_a_bad_sharded_checkpoint_is_refused_in_one_line(one_rank_zero1, tmp_pat
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert BAD[kind] in err, err
     assert not (out / "checkpoints").exists()  # nothing written
+    if kind not in ("other mode", "single file"):  # the converter reads the same checks
+        target = tmp_path / "full.pt"
+        assert run_cli(convert.main, [str(bad), str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and BAD[kind] in err, err
+        assert not target.exists()

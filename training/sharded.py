@@ -316,7 +316,9 @@ def load_sharded_state(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a sharded checkpoint of this project")
     files = state["files"]
     for name, digest in files.items():
-        file = path / str(name)
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(f"{path}: {STATE} names a file outside its folder")
+        file = path / name
         if not file.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
         if _sha256(file) != digest:
