@@ -45,6 +45,7 @@ from training.models import build_model, has_batchnorm
 from training.observe import Observer
 from training.optim import autocast_dtype, make_optimizer, make_scheduler
 from training.runlog import RunLog
+from training.sharded import ShardedCheckpoints
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -172,18 +173,20 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     dtype = getattr(torch, args.dtype)  # float32; float64 for exact comparisons
     model = model.to(env.device, dtype)
-    if args.sync == "ddp":
+    if args.sync in ("ddp", "torch-zero1"):  # torch-zero1: DDP, ZeroRedundancyOptimizer's step
         # Broadcasts rank 0's parameters and buffers now; from here on every backward
         # all-reduces the gradients, bucket by bucket, while it is still computing.
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     sync = make_sync(args.sync, model, env, sync_every=args.sync_every)  # --sync: comm/sync.py
-    optimizer = make_optimizer(model, args)
+    optimizer = make_optimizer(model, args, sync)  # the sharded --sync modes: this rank's shard
     scheduler = make_scheduler(optimizer, args, total_steps)
     amp_dtype = autocast_dtype(args.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     # ---- resume: the checkpoint names the epoch, and the step inside it, to go on from
     checkpoints = CheckpointManager(out_dir, args.keep, env, run.info, devices, sync=sync)
+    if sync.sharded:  # each rank writes its own shard, one folder per checkpoint
+        checkpoints = ShardedCheckpoints(out_dir, args.keep, env, sync, log=run.info)
     at = checkpoints.resume(args.resume, args, model, optimizer, scheduler, scaler)
     step, start_epoch, skip_steps = at.step, at.epoch, at.step_in_epoch
     fault = fault_hook(env.rank)  # test-only crash/hang injection, off unless TRAIN_FAULT is set
@@ -278,7 +281,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                 # Not through DDP: its forward may broadcast buffers, a collective, and the
                 # ranks' eval shards differ in length. Every rank evaluates the model it saves.
                 with sync.consolidated(optimizer):
-                    metrics = evaluate(unwrap(model), evaluation, env.device, dtype, amp_dtype)
+                    metrics = evaluate(unwrap(sync.model), evaluation, env.device, dtype, amp_dtype)
                 run.info(
                     "epoch %d  eval loss %.4f  eval acc %.4f  (%d samples)",
                     epoch,
@@ -296,7 +299,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
             save(epoch + 1 if done_epoch else epoch, 0 if done_epoch else first + n_steps)
 
     with sync.consolidated(optimizer):
-        checksum = param_checksum(model)
+        checksum = param_checksum(sync.model)  # fsdp2: a plain copy, inside consolidated()
     summary = {
         "script": "train_ddp.py",
         "world_size": env.world_size,

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from comm.bench import add_world_flags, launch, rank_backend
 from comm.communicate import communicate
 from comm.dist import DistEnv, distributed, rank0_logger, run_cli
-from comm.sync import SYNC_MODES, Sync, make_sync
+from comm.sync import SHARDED_MODES, SYNC_MODES, Sync, make_sync
 from training.cli import Parser, positive
 from training.models import MODELS, build_model
 
@@ -123,7 +123,8 @@ def bench_sync_modes(args: argparse.Namespace, env: DistEnv) -> dict[str, float]
         return step
 
     variants = {}
-    for mode in ("none", *SYNC_MODES):
+    # The sharded modes step only their own shard: benchmarks/bench_zero.py measures them.
+    for mode in ("none", *(m for m in SYNC_MODES if m not in SHARDED_MODES)):
         torch.manual_seed(0)
         model = build_model(args.model, 3, 32, 10).to(env.device)
         if mode == "none":

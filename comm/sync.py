@@ -1,7 +1,7 @@
 """Gradient synchronisation strategies behind `train_ddp.py --sync`.
 
-A strategy holds the model that the training loop calls (for ddp, the DDP model that
-train_ddp.py built in plain sight) and decides when gradients (or parameters) cross the
+A strategy holds the model that the training loop calls (for ddp and torch-zero1, the DDP
+model that train_ddp.py built in plain sight) and decides when gradients (or parameters) cross the
 network. The loop only ever does:
 
     with sync.no_sync():            # micro-steps of gradient accumulation, except the last
@@ -30,6 +30,10 @@ The modes, from the library's to the most hand-made:
   buffers and the optimizer's per-parameter state (SGD momentum). K = 1 with plain SGD is
   the same computation as the other modes; larger K trades accuracy per step for K times
   less communication.
+- The sharded modes, each on its own page: `zero1` (optimizer state sharded), `zero2` (and
+  gradients), `zero3` (and parameters, gathered per module while in use), and their library
+  twins `torch-zero1` (ZeroRedundancyOptimizer) and `fsdp2` (fully_shard). The optimizer
+  comes from `sync.make_optimizer()`, since each rank steps only its own shard.
 
 Every mode starts from rank 0's parameters and buffers (DDP broadcasts them when it wraps
 the model; the others call `broadcast_state`), so replicas are equal even if a rank's
@@ -53,7 +57,10 @@ from comm.communicate import PendingCommunication, communicate, communicate_asyn
 from comm.dist import DistEnv, UsageError
 from training.cli import positive
 
-SYNC_MODES = ("ddp", "allreduce", "overlap", "local-sgd")
+# The sharded modes (ZeRO-1/2/3 by hand and their library twins) live in their own pages:
+# comm/zero1.py, comm/zero2.py, comm/zero3.py, comm/torch_sharded.py.
+SHARDED_MODES = ("zero1", "zero2", "zero3", "torch-zero1", "fsdp2")
+SYNC_MODES = ("ddp", "allreduce", "overlap", "local-sgd", *SHARDED_MODES)
 
 # DDP's default bucket sizes: 25 MiB buckets, and a 1 MiB first one (the gradients that
 # backward produces first), so that the first all-reduce can start early.
@@ -64,6 +71,10 @@ LOCAL_SGD_EVERY = 4  # --sync-every when it is not given
 
 class Sync:
     """Base strategy: the model is used as it is and nothing is communicated."""
+
+    # True for the modes where each rank holds only a shard of the training state: their
+    # checkpoints are written shard by shard (training/sharded.py).
+    sharded = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -77,6 +88,11 @@ class Sync:
             yield
         finally:
             self.syncing = True
+
+    def make_optimizer(self, cls: type[torch.optim.Optimizer], kwargs: dict):
+        """The optimizer `cls(params, **kwargs)` over what this rank steps: every parameter
+        here, only this rank's shard in the sharded modes."""
+        return cls(self.model.parameters(), **kwargs)
 
     def finish_backward(self) -> None:
         pass
@@ -360,9 +376,9 @@ def make_sync(
     sync_every: int | None = None,
     bucket_bytes: int | None = None,
 ) -> Sync:
-    """The strategy for `--sync mode`, around `model` (for ddp, a DDP model or a plain one to
-    wrap). `sync_every` is local-sgd's K; `bucket_bytes` caps the gradient buckets of ddp,
-    allreduce and overlap (None: each mode's default)."""
+    """The strategy for `--sync mode`, around `model` (for ddp and torch-zero1, a DDP model or
+    a plain one to wrap). `sync_every` is local-sgd's K; `bucket_bytes` caps the gradient
+    buckets of ddp, allreduce and overlap (None: each mode's default)."""
     if mode not in SYNC_MODES:
         raise UsageError(f"unknown --sync {mode!r}; choose one of {', '.join(SYNC_MODES)}")
     if sync_every is not None and mode != "local-sgd":
@@ -371,6 +387,20 @@ def make_sync(
         return DDPSync(model, env, bucket_bytes)
     if mode == "allreduce":
         return AllReduceSync(model, bucket_bytes)
+    if mode in SHARDED_MODES:
+        if bucket_bytes is not None:
+            raise UsageError(f"--sync {mode} has no gradient buckets to size")
+        from comm import torch_sharded, zero1, zero2, zero3  # they build on this module
+
+        if mode == "torch-zero1":
+            return torch_sharded.TorchZero1Sync(model, env)
+        sharded = {
+            "zero1": zero1.Zero1Sync,
+            "zero2": zero2.Zero2Sync,
+            "zero3": zero3.Zero3Sync,
+            "fsdp2": torch_sharded.FSDP2Sync,
+        }
+        return sharded[mode](model)
     if mode == "overlap":
         if bucket_bytes is None:
             return OverlapSync(model)

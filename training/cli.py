@@ -12,6 +12,7 @@ import argparse
 from comm.dist import DistEnv, UsageError
 from data.datasets import DATASETS
 from training.models import MODELS
+from training.optim import OPTIMIZERS
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,6 +38,13 @@ def non_negative_float(value: str) -> float:
     x = float(value)
     if not x >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return x
+
+
+def unit_float(value: str) -> float:
+    x = float(value)
+    if not 0 <= x < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return x
 
 
@@ -107,8 +115,28 @@ def make_parser(
         help="peak learning rate, for the global batch: used as given, not rescaled with the "
         "world size",
     )
+    m.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=OPTIMIZERS,
+        help="sgd (with --momentum) or adamw (with --betas, --eps; decoupled weight decay)",
+    )
     m.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
-    m.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="SGD weight decay")
+    m.add_argument(
+        "--weight-decay",
+        type=non_negative_float,
+        default=0.0,
+        help="weight decay (SGD: added to the gradient; AdamW: decoupled)",
+    )
+    m.add_argument(
+        "--betas",
+        type=unit_float,
+        nargs=2,
+        default=[0.9, 0.999],
+        metavar=("B1", "B2"),
+        help="AdamW's decay rates of the first and second moment estimates",
+    )
+    m.add_argument("--eps", type=non_negative_float, default=1e-8, help="AdamW's denominator term")
     m.add_argument(
         "--lr-schedule",
         default="constant",

@@ -4,17 +4,39 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
+if TYPE_CHECKING:  # comm/sync.py imports training/cli.py, which imports this module
+    from comm.sync import Sync
 
-def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """SGD at --lr as given: not rescaled with the world size or the global batch, so
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def optimizer_spec(args: argparse.Namespace) -> tuple[type[torch.optim.Optimizer], dict]:
+    """The optimizer class --optimizer names and its keyword arguments from the flags.
+    --lr is used as given: not rescaled with the world size or the global batch, so
     train_dp.py with batch 2B and train_ddp.py on 2 ranks x B take the same steps."""
-    return torch.optim.SGD(
-        model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
-    )
+    if getattr(args, "optimizer", "sgd") == "adamw":  # namespaces built by hand: SGD
+        # Two state tensors per parameter (first and second moments): the memory that the
+        # sharded modes of comm/ divide by the world size.
+        kwargs = dict(lr=args.lr, betas=tuple(args.betas), eps=args.eps)
+        return torch.optim.AdamW, {**kwargs, "weight_decay": args.weight_decay}
+    return torch.optim.SGD, dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def make_optimizer(
+    model: nn.Module, args: argparse.Namespace, sync: Sync | None = None
+) -> torch.optim.Optimizer:
+    """--optimizer (see optimizer_spec) over the model's parameters, or, given train_ddp.py's
+    --sync strategy, over what this rank steps: `sync.make_optimizer` (every parameter, but
+    only this rank's shard in the sharded modes, and ZeroRedundancyOptimizer for torch-zero1)."""
+    cls, kwargs = optimizer_spec(args)
+    if sync is not None:
+        return sync.make_optimizer(cls, kwargs)
+    return cls(model.parameters(), **kwargs)
 
 
 def make_scheduler(

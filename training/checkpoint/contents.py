@@ -80,7 +80,10 @@ def param_checksum(model: nn.Module) -> str:
     h = hashlib.sha256()
     for key, value in sorted(model_state(model).items()):
         h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        # A copy: .numpy() would pin the tensor's storage to its size for good, and
+        # comm/zero3.py frees parameter storage by resizing it to 0 bytes between uses.
+        flat = value.detach().cpu().reshape(-1).clone()
+        h.update(flat.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

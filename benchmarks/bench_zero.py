@@ -1,0 +1,249 @@
+"""From DDP to FSDP: per-rank memory, bytes on the wire and step time of every sharded mode.
+
+    python -m benchmarks.bench_zero --nproc 4      # starts its ranks itself, through torchrun
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 -m benchmarks.bench_zero
+
+Every mode trains the same model with AdamW (2 state tensors per parameter) on a fixed batch:
+`ddp`, the hand-made `zero1`, `zero2`, `zero3` (comm/zero*.py) and torch's `torch-zero1`
+(ZeroRedundancyOptimizer) and `fsdp2` (fully_shard). For each:
+
+- memory: the bytes of parameters, gradients and optimizer state a rank holds right after
+  optimizer.step(), read from the tensors' storages (comm/memory.py), the largest over the
+  ranks, next to the prediction of docs/ddp-to-fsdp.md (flat buffers padded to W x S,
+  S = ceil(P/W); zero3 per unit). torch-zero1 and fsdp2 have no exact prediction: they
+  partition whole tensors (ZeRO) or pad each tensor (FSDP2);
+- traffic: the bytes one rank sends in one step, from comm/tracer.py (the ring model:
+  (W-1)/W x payload per all-gather and reduce-scatter, 2(W-1)/W per all-reduce), next to
+  the formula;
+- step time: forward, backward, synchronisation, AdamW step; fastest of --rounds rounds,
+  slowest rank (as benchmarks/bench_sync.py), and its ratio to ddp's.
+
+The table goes to stdout, the rows to <out-dir>/bench_zero.csv and a plot to
+<out-dir>/bench_zero.png. Timings on a shared machine are noisy: compare rows of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from benchmarks.bench_sync import rounds_of
+from comm.bench import add_world_flags, launch, rank_backend
+from comm.dist import DistEnv, distributed, rank0_logger, run_cli
+from comm.memory import rank_memory
+from comm.ring import bus_factor
+from comm.sync import make_sync
+from comm.tracer import CommTracer
+from training.cli import Parser, positive
+from training.models import MODELS, build_model
+
+MODES = ("ddp", "zero1", "zero2", "zero3", "torch-zero1", "fsdp2")
+KINDS = ("params", "grads", "optimizer")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="cnn", choices=MODELS, help="network to train")
+    p.add_argument("--batch-size", type=positive, default=32, help="samples per rank per step")
+    p.add_argument("--steps", type=positive, default=5, help="timed steps per mode per round")
+    p.add_argument("--rounds", type=positive, default=5, help="rounds; the fastest is reported")
+    p.add_argument("--warmup", type=positive, default=2, help="untimed steps per mode first")
+    add_world_flags(p)
+    p.add_argument("--out-dir", default="bench_out", help="where the CSV and the PNG go")
+    return p.parse_args(argv)
+
+
+def units(model: nn.Module) -> list[int]:
+    """Elements of each module that owns parameters: comm/zero3.py's units."""
+    return [
+        sum(p.numel() for p in m.parameters(recurse=False))
+        for m in model.modules()
+        if any(True for _ in m.parameters(recurse=False))
+    ]
+
+
+def predicted(mode: str, sizes: list[int], w: int, element: int) -> dict[str, float | None]:
+    """Bytes per rank (the largest rank) and bytes sent per step, from the formulas."""
+    p, s = sum(sizes), math.ceil(sum(sizes) / w)
+    slices = sum(math.ceil(u / w) for u in sizes)
+    allreduce = bus_factor("all_reduce", w) * p * element
+    if mode == "ddp":
+        return dict(params=p, grads=p, optimizer=2 * p, sent=allreduce / element) | {
+            "element": element
+        }
+    if mode == "zero1":
+        sent = allreduce / element + (w - 1) * s
+        return dict(params=w * s, grads=w * s, optimizer=2 * s, sent=sent, element=element)
+    if mode == "zero2":
+        return dict(params=w * s, grads=s, optimizer=2 * s, sent=2 * (w - 1) * s, element=element)
+    if mode == "zero3":
+        sent = 3 * (w - 1) * slices
+        return dict(params=slices, grads=slices, optimizer=2 * slices, sent=sent, element=element)
+    return dict(params=None, grads=None, optimizer=None, sent=None, element=element)
+
+
+def measure(args: argparse.Namespace, env: DistEnv) -> list[dict]:
+    g = torch.Generator().manual_seed(1 + env.rank)
+    x = torch.randn(args.batch_size, 3, 32, 32, generator=g).to(env.device)
+    y = torch.randint(10, (args.batch_size,), generator=g).to(env.device)
+    rows, steps = [], {}
+    for mode in MODES:
+        torch.manual_seed(0)
+        model = build_model(args.model, 3, 32, 10).to(env.device)
+        sizes = units(model)
+        sync = make_sync(mode, model, env)
+        optimizer = sync.make_optimizer(torch.optim.AdamW, dict(lr=1e-3))
+        held: dict[str, int] = {}
+
+        def step(sync=sync, optimizer=optimizer, held=held) -> None:
+            F.cross_entropy(sync.model(x), y).backward()
+            sync.finish_backward()
+            optimizer.step()
+            held.update(rank_memory(sync.model, optimizer))
+            sync.after_step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(args.warmup):
+            step()
+        tracer = CommTracer(enabled=True)
+        tracer.attach(sync.model)  # DDP's buckets; the other collectives once started
+        first = len(tracer.events)
+        with tracer:
+            step()
+        sent = sum(e.sent for e in tracer.events[first:])
+        largest = [None] * env.world_size
+        dist.all_gather_object(largest, held)
+        row = {k: max(r[k] for r in largest) for k in KINDS}
+        row.update(mode=mode, sent=sent, predicted=predicted(mode, sizes, env.world_size, 4))
+        rows.append(row)
+        steps[mode] = step
+    times = rounds_of(steps, args.rounds, args.steps, env)
+    for row in rows:
+        row["ms"] = times[row["mode"]] * 1e3
+        row["vs_ddp"] = times[row["mode"]] / times["ddp"]
+    return rows
+
+
+def report(args: argparse.Namespace, env: DistEnv, rows: list[dict]) -> None:
+    if not env.is_main:
+        return
+    log = rank0_logger(env, "bench")
+    p = sum(units(build_model(args.model, 3, 32, 10)))
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    log.info(
+        "%d ranks, %s, torch %s, --model %s (P = %d parameters, float32), AdamW",
+        env.world_size,
+        env.backend,
+        torch.__version__,
+        args.model,
+        p,
+    )
+    log.info(
+        "load average %s on %d cores (times: fastest round, slowest rank)", load, os.cpu_count()
+    )
+    log.info(
+        "\nper rank (largest rank), bytes per parameter: measured (predicted)\n"
+        "  %-12s %14s %14s %14s %14s %18s %9s %7s",
+        "mode",
+        "params",
+        "grads",
+        "optimizer",
+        "total",
+        "sent/step (/P)",
+        "ms",
+        "vs ddp",
+    )
+
+    def cell(measured: float, pred: float | None) -> str:
+        return f"{measured:.2f} ({pred:.2f})" if pred is not None else f"{measured:.2f} (-)"
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench_zero.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["mode", *KINDS, *(f"predicted_{k}" for k in KINDS), "sent", "predicted_sent"]
+            + ["ms", "vs_ddp", "parameters", "world_size"]
+        )
+        for row in rows:
+            pred = row["predicted"]
+            e = pred["element"]
+            per = {k: row[k] / p for k in KINDS}
+            guess = {k: (pred[k] * e / p if pred[k] is not None else None) for k in KINDS}
+            total_pred = None if guess["params"] is None else sum(guess.values())
+            sent_pred = pred["sent"] * e / p if pred["sent"] is not None else None
+            log.info(
+                "  %-12s %14s %14s %14s %14s %18s %9.2f %6.2fx",
+                row["mode"],
+                *(cell(per[k], guess[k]) for k in KINDS),
+                cell(sum(per.values()), total_pred),
+                cell(row["sent"] / p, sent_pred),
+                row["ms"],
+                row["vs_ddp"],
+            )
+            w.writerow(
+                [row["mode"], *(row[k] for k in KINDS)]
+                + [pred[k] * e if pred[k] is not None else "" for k in KINDS]
+                + [f"{row['sent']:.1f}", f"{pred['sent'] * e:.1f}" if pred["sent"] else ""]
+                + [f"{row['ms']:.3f}", f"{row['vs_ddp']:.3f}", p, env.world_size]
+            )
+    plot(rows, p, out / "bench_zero.png", env)
+    log.info("\nwrote %s and %s", out / "bench_zero.csv", out / "bench_zero.png")
+
+
+def plot(rows: list[dict], p: int, path: Path, env: DistEnv) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (mem, net, time) = plt.subplots(1, 3, figsize=(15, 4.5))
+    names = [r["mode"] for r in rows]
+    bottom = [0.0] * len(rows)
+    for kind, color in zip(KINDS, ("tab:blue", "tab:orange", "tab:green"), strict=True):
+        values = [r[kind] / p for r in rows]
+        mem.bar(names, values, bottom=bottom, color=color, label=kind)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    for i, r in enumerate(rows):
+        pred = r["predicted"]
+        if pred["params"] is not None:
+            total = sum(pred[k] for k in KINDS) * pred["element"] / p
+            mem.plot([i - 0.4, i + 0.4], [total, total], color="black", lw=1)
+    mem.set_ylabel("bytes per parameter, largest rank (line: predicted)")
+    mem.legend(fontsize=8)
+    net.bar(names, [r["sent"] / p for r in rows], color="tab:purple")
+    for i, r in enumerate(rows):
+        if r["predicted"]["sent"] is not None:
+            y = r["predicted"]["sent"] * r["predicted"]["element"] / p
+            net.plot([i - 0.4, i + 0.4], [y, y], color="black", lw=1)
+    net.set_ylabel("bytes sent per rank per step / P (line: formula)")
+    time.bar(names, [r["ms"] for r in rows], color="tab:gray")
+    time.set_ylabel("ms per step (fastest round, slowest rank)")
+    for ax in (mem, net, time):
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.suptitle(f"From DDP to FSDP: AdamW, {env.world_size} ranks, {env.backend}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if "RANK" not in os.environ:
+        own_argv = sys.argv[1:] if argv is None else argv
+        raise SystemExit(launch("benchmarks.bench_zero", own_argv, args.backend, args.nproc))
+    with distributed(rank_backend(args.backend)) as env:
+        report(args, env, measure(args, env))
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,338 @@
+"""Sharded checkpoints for the sharded --sync modes: each rank writes its own shard.
+
+    <out-dir>/checkpoints/step-00000012.dcp/   one torch.distributed.checkpoint (DCP) folder:
+        .metadata, __0_0.distcp, ...           the tensors, one file per rank, and their index
+        train_state.pt                         step, epoch, args, scheduler, every rank's RNG,
+                                               the parameter names, a sha256 per DCP file
+    <out-dir>/checkpoint.dcp -> checkpoints/step-00000012.dcp   the newest complete one
+
+With zero1/zero2/zero3 a rank holds 1/W of the optimizer state (and with zero3 of the
+parameters): gathering all of it on rank 0 to write one file, as training/checkpoint/ does,
+would need the memory that sharding saved. DCP writes every rank's slices in parallel and
+records where each slice sits in the whole tensor, so a run with another world size reads the
+slices it now owns from whichever files hold them (resharding). Each mode saves its own layout:
+
+- zero1, zero2, zero3 (comm/zero*.py): each flat vector (zero3: one per unit) as a DTensor
+  sharded along its only dimension (torch.chunk's split, the one comm/zero1.shard_range
+  uses), parameters and per-element optimizer state alike; the buffers, replicated.
+- torch-zero1: the model, replicated; each parameter's optimizer state from the rank that
+  owns it (ZeroRedundancyOptimizer owns whole parameters).
+- fsdp2: torch's own get_state_dict / set_state_dict, DTensors throughout.
+
+The guarantees of the single-file checkpoint hold here too:
+
+- atomic: the ranks write into `.step-N.dcp.tmp/`; rank 0 writes `train_state.pt` (with a
+  sha256 of every file the ranks wrote) only after every rank has finished, then renames the
+  folder and moves `checkpoint.dcp`. A save killed at any moment leaves a `.tmp` folder that
+  nothing points to (deleted by the next save) and the previous checkpoint as the newest.
+- refused in one line, before any live state changes: not a folder, no or a corrupt
+  `train_state.pt`, a file whose sha256 differs (DCP itself has no checksums), another --sync
+  mode, other trajectory flags, another number of samples per step (the checks of
+  training/checkpoint/resume.py).
+- resumable at another world size with the same samples per step; each rank takes its own
+  RNG states when the world size is the same, else rank 0's.
+- convertible to the single-file format: `python -m training.convert` (training/convert.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+
+from comm.dist import DistEnv, UsageError
+from comm.torch_sharded import FSDP2Sync, TorchZero1Sync
+from training.checkpoint.contents import CheckpointError, rng_state, set_rng_state, unwrap
+from training.checkpoint.files import _check_archive, _fsync_dir, point, write_checkpoint
+from training.checkpoint.resume import Position, check_resumable
+
+POINTER = "checkpoint.dcp"
+FOLDER = "checkpoints"
+STATE = "train_state.pt"
+REQUIRED = ("format", "epoch", "step", "step_in_epoch", "world_size", "args", "scheduler")
+REQUIRED += ("param_group", "layout", "rng", "ranks", "files")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def layout(model: nn.Module) -> dict:
+    """The model's parameter names and shapes in order, and the units of comm/zero3.py (each
+    module that owns parameters): what training/convert.py needs to cut flat vectors back
+    into named tensors, without building the model."""
+    params = [[name, list(p.shape)] for name, p in model.named_parameters()]
+    units = [
+        [f"{prefix}.{n}" if prefix else n for n, p in m.named_parameters(recurse=False)]
+        for prefix, m in model.named_modules()
+        if any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+    return {"params": params, "units": units}
+
+
+def _state_of(optimizer, param: torch.Tensor, prefix: str, metadata) -> dict:
+    """The optimizer's state for `param`. Before the first step (a resume) it does not exist
+    yet: create it, zeros of the shapes the checkpoint lists, for dcp.load to fill."""
+    state = optimizer.state[param]
+    if not state and metadata is not None:
+        for key, meta in metadata.state_dict_metadata.items():
+            if key.startswith(prefix + ".") and key.count(".") == prefix.count(".") + 1:
+                name = key[len(prefix) + 1 :]
+                if name == "params":
+                    continue
+                dtype = meta.properties.dtype
+                state[name] = (
+                    torch.zeros((), dtype=dtype)
+                    if len(meta.size) == 0
+                    else torch.zeros_like(param.detach(), dtype=dtype)
+                )
+    return state
+
+
+class ShardedCheckpoints:
+    """The sharded checkpoints of one --out-dir, for a sharded `sync` (see the module doc)."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        keep: int,
+        env: DistEnv,
+        sync,
+        log: Callable[..., None] | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.folder = self.out_dir / FOLDER
+        self.latest = self.out_dir / POINTER
+        self.keep = keep
+        self.env = env
+        self.sync = sync
+        self.log = log or (lambda *_: None)
+        self._mesh = None
+
+    # ---- what DCP saves and loads: views of the live tensors, so a load writes into them
+
+    def _flat(self, local: torch.Tensor, numel: int) -> DTensor:
+        if self._mesh is None:
+            self._mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+        return DTensor.from_local(
+            local, self._mesh, [Shard(0)], run_check=False, shape=torch.Size([numel]), stride=(1,)
+        )
+
+    def tensors(self, optimizer, metadata=None) -> dict:
+        sync = self.sync
+        if isinstance(sync, FSDP2Sync):
+            model_sd, optim_sd = get_state_dict(sync.model, optimizer)
+            return {"model": model_sd, "optim": optim_sd}
+        if isinstance(sync, TorchZero1Sync):
+            module = sync.model.module
+            names = {p: n for n, p in module.named_parameters()}
+            inner = optimizer.optim  # the local optimizer: only the parameters this rank owns
+            optim = {
+                names[p]: _state_of(inner, p, f"optim.{names[p]}", metadata)
+                for group in inner.param_groups
+                for p in group["params"]
+            }
+            return {"model": module.state_dict(), "optim": optim}
+        flat = {}
+        for name, (shard, numel) in sync.flat_shards().items():
+            state = _state_of(optimizer, shard, f"flat.{name}", metadata)
+            entry = {"params": self._flat(shard.data, numel)}
+            for key, value in state.items():
+                entry[key] = self._flat(value, numel) if value.dim() else value
+            flat[name] = entry
+        return {"flat": flat, "buffers": dict(sync.model.named_buffers())}
+
+    # ---- save
+
+    def path_for(self, step: int) -> Path:
+        return self.folder / f"step-{step:08d}.dcp"
+
+    def save_training(
+        self, args, model: nn.Module, optimizer, scheduler, scaler, *, epoch: int, step: int,
+        step_in_epoch: int,
+    ) -> Path:  # fmt: skip
+        """Called on every rank: each writes its shard, rank 0 the rest; see the module doc.
+        CheckpointManager.save_training's call, so that train_ddp.py saves alike in every
+        mode: `model` is the sync's (which this class holds), and check_supported() leaves no
+        GradScaler state to keep."""
+        final = self.path_for(step)
+        tmp = final.with_name(f".{final.name}.tmp")
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        dcp.save(self.tensors(optimizer), storage_writer=dcp.FileSystemWriter(tmp))
+        mine = {"rng": rng_state([self.env.device])}
+        ranks = [None] * self.env.world_size if self.env.is_main else None
+        dist.gather_object(mine, ranks, dst=0)
+        if self.env.is_main:
+            # The hyper-parameters (lr, betas, ...), for training/convert.py.
+            group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+            state = {
+                "format": "sharded",
+                "epoch": epoch,
+                "step": step,
+                "step_in_epoch": step_in_epoch,
+                "world_size": self.env.world_size,
+                "args": dict(vars(args)),
+                "scheduler": scheduler.state_dict(),
+                "param_group": group,
+                "layout": layout(unwrap(self.sync.model)),
+                "rng": ranks[0]["rng"],
+                "ranks": ranks,
+                # Written last, over every file the ranks wrote: DCP has no checksums.
+                "files": {f.name: _sha256(f) for f in sorted(tmp.iterdir())},
+            }
+            write_checkpoint(tmp / STATE, state)
+            _fsync_dir(tmp)
+            if final.exists():  # the same step saved again (a resumed run): replace it
+                old = final.with_name(f".{final.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                shutil.rmtree(old)
+            os.replace(tmp, final)
+            _fsync_dir(self.folder)
+            point(self.latest, final)
+            self._prune()
+        dist.barrier()
+        return final
+
+    def _prune(self) -> None:
+        done = sorted(self.folder.glob("step-*.dcp"), key=lambda p: (p.stat().st_mtime_ns, p))
+        for old in done[: -self.keep]:
+            shutil.rmtree(old)
+        for tmp in self.folder.glob(".step-*.dcp.*"):  # left by a save that was killed
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ---- resume
+
+    def find(self, resume: str | None) -> Path | None:
+        if not resume:
+            return None
+        if resume != "auto":
+            return Path(resume)
+        if self.latest.is_symlink():
+            target = self.latest.parent / os.readlink(self.latest)
+            if not target.exists():
+                raise CheckpointError(f"{self.latest}: points to {target}, which is missing")
+            return target
+        return None
+
+    def resume(self, resume: str | None, args, model, optimizer, scheduler, scaler) -> Position:
+        """Check, agree, then load into the live objects; the same contract as
+        training/checkpoint/resume.py's CheckpointManager.resume (`model` is the sync's).
+        Refuses first what a sharded checkpoint cannot hold (check_supported)."""
+        check_supported(args)
+        error, path, state, notes = None, None, None, []
+        try:
+            path = self.find(resume)
+            if path is not None:
+                state = load_sharded_state(path)
+                notes = check_resumable(state, args, self.env.world_size, path)
+                live = {k for k in optimizer.param_groups[0] if k != "params"}
+                saved = state["param_group"]
+                if not isinstance(saved, dict) or set(saved) != live:
+                    raise CheckpointError(f"{path}: optimizer settings do not fit this optimizer")
+        except CheckpointError as e:
+            error = str(e)
+        views: list = [None] * self.env.world_size
+        dist.all_gather_object(views, (error, str(path) if path else None))
+        failed = [(r, e) for r, (e, _) in enumerate(views) if e is not None]
+        if failed and error is None:
+            error = "rank {} cannot resume: {}".format(*failed[0])
+        elif error is None and len({p for _, p in views}) > 1:
+            error = "the ranks see different checkpoints; is --out-dir shared?"
+        if error is not None:
+            raise CheckpointError(error)
+        if path is None:
+            return Position()
+        try:
+            reader = dcp.FileSystemReader(path)
+            tensors = self.tensors(optimizer, reader.read_metadata())
+            dcp.load(tensors, storage_reader=reader)
+        except Exception as e:  # every rank gets DCP's error: all of them stop here
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{path}: does not fit this run ({first[:200]})") from None
+        if isinstance(self.sync, FSDP2Sync):
+            set_state_dict(
+                self.sync.model,
+                optimizer,
+                model_state_dict=tensors["model"],
+                optim_state_dict=tensors["optim"],
+            )
+        else:
+            # What optimizer.load_state_dict would restore besides the state: the learning
+            # rate the schedule had reached (and the other hyper-parameters).
+            for group in optimizer.param_groups:
+                group.update(state["param_group"])
+            if not isinstance(self.sync, TorchZero1Sync):
+                self.sync.after_load()
+        scheduler.load_state_dict(state["scheduler"])
+        ranks = state["ranks"]
+        mine = ranks[self.env.rank] if len(ranks) == self.env.world_size else ranks[0]
+        set_rng_state(mine["rng"], [self.env.device])
+        for note in notes:
+            self.log("note: %s", note)
+        self.log("resumed from %s at step %d (epoch %d)", path, state["step"], state["epoch"])
+        return Position(state["step"], state["epoch"], state["step_in_epoch"])
+
+
+def load_sharded_state(path: Path) -> dict:
+    """Read and check a sharded checkpoint's train_state.pt and the files it lists."""
+    path = Path(path)
+    if path.is_file():
+        raise CheckpointError(
+            f"{path}: a single-file checkpoint; the sharded --sync modes resume from a "
+            "checkpoint folder (step-N.dcp; training/convert.py goes the other way)"
+        )
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    if not (path / STATE).is_file():
+        raise CheckpointError(f"{path}: not a sharded checkpoint of this project (no {STATE})")
+    file = path / STATE
+    _check_archive(file)  # torch.load does not check the zip's CRC-32s
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{file}: not readable ({first[:200]})") from None
+    missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
+    if missing or state["format"] != "sharded" or not isinstance(state["files"], dict):
+        raise CheckpointError(f"{path}: not a sharded checkpoint of this project")
+    files = state["files"]
+    for name, digest in files.items():
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(f"{path}: {STATE} names a file outside its folder")
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"{path}: {name} is corrupt (its sha256 differs)")
+    ranks = state.get("ranks")
+    if not (
+        isinstance(ranks, list)
+        and len(ranks) == state["world_size"]
+        and all(isinstance(r, dict) and isinstance(r.get("rng"), dict) for r in ranks)
+    ):
+        raise CheckpointError(f"{path}: per-rank state is malformed")
+    return state
+
+
+def check_supported(args) -> None:
+    """What the sharded checkpoints do not hold: a GradScaler's state."""
+    if args.amp == "fp16":
+        raise UsageError(f"--amp fp16 is not supported with --sync {args.sync}")
