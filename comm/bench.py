@@ -83,10 +83,26 @@ def launch(module: str, argv: Sequence[str], backend: str | None, nproc: int | N
     where = f"{nproc} {chosen} rank(s)" + (" on CPU" if chosen == "gloo" else "")
     print(f"{module}: {gpus} GPU(s) visible, starting {where} (--backend/--nproc to choose)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc-per-node={nproc}", "-m", module, *argv, "--backend", chosen]
+    cmd += [f"--nproc-per-node={nproc}", "-m", module, *rank_argv(argv), "--backend", chosen]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     sys.stdout.flush()
     return subprocess.call(cmd, env=env)
+
+
+def rank_argv(argv: Sequence[str]) -> list[str]:
+    """`argv` without the world flags, which `launch` has used up: the ranks learn their world
+    from torchrun and get --backend appended. --nproc must go anyway: torchrun reads every
+    argument, also those after the module, and refuses it as an abbreviation of its own
+    --nproc-per-node/--nproc_per_node ("ambiguous option")."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--nproc", "--backend"):
+            skip = True  # and its value, the next argument
+        elif not arg.startswith(("--nproc=", "--backend=")):
+            out.append(arg)
+    return out
 
 
 def add_world_flags(p: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.run import get_args_parser
 
 from comm import bench, collectives
 from comm.compat import all_gather_single, reduce_scatter_single
@@ -416,3 +417,16 @@ def test_bench_flags():
         bench.main(["--max-bytes", "lots"])
     with pytest.raises(UsageError):
         bench.main(["--ops", "all_reduce_fast"])
+
+
+def test_launch_hands_torchrun_a_command_it_accepts(monkeypatch):
+    """`python -m comm.bench --nproc 3` (and every benchmark that launches itself) re-runs
+    its command line under torchrun: torchrun's own parser must accept it, and the ranks
+    get the benchmark's flags without the world flags the launcher used up."""
+    calls = []
+    monkeypatch.setattr(bench.subprocess, "call", lambda cmd, env: calls.append(cmd) or 0)
+    argv = ["--out-dir", "x", "--nproc", "3", "--backend", "gloo", "--iters", "2", "--nproc=3"]
+    assert bench.launch("comm.bench", argv, "gloo", 3) == 0
+    parsed = get_args_parser().parse_args(calls[0][3:])  # after `python -m torch.distributed.run`
+    assert (parsed.nproc_per_node, parsed.training_script) == ("3", "comm.bench")
+    assert parsed.training_script_args == ["--out-dir", "x", "--iters", "2", "--backend", "gloo"]
