@@ -288,6 +288,10 @@ def test_cuda_rng_is_this_processs_devices_only(monkeypatch):
 
 
 def test_process_group_is_destroyed_on_a_clean_exit_only(monkeypatch):
+    # The error in a world of two sets the flag that makes run_cli end the process with
+    # os._exit; monkeypatch puts it back afterwards, or every later in-process run_cli call
+    # of the session that reports an error would end pytest itself.
+    monkeypatch.setattr(comm_dist, "_group_left_alive", False)
     calls = []
     env = DistEnv(0, 0, 2, 2, "gloo", torch.device("cpu"))
     monkeypatch.setattr(comm_dist, "resolve", lambda backend=None: env)
@@ -300,7 +304,7 @@ def test_process_group_is_destroyed_on_a_clean_exit_only(monkeypatch):
     calls.clear()
     with pytest.raises(RuntimeError, match="boom"), comm_dist.distributed():
         raise RuntimeError("boom")  # peers may be inside a collective: leave the group be
-    assert calls == ["init"]
+    assert calls == ["init"] and comm_dist._group_left_alive
     calls.clear()
     monkeypatch.setattr(
         comm_dist, "resolve", lambda backend=None: DistEnv(0, 0, 1, 1, "gloo", env.device)
@@ -313,6 +317,7 @@ def test_process_group_is_destroyed_on_a_clean_exit_only(monkeypatch):
 def test_train_ddp_main_destroys_the_group_on_a_clean_exit_only(monkeypatch):
     """train_ddp.py spells out what `distributed()` does: the same three cases, and a group
     made by someone else (a test harness, a notebook) is used and left alone."""
+    monkeypatch.setattr(comm_dist, "_group_left_alive", False)  # as in the test above
     calls, outcome = [], {}
     env = DistEnv(0, 0, 2, 2, "gloo", torch.device("cpu"))
     initialized = [False]
@@ -334,7 +339,7 @@ def test_train_ddp_main_destroys_the_group_on_a_clean_exit_only(monkeypatch):
     outcome["error"] = RuntimeError("boom")
     with pytest.raises(RuntimeError, match="boom"):
         train_ddp.main([])  # peers may be inside a collective: leave the group be
-    assert calls == ["init", "train"]
+    assert calls == ["init", "train"] and comm_dist._group_left_alive
     calls.clear()
     env = DistEnv(0, 0, 1, 1, "gloo", env.device)
     with pytest.raises(RuntimeError, match="boom"):
