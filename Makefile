@@ -11,7 +11,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 NPROC      ?= 2
 STAMP      := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all test-oracles test-fakegpu bench lint clean
+.PHONY: demo test test-slow test-all test-oracles test-fakegpu bench stress-exit lint clean
 
 # Installs pyproject.toml's dependencies (and the dev extra) without installing the repo
 # itself: the scripts run from the checkout, as `python train_ddp.py` or `-m comm.bench`.
@@ -56,6 +56,14 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_dp_ddp --out-dir bench_out $(BENCH_NPROC)
 	$(BIN)/python -m comm.bench --out-dir bench_out $(BENCH_NPROC)
 	$(BIN)/python -m benchmarks.bench_zero --out-dir bench_out $(BENCH_NPROC)
+
+# Every torchrun script of the repository (the pitfalls in both modes, train_ddp.py in each
+# --sync mode) RUNS times, two at once so the machine is loaded: any abort at exit, wrong exit
+# status or timeout fails it (see benchmarks/stress_exit.py). Long: `make stress-exit RUNS=5`
+# for a quick look.
+RUNS ?= 50
+stress-exit: $(STAMP)
+	$(BIN)/python -m benchmarks.stress_exit --runs $(RUNS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

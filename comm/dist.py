@@ -210,12 +210,18 @@ def run_cli(main, argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         status = 2
     except BaseException as e:
-        if not _group_left_alive:
+        if not _left_alive():
             raise
         status = _report(e)
-    if _group_left_alive:
+    if _left_alive():
         _exit_without_teardown(status)
     return status
+
+
+def _left_alive() -> bool:
+    """Did `exit_on_error` leave a group alive, and does it still exist? (A test that only
+    pretends to have a group, with init and destroy stubbed out, has nothing to protect.)"""
+    return _group_left_alive and dist.is_initialized()
 
 
 def _report(e: BaseException) -> int:

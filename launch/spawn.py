@@ -49,7 +49,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 import train_ddp  # noqa: E402
-from comm.dist import resolve, run_cli  # noqa: E402
+from comm.dist import exit_on_error, resolve, run_cli  # noqa: E402
 from training.cli import Parser, positive  # noqa: E402
 
 
@@ -81,8 +81,9 @@ def _train(store_path: str, argv: list[str]) -> None:
         timeout=timedelta(seconds=args.timeout),
         **kwargs,
     )
-    train_ddp.main(argv)
-    dist.destroy_process_group()  # on a clean exit only, as comm/dist.py explains
+    with exit_on_error(env):  # an error leaves the group alone, as comm/dist.py explains
+        train_ddp.main(argv)
+    dist.destroy_process_group()  # a clean exit: every rank gets here
 
 
 def usable_cores() -> int:

@@ -1,2 +1,21 @@
 """The pitfalls lab: each module reproduces one failure users of DDP hit (`--wrong`) and
 runs the fix (`--right`). See pitfalls/README.md."""
+
+# The scripts run under torchrun (pitfalls/unguarded_loader.py is a helper of
+# dataloader_spawn, not a pitfall of its own).
+SCRIPTS = (
+    "batchnorm",
+    "dataloader_spawn",
+    "map_location",
+    "no_sync",
+    "padded_eval",
+    "rank0_collective",
+    "set_epoch",
+    "uneven_inputs",
+    "unused_parameters",
+)
+# The scripts whose --wrong run ends in the failure it demonstrates: exit status 1 (printed
+# by rank 0, with an `error:` line). Every other run exits 0.
+FAILS_WHEN_WRONG = frozenset(
+    {"uneven_inputs", "rank0_collective", "unused_parameters", "map_location", "dataloader_spawn"}
+)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from pitfalls import FAILS_WHEN_WRONG, SCRIPTS
 from pitfalls.common import parse_result
 from tests.multiproc import PYTHON, ROOT, run_world, torchrun
 
@@ -318,13 +319,7 @@ SYMPTOMS = {
         lambda v: v["batches_match"] == "True",
     ),
 }
-FAILS_WHEN_WRONG = {
-    "uneven_inputs",
-    "rank0_collective",
-    "unused_parameters",
-    "map_location",
-    "dataloader_spawn",
-}
+assert set(SYMPTOMS) == set(SCRIPTS)
 
 
 @pytest.mark.slow
