@@ -87,8 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument(
         "--trace-comm",
         action="store_true",
-        help="record every collective's bytes and time (comm/tracer.py): TensorBoard comm/* "
-        "and the 'comm' key of summary.json",
+        help="record every collective's bytes and time (comm/tracer.py): TensorBoard comm/*, "
+        "the 'comm' key of summary.json and <out-dir>/timeline/ (python -m comm.timeline)",
     )
     o.add_argument(
         "--profile",
@@ -205,7 +205,7 @@ def train(args: argparse.Namespace, env: DistEnv, cleanup: ExitStack) -> dict:
             checkpoints.save(state, mine)
 
     # ---- observability: both stay off (and cost nothing) unless asked for
-    tracer = cleanup.enter_context(CommTracer(enabled=args.trace_comm))
+    tracer = cleanup.enter_context(CommTracer(enabled=args.trace_comm, out_dir=out_dir))
     tracer.attach(sync.model)  # a comm hook on DDP's reducer, which bypasses dist.*
     profiler = make_profiler(out_dir, env.rank, args.profile)
     if profiler:

@@ -12,7 +12,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from comm.communicate import communicate, communicate_async, flatten, plan_buckets, unflatten
+from comm.communicate import (
+    BucketViews,
+    communicate,
+    communicate_async,
+    flatten,
+    plan_buckets,
+    unflatten,
+)
 from tests import comm_world
 
 
@@ -125,6 +132,29 @@ def check_group(rank: int, n: int, group) -> None:
     assert torch.equal(t["big"], n * pattern((40, 25), torch.float32))
     assert torch.equal(t["strided"], n * pattern((4, 3), torch.float32))
 
+    # The persistent mode gives the copying mode's results, in the same tensor objects, which
+    # now live in the bucket buffers; a second call (each training step) is right again.
+    for bucket_bytes in (None, 64):
+        copied, viewed = contribution(rank), contribution(rank)
+        objects = [id(viewed[name]) for name in PASSED]
+        views = BucketViews([viewed[name] for name in PASSED], bucket_bytes)
+        where = f"group of {n}, rank {rank}, BucketViews({bucket_bytes})"
+        sent = [copied[name] for name in PASSED if copied[name].numel()]
+        assert len(views.buffers) == len(plan_buckets(sent, bucket_bytes)), where
+        for _ in range(2):
+            communicate([copied[name] for name in PASSED], reduce, bucket_bytes=bucket_bytes)
+            views.communicate(reduce)
+            for name in PASSED:
+                assert torch.equal(viewed[name], copied[name]), f"{name} ({where})"
+        assert objects == [id(viewed[name]) for name in PASSED], where
+        for members, buffer in views.buckets:
+            start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.nbytes
+            assert all(start <= t.data_ptr() < end for t in members), where
+    t = contribution(rank)
+    BucketViews([t["matrix"], t["half"]], bucket_bytes=16).communicate(reduce, average=True)
+    assert torch.equal(t["matrix"], (n + 1) / 2 * pattern((3, 4), torch.float32))
+    assert torch.equal(t["half"], (n + 1) / 2 * pattern((5,), torch.float16))
+
     communicate([], reduce)  # nothing to do, and no collective that peers would wait for
     communicate_async([], reduce).wait()
 
@@ -171,3 +201,45 @@ def test_average_refuses_integer_tensors():
         communicate(
             [torch.zeros(2), torch.zeros(2, dtype=torch.int64)], dist.all_reduce, average=True
         )
+
+
+def test_bucket_views_keep_parameters_optimizer_and_autograd_working():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    early_view = params[0].view(-1)  # taken before set_: cut loose from the parameter
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    views = BucketViews(params, bucket_bytes=64)
+    (buffer_a, buffer_b) = views.buffers[:2]
+    # Same objects, same values, now inside the buffers (first bucket: 0.weight, 0.bias).
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    assert params[0].data_ptr() == buffer_a.data_ptr() and params[0].is_leaf
+    assert params[0].requires_grad and isinstance(params[0], torch.nn.Parameter)
+    # Writing to the buffer is writing to the parameters, and the reverse.
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    moved = params[0].detach().clone()
+    assert not torch.equal(moved, before[0])
+    assert torch.equal(buffer_a[: moved.numel()].view_as(moved), moved)
+    assert torch.equal(early_view, before[0].view(-1)), "a view from before set_ stays behind"
+    buffer_b.zero_()
+    assert views.buckets[1][0][0].eq(0).all()
+
+
+def test_flatten_and_unflatten_are_one_call_each():
+    # 200 tensors would take 200 dispatches from a Python loop; here each direction is one
+    # call into C++ (which loops over the tensors itself).
+    tensors = [torch.full((3,), float(i)) for i in range(200)]
+    with torch.profiler.profile() as prof:
+        flat = flatten(tensors)
+        unflatten(flat * 2, tensors)
+    top_level = [e.name for e in prof.events() if e.cpu_parent is None]
+    assert top_level == [
+        "aten::flatten_dense_tensors",
+        "aten::mul",
+        "aten::unflatten_dense_tensors",
+        "aten::_foreach_copy_",
+    ]
+    assert tensors[7].eq(14).all()
