@@ -129,6 +129,34 @@ def plan_buckets(
     return buckets
 
 
+def plan_buckets_like_ddp(
+    tensors: Iterable[torch.Tensor], bucket_bytes: int, first_bucket_bytes: int | None = None
+) -> list[list[int]]:
+    """DDP's bucket assignment (reducer.cpp, `compute_bucket_assignment_by_size`): a tensor
+    joins the open bucket of its dtype and device, and that bucket closes as soon as it holds
+    `bucket_bytes` or more (`first_bucket_bytes` for the first one). Unlike `plan_buckets`, a
+    bucket overshoots its cap by its last tensor rather than closing early, so a large tensor
+    joins the small ones before it instead of pushing them into a bucket of their own, and
+    the final bucket, the one backward finishes last and nobody can hide, is what is left.
+    Buckets come out in the order they closed, then the open ones."""
+    limits: dict[tuple[torch.dtype, torch.device], int] = {}
+    open_buckets: dict[tuple[torch.dtype, torch.device], tuple[list[int], list[int]]] = {}
+    buckets: list[list[int]] = []
+    for i, t in enumerate(tensors):
+        key = (t.dtype, t.device)
+        if key not in limits:
+            limits[key] = first_bucket_bytes if first_bucket_bytes is not None else bucket_bytes
+        indices, size = open_buckets.setdefault(key, ([], [0]))
+        indices.append(i)
+        size[0] += t.numel() * t.element_size()
+        if size[0] >= limits[key]:
+            buckets.append(indices)
+            del open_buckets[key]
+            limits[key] = bucket_bytes
+    buckets += [indices for indices, _ in open_buckets.values()]
+    return buckets
+
+
 def _group(op: CommOp) -> dist.ProcessGroup | None:
     """The group the op runs on: the `group=` of a functools.partial, else None (WORLD)."""
     return op.keywords.get("group") if isinstance(op, functools.partial) else None

@@ -374,6 +374,7 @@ class CommTracer:
                             "bytes": e.bytes,
                             "start": e.start - r.t0,
                             "end": e.start + e.seconds - r.t0,
+                            "seconds": e.seconds,
                         }
                         for e in events
                     ],
@@ -405,6 +406,7 @@ class CommTracer:
             "ring_theory_sent_per_rank_per_step": self.ring_theory(),
             "sent_per_rank_per_step": [s["comm/sent_per_rank"] for s in self.steps],
             "bytes_per_step": [s["comm/bytes"] for s in self.steps],
+            "seconds_per_step": [s["comm/seconds"] for s in self.steps],
             "ops": ops,
         }
 

@@ -18,6 +18,7 @@ from comm.communicate import (
     communicate_async,
     flatten,
     plan_buckets,
+    plan_buckets_like_ddp,
     unflatten,
 )
 from tests import comm_world
@@ -243,3 +244,22 @@ def test_flatten_and_unflatten_are_one_call_each():
         "aten::_foreach_copy_",
     ]
     assert tensors[7].eq(14).all()
+
+
+def test_ddp_bucket_plan_equals_ddps_own():
+    """The library twin: torch's compute_bucket_assignment_by_size (what DDP's reducer calls,
+    with tensor_indices given: the rebuilt buckets, in the order gradients became ready)."""
+    from training.models import build_model
+
+    resnet = [p.detach() for p in build_model("resnet18", 3, 32, 10).parameters()][::-1]
+    mixed = [torch.zeros(3), torch.zeros(5, dtype=torch.float64), torch.zeros(7)]
+    mixed += [torch.zeros(1, dtype=torch.float64), torch.zeros(9), torch.zeros(40)]
+    for tensors, first, cap in [(resnet, 2**20, 25 * 2**20), (mixed, 16, 40), (mixed, 40, 40)]:
+        n = len(tensors)
+        want, _ = dist._compute_bucket_assignment_by_size(
+            tensors, [first, cap], [False] * n, list(range(n))
+        )
+        assert plan_buckets_like_ddp(tensors, cap, first) == want
+    # resnet18: DDP's last bucket (what is left when backward ends) is 8.3 MiB.
+    last = plan_buckets_like_ddp(resnet, 25 * 2**20, 2**20)[-1]
+    assert sum(resnet[i].numel() * 4 for i in last) / 2**20 == pytest.approx(8.33, abs=0.01)
