@@ -47,10 +47,11 @@ def chunk_bounds(numel: int, world_size: int) -> list[tuple[int, int]]:
 
 
 # Segments of this many bytes (rounded to whole elements) pipeline each ring step: see
-# ring_all_reduce. Measured by `python -m comm.bench --ops all_reduce ring_all_reduce` on 2
-# gloo ranks: 256 KiB to 1 MiB are best there; smaller segments pay a message's fixed cost
-# too often, larger ones leave too little to overlap.
-SEGMENT_BYTES = 512 * 2**10
+# ring_all_reduce. Each segment costs a round trip through gloo's transport thread and a
+# wake-up of this one; on a loaded 2-core box a wake-up can take a scheduler time slice, so
+# segments pay off only when they are large: `python -m benchmarks.bench_goals --skip
+# communicate overlap --segment-kib N` compares sizes (docs/communication-performance.md).
+SEGMENT_BYTES = 4 * 2**20
 
 
 def _exchange_async(

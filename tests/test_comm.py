@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from comm import bench, collectives
+from comm import bench, collectives, timeline
 from comm.compat import all_gather_single, reduce_scatter_single
 from comm.dist import UsageError, distributed
 from comm.ring import (
@@ -356,6 +356,20 @@ def test_train_ddp_writes_comm_to_summary_and_tensorboard(world):
     events.Reload()
     sent = [e.value for e in events.Scalars("comm/sent_per_rank")]
     assert sent == pytest.approx(summary["comm"]["sent_per_rank_per_step"])
+
+
+def test_timeline_of_the_ddp_run_adds_up_to_the_tracer(world):
+    """train_ddp.py --trace-comm wrote every rank's timeline; comm.timeline's totals are the
+    tracer's own per-step seconds (summary.json), and exposed <= busy <= total."""
+    _, tmp = world
+    result = timeline.main([str(tmp / "train")])
+    summary = json.loads((tmp / "train" / "summary.json").read_text())
+    assert [r["rank"] for r in result["per_rank"]] == list(range(W))
+    assert result["per_rank"][0]["total_s"] == sum(summary["comm"]["seconds_per_step"][1:])
+    for row in result["per_rank"]:
+        assert row["steps"] == TRAIN_STEPS - 1
+        assert 0 <= row["exposed_s"] <= row["busy_s"] <= row["total_s"] == row["tracer_total_s"]
+    assert (tmp / "train" / "timeline.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _trace_events(path: Path, name_prefix: str) -> list[dict]:
