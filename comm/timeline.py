@@ -124,7 +124,7 @@ def plot(ranks: list[dict], step: int, path: Path, title: str) -> None:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(11, 1.1 + 1.0 * len(ranks)))
+    fig, ax = plt.subplots(figsize=(11, 1.4 + 1.0 * len(ranks)))
     ticks, labels = [], []
     for lane, r in enumerate(ranks):
         s = r["steps"][step]
@@ -148,7 +148,13 @@ def plot(ranks: list[dict], step: int, path: Path, title: str) -> None:
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLOURS[n]) for n in COMPUTE]
     handles.append(plt.Rectangle((0, 0), 1, 1, color="tab:red"))
     ax.legend(
-        handles, [*COMPUTE, "collective (alternating colours)"], loc="upper right", fontsize=8
+        handles,
+        [*COMPUTE, "collectives (alternating colours), each from launch to completion"],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.12 - 0.3 / len(ranks)),
+        ncol=4,
+        fontsize=8,
+        frameon=False,
     )
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
