@@ -52,6 +52,17 @@ def chunk_bounds(numel: int, world_size: int) -> list[tuple[int, int]]:
 # segments pay off only when they are large: `python -m benchmarks.bench_goals --skip
 # communicate overlap --segment-kib N` compares sizes (docs/communication-performance.md).
 SEGMENT_BYTES = 4 * 2**20
+PIPELINE_DEPTH = 4  # segment exchanges in flight at once
+
+_WORKSPACES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A buffer of at least `numel` elements, reused from call to call (grown when needed)."""
+    buffer = _WORKSPACES.get((dtype, device))
+    if buffer is None or buffer.numel() < numel:
+        buffer = _WORKSPACES[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
 
 
 def _exchange_async(
@@ -90,14 +101,19 @@ def ring_all_reduce(
     neighbours of a rank are given as global ranks, which is what point-to-point ops take.
 
     Pipelining: each chunk is cut into the same number of segments (`segment_count`,
-    `chunk_bounds` again inside the chunk, so sender and receiver agree). The 2(W-1) ring
-    steps form one stream per segment index k: what step g+1 sends of segment k is exactly
-    what step g has just received (and, in the reduce-scatter, added) of segment k. So step
-    g+1's exchange of segment k is started the moment step g's segment k is done, while the
-    other segments are still on the wire: the add of one segment overlaps the transfer of
-    the next, as in gloo's and NCCL's rings. Every element still goes through the same
+    `chunk_bounds` again inside the chunk, so sender and receiver agree). The 2(W-1) steps
+    x nseg segments form one stream of exchanges, item i = (step i // nseg, segment
+    i % nseg), and what item i + nseg sends is exactly what item i has just received (and,
+    in the reduce-scatter, added). `PIPELINE_DEPTH` items are in flight at once: when item i
+    is done, item i + depth starts, so the add of one segment overlaps the transfer of the
+    next ones, as in gloo's and NCCL's rings. Every element still goes through the same
     additions in the same order as without segments (the result is bit-identical), and each
     byte is sent as often as before: 2(W-1)/W of the tensor per rank.
+
+    The reduce-scatter receives into `depth` segment-sized inboxes (item i uses inbox
+    i % depth, free again once item i - depth was added), kept between calls (`_workspace`):
+    a fresh buffer of that size would be page-faulted in on every call, which costs as much
+    as the transfer itself. So calls from several threads at once are not supported.
     """
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
@@ -111,11 +127,11 @@ def ring_all_reduce(
     nseg = segment_count(flat.numel(), world, flat.element_size(), segment_bytes)
     # segments[c][k]: segment k of chunk c.
     segments = [[flat[a + i : a + j] for i, j in chunk_bounds(b - a, nseg)] for a, b in bounds]
-    # One inbox for the reduce-scatter: segment k of step g+1 is received only after
-    # segment k of step g was added, so its part of the inbox is free again.
-    inbox = torch.empty(bounds[0][1] - bounds[0][0], dtype=flat.dtype, device=flat.device)
-    inbox_segments = [inbox[i:j] for i, j in chunk_bounds(inbox.numel(), nseg)]
-    steps = 2 * (world - 1)
+    depth = min(nseg, PIPELINE_DEPTH)
+    largest = segments[0][0].numel()  # chunk 0 and its segment 0 are the largest
+    space = _workspace(depth * largest, flat.dtype, flat.device)
+    inboxes = [space[d * largest : (d + 1) * largest] for d in range(depth)]
+    items = 2 * (world - 1) * nseg
 
     def chunks(g: int) -> tuple[int, int]:
         """(chunk sent, chunk received) at step g. Reduce-scatter, steps 0..W-2: send the
@@ -126,23 +142,25 @@ def ring_all_reduce(
         shift = 0 if g < world - 1 else 1
         return (rank - s + shift) % world, (rank - s - 1 + shift) % world
 
-    def start(g: int, k: int) -> tuple[int, int, list[dist.Work]]:
+    def start(i: int) -> tuple[int, list[dist.Work]]:
+        g, k = divmod(i, nseg)
         out, into = chunks(g)
         into_seg = segments[into][k]
-        # Reduce-scatter receives into the inbox (to add), all-gather straight into place.
-        target = inbox_segments[k][: into_seg.numel()] if g < world - 1 else into_seg
-        return g, k, _exchange_async(segments[out][k], target, right, left, group, traffic)
+        # Reduce-scatter receives into an inbox (to add), all-gather straight into place.
+        target = inboxes[i % depth][: into_seg.numel()] if g < world - 1 else into_seg
+        return i, _exchange_async(segments[out][k], target, right, left, group, traffic)
 
-    in_flight = deque(start(0, k) for k in range(nseg))
+    in_flight = deque(start(i) for i in range(depth))
     while in_flight:
-        g, k, works = in_flight.popleft()
+        i, works = in_flight.popleft()
         for work in works:
             work.wait()
+        g, k = divmod(i, nseg)
         if g < world - 1:
             into_seg = segments[chunks(g)[1]][k]
-            into_seg.add_(inbox_segments[k][: into_seg.numel()])
-        if g + 1 < steps:
-            in_flight.append(start(g + 1, k))
+            into_seg.add_(inboxes[i % depth][: into_seg.numel()])
+        if i + depth < items:
+            in_flight.append(start(i + depth))
 
     if flat.data_ptr() != tensor.data_ptr():
         tensor.copy_(flat.view_as(tensor))
