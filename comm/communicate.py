@@ -20,10 +20,10 @@ tensors cost more than the all-reduce of their 832 KB). So each direction is one
 C++: `torch._utils._flatten_dense_tensors` (one `cat` of the tensors' flat views) and
 `torch._foreach_copy_` into the views that `_unflatten_dense_tensors` cuts out of the
 buffer. They are private names, but the ones torch.nn.parallel.comm (DataParallel's
-coalesced reduce), Megatron-LM and DeepSpeed use for exactly this; what is left is two
-passes over the bytes at memory bandwidth.
+coalesced reduce), Megatron-LM and DeepSpeed use for exactly this. What is left is two
+passes over the bytes and, inside C++, a view and a copy kernel per tensor (1-3 us each).
 
-`BucketViews` removes even those passes: it moves each tensor's storage into its bucket's
+`BucketViews` removes even those: it moves each tensor's storage into its bucket's
 flat buffer once, with `Tensor.set_`, so that afterwards the collective runs on the buffer and
 the tensors already hold the result (DDP's `gradient_as_bucket_view=True` for gradients).
 
