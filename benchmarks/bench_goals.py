@@ -47,7 +47,7 @@ from comm.dist import DistEnv, distributed, rank0_logger, run_cli
 from comm.ring import SEGMENT_BYTES, ring_all_reduce
 from comm.sync import make_sync
 from training.cli import Parser, positive
-from training.models import build_model
+from training.models import MODELS, build_model
 
 RING_MIB = (4, 16, 64, 256)
 
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=SEGMENT_BYTES // 2**10,
         help="ring_all_reduce's pipeline segment, KiB",
     )
-    p.add_argument("--model", default="resnet18", help="network of goal 4")
+    p.add_argument("--model", default="resnet18", choices=MODELS, help="network of goal 4")
     p.add_argument("--batch-size", type=positive, default=16, help="goal 4: samples per rank")
     p.add_argument("--steps", type=positive, default=2, help="goal 4: timed steps per round")
     p.add_argument(
