@@ -119,6 +119,8 @@ def goal_communicate(args: argparse.Namespace, env: DistEnv) -> list[tuple]:
     # What the copying mode really pays besides the bytes: a few microseconds per tensor
     # inside C++ (a view and a copy kernel launch each), timed without any collective.
     copies = fastest(lambda: unflatten(flatten(copied), copied), 20, env)
+    big, big_out = torch.ones(16 * 2**20, device=env.device), torch.empty(16 * 2**20)
+    dram = fastest(lambda: big_out.copy_(big), 2, env)  # 64 MiB: main memory, not cache
     base = times["all_reduce, 1 flat buffer"]
     what = f"{len(copied)} tensors, {nbytes / 1e3:.0f} KB"
     limit_copy = 1 + 2 * copy / base
@@ -136,6 +138,7 @@ def goal_communicate(args: argparse.Namespace, env: DistEnv) -> list[tuple]:
          times["all_reduce per tensor"] / times["BucketViews (no copy)"], ">= 10x", ""),
         ("1", f"memory: copy of {what.split(': ')[0]} ({nbytes / 1e3:.0f} KB)", copy,
          nbytes / copy / 1e9, "", "GB/s copied"),
+        ("1", "memory: copy of 64 MiB", dram, big.nbytes / dram / 1e9, "", "GB/s copied"),
     ]  # fmt: skip
 
 
