@@ -119,7 +119,8 @@ def goal_communicate(args: argparse.Namespace, env: DistEnv) -> list[tuple]:
     # What the copying mode really pays besides the bytes: a few microseconds per tensor
     # inside C++ (a view and a copy kernel launch each), timed without any collective.
     copies = fastest(lambda: unflatten(flatten(copied), copied), 20, env)
-    big, big_out = torch.ones(16 * 2**20, device=env.device), torch.empty(16 * 2**20)
+    big = torch.ones(16 * 2**20, device=env.device)
+    big_out = torch.empty_like(big)
     dram = fastest(lambda: big_out.copy_(big), 2, env)  # 64 MiB: main memory, not cache
     base = times["all_reduce, 1 flat buffer"]
     what = f"{len(copied)} tensors, {nbytes / 1e3:.0f} KB"
