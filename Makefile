@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_sync --out-dir bench_out $(BENCH_NPROC)
 	$(BIN)/python -m benchmarks.bench_dp_ddp --out-dir bench_out $(BENCH_NPROC)
 	$(BIN)/python -m comm.bench --out-dir bench_out $(BENCH_NPROC)
+	$(BIN)/python -m benchmarks.bench_goals --out-dir bench_out $(BENCH_NPROC)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
