@@ -14,6 +14,7 @@ is why the batch is large and the layers narrow); the bound is 0.3.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,27 @@ def test_interval_arithmetic():
 def test_refuses_a_directory_without_a_timeline(tmp_path):
     with pytest.raises(UsageError, match="no timeline"):
         timeline.main([str(tmp_path)])
+
+
+def test_observer_writes_the_timeline_on_a_clean_exit_only(tmp_path):
+    """training/observe.py hands the run's exception to the tracer, which writes
+    <out-dir>/timeline/ only when the run ended cleanly (a failed run leaves no file)."""
+    import argparse
+
+    from comm.dist import DistEnv
+    from training.observe import Observer
+
+    env = DistEnv(0, 0, 1, 1, "none", torch.device("cpu"))
+    args = argparse.Namespace(trace_comm=True, profile=False)
+    for fails in (False, True):
+        out = tmp_path / ("failed" if fails else "clean")
+        model = nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        expect = pytest.raises(RuntimeError) if fails else contextlib.nullcontext()
+        with expect, Observer(args, env, model, out) as observer:
+            model(torch.ones(4, 3)).sum().backward()
+            optimizer.step()
+            observer.step()
+            if fails:
+                raise RuntimeError("the run failed")
+        assert (out / "timeline" / "rank0.json").exists() != fails
