@@ -56,6 +56,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_dp_ddp --out-dir bench_out $(BENCH_NPROC)
 	$(BIN)/python -m comm.bench --out-dir bench_out $(BENCH_NPROC)
 	$(BIN)/python -m benchmarks.bench_zero --out-dir bench_out $(BENCH_NPROC)
+	$(BIN)/python -m benchmarks.bench_goals --out-dir bench_out $(BENCH_NPROC)
 
 # Every torchrun script of the repository (the pitfalls in both modes, train_ddp.py in each
 # --sync mode) RUNS times, two at once so the machine is loaded: any abort at exit, wrong exit

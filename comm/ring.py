@@ -19,6 +19,7 @@ received, which `ring_bytes_sent_by_rank` / `naive_bytes_sent_by_rank` predict e
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -45,29 +46,74 @@ def chunk_bounds(numel: int, world_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _exchange(
+# Segments of this many bytes (rounded to whole elements) pipeline each ring step: see
+# ring_all_reduce. Each segment costs a round trip through gloo's transport thread and a
+# wake-up of this one; on a loaded 2-core box a wake-up can take a scheduler time slice, so
+# segments pay off only when they are large: `python -m benchmarks.bench_goals --skip
+# communicate overlap --segment-kib N` compares sizes (docs/communication-performance.md).
+SEGMENT_BYTES = 4 * 2**20
+PIPELINE_DEPTH = 4  # segment exchanges in flight at once
+
+_WORKSPACES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A buffer of at least `numel` elements, reused from call to call (grown when needed)."""
+    buffer = _WORKSPACES.get((dtype, device))
+    if buffer is None or buffer.numel() < numel:
+        buffer = _WORKSPACES[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
+
+
+def _exchange_async(
     send: torch.Tensor, recv: torch.Tensor, right: int, left: int, group, traffic: Traffic
-) -> None:
-    """Send to the right and receive from the left at the same time. batch_isend_irecv issues
-    both as one group: on NCCL a lone blocking send could wait forever for a peer that is
-    itself blocked in its own send."""
+) -> list[dist.Work]:
+    """Start sending to the right and receiving from the left at the same time; return the
+    work handles. batch_isend_irecv issues both as one group: on NCCL a lone blocking send
+    could wait forever for a peer that is itself blocked in its own send."""
     ops = []
     if send.numel():
         ops.append(dist.P2POp(dist.isend, send, right, group))
     if recv.numel():
         ops.append(dist.P2POp(dist.irecv, recv, left, group))
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
     traffic.sent += send.numel() * send.element_size()
     traffic.received += recv.numel() * recv.element_size()
+    return dist.batch_isend_irecv(ops) if ops else []
 
 
-def ring_all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> Traffic:
-    """Sum `tensor` over all ranks in place, by reduce-scatter then all-gather around a ring.
+def segment_count(numel: int, world_size: int, element_size: int, segment_bytes: int) -> int:
+    """How many segments each chunk is cut into: enough that the largest chunk's segments
+    hold at most `segment_bytes` (and at least one element)."""
+    largest = -(-numel // world_size)  # chunk_bounds' first chunk
+    per_segment = max(segment_bytes // element_size, 1)
+    return max(-(-largest // per_segment), 1)
+
+
+def ring_all_reduce(
+    tensor: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    segment_bytes: int = SEGMENT_BYTES,
+) -> Traffic:
+    """Sum `tensor` over all ranks in place, by reduce-scatter then all-gather around a ring,
+    pipelined in segments of about `segment_bytes`.
 
     Chunk sizes follow `chunk_bounds`, so the two phases agree on them on every rank. Both
     neighbours of a rank are given as global ranks, which is what point-to-point ops take.
+
+    Pipelining: each chunk is cut into the same number of segments (`segment_count`,
+    `chunk_bounds` again inside the chunk, so sender and receiver agree). The 2(W-1) steps
+    x nseg segments form one stream of exchanges, item i = (step i // nseg, segment
+    i % nseg), and what item i + nseg sends is exactly what item i has just received (and,
+    in the reduce-scatter, added). `PIPELINE_DEPTH` items are in flight at once: when item i
+    is done, item i + depth starts, so the add of one segment overlaps the transfer of the
+    next ones, as in gloo's and NCCL's rings. Every element still goes through the same
+    additions in the same order as without segments (the result is bit-identical), and each
+    byte is sent as often as before: 2(W-1)/W of the tensor per rank.
+
+    The reduce-scatter receives into `depth` segment-sized inboxes (item i uses inbox
+    i % depth, free again once item i - depth was added), kept between calls (`_workspace`):
+    a fresh buffer of that size would be page-faulted in on every call, which costs as much
+    as the transfer itself. So calls from several threads at once are not supported.
     """
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
@@ -78,21 +124,43 @@ def ring_all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None
     right, left = ranks[(rank + 1) % world], ranks[(rank - 1) % world]
     flat = tensor.view(-1) if tensor.is_contiguous() else tensor.reshape(-1).clone()
     bounds = chunk_bounds(flat.numel(), world)
-    chunk = [flat[a:b] for a, b in bounds]
-    inbox = torch.empty(bounds[0][1] - bounds[0][0], dtype=flat.dtype, device=flat.device)
+    nseg = segment_count(flat.numel(), world, flat.element_size(), segment_bytes)
+    # segments[c][k]: segment k of chunk c.
+    segments = [[flat[a + i : a + j] for i, j in chunk_bounds(b - a, nseg)] for a, b in bounds]
+    depth = min(nseg, PIPELINE_DEPTH)
+    largest = segments[0][0].numel()  # chunk 0 and its segment 0 are the largest
+    space = _workspace(depth * largest, flat.dtype, flat.device)
+    inboxes = [space[d * largest : (d + 1) * largest] for d in range(depth)]
+    items = 2 * (world - 1) * nseg
 
-    # Step s: send the partial sum of chunk (r - s), receive chunk (r - s - 1) and add your own
-    # contribution to it. After W-1 steps chunk (r + 1) has passed through every rank.
-    for s in range(world - 1):
-        out, into = chunk[(rank - s) % world], chunk[(rank - s - 1) % world]
-        received = inbox[: into.numel()]
-        _exchange(out, received, right, left, group, traffic)
-        into.add_(received)
+    def chunks(g: int) -> tuple[int, int]:
+        """(chunk sent, chunk received) at step g. Reduce-scatter, steps 0..W-2: send the
+        partial sum of chunk r - g, receive chunk r - g - 1 and add your own contribution
+        to it; afterwards chunk r + 1 has passed through every rank. All-gather, step
+        W-1+s: forward the finished chunk r + 1 - s, receive the finished chunk r - s."""
+        s = g if g < world - 1 else g - (world - 1)
+        shift = 0 if g < world - 1 else 1
+        return (rank - s + shift) % world, (rank - s - 1 + shift) % world
 
-    # Step s: forward the finished chunk (r + 1 - s), receive the finished chunk (r - s).
-    for s in range(world - 1):
-        out, into = chunk[(rank + 1 - s) % world], chunk[(rank - s) % world]
-        _exchange(out, into, right, left, group, traffic)
+    def start(i: int) -> tuple[int, list[dist.Work]]:
+        g, k = divmod(i, nseg)
+        out, into = chunks(g)
+        into_seg = segments[into][k]
+        # Reduce-scatter receives into an inbox (to add), all-gather straight into place.
+        target = inboxes[i % depth][: into_seg.numel()] if g < world - 1 else into_seg
+        return i, _exchange_async(segments[out][k], target, right, left, group, traffic)
+
+    in_flight = deque(start(i) for i in range(depth))
+    while in_flight:
+        i, works = in_flight.popleft()
+        for work in works:
+            work.wait()
+        g, k = divmod(i, nseg)
+        if g < world - 1:
+            into_seg = segments[chunks(g)[1]][k]
+            into_seg.add_(inboxes[i % depth][: into_seg.numel()])
+        if i + depth < items:
+            in_flight.append(start(i + depth))
 
     if flat.data_ptr() != tensor.data_ptr():
         tensor.copy_(flat.view_as(tensor))

@@ -19,6 +19,12 @@ collectives, the bytes each rank sends if every collective runs as a bandwidth-o
 gradient payload per step is the model's gradient bytes, so a rank sends 2(N-1)/N x model
 bytes per step: `summary()` puts that theory next to the measurement.
 
+With `out_dir`, the tracer also keeps a timeline: each collective's start and end, and the
+phases of each step (forward and backward from module and gradient hooks, the optimizer step
+from torch.optim's global step hooks), all relative to the step's start, written on a clean
+exit to <out_dir>/timeline/rank<R>.json. `python -m comm.timeline <out_dir>` draws them and
+computes how much of the communication was hidden behind computation.
+
 Times are host wall time. With gloo a synchronous call returns when the data has moved; an
 async call (DDP's buckets) is timed until its future completes. With NCCL a call returns once
 the kernel is queued, so the seconds are launch cost; use the profiler (`make_profiler`) to see
@@ -30,9 +36,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
+import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +49,10 @@ import torch.distributed.distributed_c10d as c10d
 import torch.nn as nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from comm.ring import bus_factor
 
@@ -109,19 +121,46 @@ class Event:
     bytes: int  # payload_bytes
     sent: float  # bytes this rank sends (ring model for collectives)
     seconds: float
+    start: float = 0.0  # time.perf_counter() when it was issued
+    # An async collective: the future that completes once `seconds` holds its whole time.
+    timed: torch.futures.Future | None = field(default=None, repr=False, compare=False)
+
+    def settle(self) -> None:
+        """Wait until an async event's duration is final (its work was waited for already:
+        this only waits for the timing callback, which runs right after completion)."""
+        if self.timed is not None:
+            self.timed.wait()
+            self.timed = None
+
+
+@dataclass
+class StepRecord:
+    """One training step as the timeline sees it: [t0, t1] in perf_counter seconds, the
+    compute phases ([name, start, end]) and the range of its events in `CommTracer.events`."""
+
+    t0: float
+    t1: float = 0.0
+    phases: list[list] = field(default_factory=list)
+    first_event: int = 0
+    last_event: int = 0
 
 
 class CommTracer:
     """Record every collective issued while active; see the module docstring."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, out_dir: Path | str | None = None) -> None:
         self.enabled = enabled
+        self.out_dir = Path(out_dir) if out_dir is not None else None
         self.events: list[Event] = []
         self.steps: list[dict[str, float]] = []
+        self.records: list[StepRecord] = []  # the timeline, one per end_step()
         self.model_bytes = 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
         self._step_start = 0
+        self._current = StepRecord(time.perf_counter())
         self._saved: list[tuple[object, str, object]] = []
+        self._handles: list = []  # hooks to remove in stop()
         self._local = threading.local()  # depth of traced calls on this thread
 
     # ---- recording -------------------------------------------------------------------------
@@ -146,14 +185,14 @@ class CommTracer:
             sent = _sent_bytes(name, bound.args, payload, world)
             event = Event(name, TRACED[name], payload, sent, 0.0)
             self._local.depth = 1
-            start = time.perf_counter()
+            start = event.start = time.perf_counter()
             try:
                 result = fn(*args, **kwargs)
             finally:
                 self._local.depth = 0
             event.seconds = time.perf_counter() - start
             if isinstance(result, dist.Work) and bound.arguments.get("async_op"):
-                result.get_future().then(
+                event.timed = result.get_future().then(
                     lambda _: setattr(event, "seconds", time.perf_counter() - start)
                 )
             self.events.append(event)
@@ -174,7 +213,7 @@ class CommTracer:
             0.0,
         )
         self.events.append(event)
-        start = time.perf_counter()
+        start = event.start = time.perf_counter()
         self._local.depth = 1  # the hook's own dist.all_reduce is this event, not another
         try:
             future = default_hooks.allreduce_hook(state, bucket)
@@ -195,16 +234,65 @@ class CommTracer:
         if not self.enabled:
             return
         self.model_bytes = sum(_nbytes(p) for p in model.parameters() if p.requires_grad)
+        self._handles += [
+            model.register_forward_pre_hook(self._forward_start),
+            model.register_forward_hook(self._forward_end),
+        ]
+        for p in model.parameters():
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_ready))
         if isinstance(model, DDP):
             # DDP takes one hook. If a sync strategy registered its own, that hook's Python
             # collectives go through torch.distributed and are recorded there instead.
             with contextlib.suppress(RuntimeError):
                 model.register_comm_hook(None, self._ddp_hook)
 
+    # ---- phases of a step, for the timeline --------------------------------------------------
+    # Forward: the model's outermost call. Backward: from the moment the gradient of the
+    # model's output exists (a hook on the output tensor) to the last parameter gradient
+    # accumulated. Optimizer: torch.optim's global step hooks. The loss between forward
+    # and backward, data loading and logging are in no phase.
+
+    def _phase(self, name: str) -> list:
+        phase = [name, time.perf_counter(), None]
+        self._current.phases.append(phase)
+        return phase
+
+    def _forward_start(self, module: nn.Module, args) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._forward = self._phase("forward")
+
+    def _forward_end(self, module: nn.Module, args, output) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._forward[2] = time.perf_counter()
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(self._backward_start)
+
+    def _backward_start(self, grad: torch.Tensor) -> None:
+        self._backward = self._phase("backward")
+        self._backward[2] = self._backward[1]
+
+    def _grad_ready(self, param: torch.Tensor) -> None:
+        backward = getattr(self, "_backward", None)
+        if backward is not None:
+            backward[2] = time.perf_counter()
+
+    def _optimizer_start(self, optimizer, args, kwargs) -> None:
+        self._optimizer = self._phase("optimizer")
+
+    def _optimizer_end(self, optimizer, args, kwargs) -> None:
+        self._optimizer[2] = time.perf_counter()
+
     def start(self) -> CommTracer:
         """Wrap the collective functions in torch.distributed."""
         if self.enabled and not self._saved:
             self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+            self.rank = dist.get_rank() if dist.is_initialized() else 0
+            self._current = StepRecord(time.perf_counter())
+            self._handles += [
+                register_optimizer_step_pre_hook(self._optimizer_start),
+                register_optimizer_step_post_hook(self._optimizer_end),
+            ]
             wrapped = {}  # id(original) -> wrapper
             for name in TRACED:
                 original = getattr(c10d, name, None)
@@ -221,16 +309,21 @@ class CommTracer:
         return self
 
     def stop(self) -> None:
-        """Put the original functions back."""
+        """Put the original functions back and remove the hooks."""
         for module, attr, value in reversed(self._saved):
             setattr(module, attr, value)
         self._saved.clear()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     def __enter__(self) -> CommTracer:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.stop()
+        if exc_type is None and self.enabled and self.out_dir is not None and self.records:
+            self.write_timeline(self.out_dir / "timeline" / f"rank{self.rank}.json")
 
     # ---- reporting -------------------------------------------------------------------------
 
@@ -240,6 +333,13 @@ class CommTracer:
         if not self.enabled:
             return {}
         events = self.events[self._step_start :]
+        for e in events:
+            e.settle()
+        record = self._current
+        record.t1 = time.perf_counter()
+        record.first_event, record.last_event = self._step_start, len(self.events)
+        self.records.append(record)
+        self._current = StepRecord(record.t1)
         self._step_start = len(self.events)
         totals = {
             "comm/bytes": float(sum(e.bytes for e in events)),
@@ -256,6 +356,41 @@ class CommTracer:
         model's gradient bytes."""
         return bus_factor("all_reduce", self.world_size) * self.model_bytes
 
+    def timeline(self) -> dict:
+        """Every step's phases and collectives, in seconds from the step's start."""
+        steps = []
+        for r in self.records:
+            events = self.events[r.first_event : r.last_event]
+            steps.append(
+                {
+                    "duration": r.t1 - r.t0,
+                    "phases": [
+                        [name, a - r.t0, (b if b is not None else a) - r.t0]
+                        for name, a, b in r.phases
+                    ],
+                    "comm": [
+                        {
+                            "name": e.name,
+                            "bytes": e.bytes,
+                            "start": e.start - r.t0,
+                            "end": e.start + e.seconds - r.t0,
+                            "seconds": e.seconds,
+                        }
+                        for e in events
+                    ],
+                    # What end_step() reported for the step (TensorBoard's comm/seconds).
+                    "tracer_seconds": self.steps[len(steps)]["comm/seconds"],
+                }
+            )
+        return {"rank": self.rank, "world_size": self.world_size, "steps": steps}
+
+    def write_timeline(self, path: Path) -> None:
+        """`timeline()` as JSON, written atomically (a reader never sees half a file)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.timeline()))
+        os.replace(tmp, path)
+
     def summary(self) -> dict:
         """Everything recorded, for summary.json."""
         ops: dict[str, dict[str, float]] = {}
@@ -271,6 +406,7 @@ class CommTracer:
             "ring_theory_sent_per_rank_per_step": self.ring_theory(),
             "sent_per_rank_per_step": [s["comm/sent_per_rank"] for s in self.steps],
             "bytes_per_step": [s["comm/bytes"] for s in self.steps],
+            "seconds_per_step": [s["comm/seconds"] for s in self.steps],
             "ops": ops,
         }
 

@@ -10,6 +10,7 @@ subgroups. The tour at 2 ranks is checked through a real torchrun of `-m comm.co
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import json
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.run import get_args_parser
 
-from comm import bench, collectives
+from comm import bench, collectives, timeline
 from comm.compat import all_gather_single, reduce_scatter_single
 from comm.dist import UsageError, distributed
 from comm.ring import (
@@ -29,6 +30,7 @@ from comm.ring import (
     naive_bytes_sent_by_rank,
     ring_all_reduce,
     ring_bytes_sent_by_rank,
+    segment_count,
 )
 from comm.tracer import CommTracer, make_profiler
 from tests.multiproc import run_world, torchrun
@@ -57,7 +59,13 @@ def _ring_checks(rank: int, group: dist.ProcessGroup | None) -> list[dict]:
         # < 1e-14; 1e-12 leaves 100x, and a chunk added twice or not at all is off by ~1.
         noisy = torch.randn(n, generator=g, dtype=torch.float64)
         checks = {"n": n}
-        for name, fn in (("ring", ring_all_reduce), ("naive", naive_all_reduce)):
+        variants = [("ring", ring_all_reduce), ("naive", naive_all_reduce)]
+        # The pipelined ring with many segments per chunk: 1 KiB, and 3 elements (up to
+        # ~100 segments per chunk, so the sizes stay small there).
+        variants.append(("ring-1k", functools.partial(ring_all_reduce, segment_bytes=1024)))
+        if n <= 1000:
+            variants.append(("ring-3el", functools.partial(ring_all_reduce, segment_bytes=12)))
+        for name, fn in variants:
             want, got = exact.clone(), exact.clone()
             dist.all_reduce(want, group=group)
             traffic = fn(got, group=group)
@@ -241,7 +249,9 @@ def test_ring_and_naive_equal_dist_all_reduce(world, w):
         assert last == {"noncontiguous": True}
         assert [c["n"] for c in sizes] == RING_SIZES
         for c in sizes:
-            for name in ("ring", "naive"):
+            names = ["ring", "naive", "ring-1k"] + (["ring-3el"] if c["n"] <= 1000 else [])
+            assert sorted(k for k in c if k != "n") == sorted(names)
+            for name in names:
                 assert c[name]["equal"] and c[name]["close"], (name, c["n"])
 
 
@@ -252,6 +262,12 @@ def test_ring_bytes_match_theory(world, w):
     for i, n in enumerate(RING_SIZES):
         ring_sent = [per_rank[r][i]["ring"]["sent"] for r in range(w)]
         assert ring_sent == ring_bytes_sent_by_rank(n, 4, w)
+        # Segments change how the bytes are cut, never how many cross the wire.
+        for name in ["ring-1k"] + (["ring-3el"] if n <= 1000 else []):
+            assert [per_rank[r][i][name]["sent"] for r in range(w)] == ring_sent, name
+            assert [per_rank[r][i][name]["received"] for r in range(w)] == [
+                per_rank[r][i]["ring"]["received"] for r in range(w)
+            ], name
         # every chunk crosses W-1 links in each phase: 2(W-1) tensors in all
         assert sum(ring_sent) == 2 * (w - 1) * n * 4
         assert sum(per_rank[r][i]["ring"]["received"] for r in range(w)) == sum(ring_sent)
@@ -261,6 +277,18 @@ def test_ring_bytes_match_theory(world, w):
         assert (
             naive_sent == naive_bytes_sent_by_rank(n, 4, w) == [(w - 1) * n * 4] + [n * 4] * (w - 1)
         )
+
+
+def test_segments_hold_at_most_segment_bytes():
+    for n in (1, 7, 100, 4099, 100000):
+        for w in (2, 3, 4):
+            for seg in (4, 12, 1024, 2**19):
+                k = segment_count(n, w, 4, seg)
+                largest = max(b - a for a, b in chunk_bounds(n, w))
+                pieces = [j - i for i, j in chunk_bounds(largest, k)]
+                assert max(pieces) * 4 <= max(seg, 4), (n, w, seg)
+                # and no more segments than that needs: one fewer would overflow one
+                assert k == 1 or -(-largest // (k - 1)) * 4 > seg, (n, w, seg)
 
 
 def test_chunk_bounds_cover_the_tensor():
@@ -329,6 +357,20 @@ def test_train_ddp_writes_comm_to_summary_and_tensorboard(world):
     events.Reload()
     sent = [e.value for e in events.Scalars("comm/sent_per_rank")]
     assert sent == pytest.approx(summary["comm"]["sent_per_rank_per_step"])
+
+
+def test_timeline_of_the_ddp_run_adds_up_to_the_tracer(world):
+    """train_ddp.py --trace-comm wrote every rank's timeline; comm.timeline's totals are the
+    tracer's own per-step seconds (summary.json), and exposed <= busy <= total."""
+    _, tmp = world
+    result = timeline.main([str(tmp / "train")])
+    summary = json.loads((tmp / "train" / "summary.json").read_text())
+    assert [r["rank"] for r in result["per_rank"]] == list(range(W))
+    assert result["per_rank"][0]["total_s"] == sum(summary["comm"]["seconds_per_step"][1:])
+    for row in result["per_rank"]:
+        assert row["steps"] == TRAIN_STEPS - 1
+        assert 0 <= row["exposed_s"] <= row["busy_s"] <= row["total_s"] == row["tracer_total_s"]
+    assert (tmp / "train" / "timeline.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _trace_events(path: Path, name_prefix: str) -> list[dict]:

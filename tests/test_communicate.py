@@ -12,7 +12,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from comm.communicate import communicate, communicate_async, flatten, plan_buckets, unflatten
+from comm.communicate import (
+    BucketViews,
+    communicate,
+    communicate_async,
+    flatten,
+    plan_buckets,
+    plan_buckets_like_ddp,
+    unflatten,
+)
 from tests import comm_world
 
 
@@ -125,6 +133,29 @@ def check_group(rank: int, n: int, group) -> None:
     assert torch.equal(t["big"], n * pattern((40, 25), torch.float32))
     assert torch.equal(t["strided"], n * pattern((4, 3), torch.float32))
 
+    # The persistent mode gives the copying mode's results, in the same tensor objects, which
+    # now live in the bucket buffers; a second call (each training step) is right again.
+    for bucket_bytes in (None, 64):
+        copied, viewed = contribution(rank), contribution(rank)
+        objects = [id(viewed[name]) for name in PASSED]
+        views = BucketViews([viewed[name] for name in PASSED], bucket_bytes)
+        where = f"group of {n}, rank {rank}, BucketViews({bucket_bytes})"
+        sent = [copied[name] for name in PASSED if copied[name].numel()]
+        assert len(views.buffers) == len(plan_buckets(sent, bucket_bytes)), where
+        for _ in range(2):
+            communicate([copied[name] for name in PASSED], reduce, bucket_bytes=bucket_bytes)
+            views.communicate(reduce)
+            for name in PASSED:
+                assert torch.equal(viewed[name], copied[name]), f"{name} ({where})"
+        assert objects == [id(viewed[name]) for name in PASSED], where
+        for members, buffer in views.buckets:
+            start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.nbytes
+            assert all(start <= t.data_ptr() < end for t in members), where
+    t = contribution(rank)
+    BucketViews([t["matrix"], t["half"]], bucket_bytes=16).communicate(reduce, average=True)
+    assert torch.equal(t["matrix"], (n + 1) / 2 * pattern((3, 4), torch.float32))
+    assert torch.equal(t["half"], (n + 1) / 2 * pattern((5,), torch.float16))
+
     communicate([], reduce)  # nothing to do, and no collective that peers would wait for
     communicate_async([], reduce).wait()
 
@@ -182,3 +213,64 @@ def test_from_comm_import_communicate_is_the_function():
     assert imported is communicate and callable(imported)
     module = importlib.import_module("comm.communicate")
     assert module.communicate is communicate and module.flatten is flatten
+
+
+def test_bucket_views_keep_parameters_optimizer_and_autograd_working():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    early_view = params[0].view(-1)  # taken before set_: cut loose from the parameter
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    views = BucketViews(params, bucket_bytes=64)
+    (buffer_a, buffer_b) = views.buffers[:2]
+    # Same objects, same values, now inside the buffers (first bucket: 0.weight, 0.bias).
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    assert params[0].data_ptr() == buffer_a.data_ptr() and params[0].is_leaf
+    assert params[0].requires_grad and isinstance(params[0], torch.nn.Parameter)
+    # Writing to the buffer is writing to the parameters, and the reverse.
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    moved = params[0].detach().clone()
+    assert not torch.equal(moved, before[0])
+    assert torch.equal(buffer_a[: moved.numel()].view_as(moved), moved)
+    assert torch.equal(early_view, before[0].view(-1)), "a view from before set_ stays behind"
+    buffer_b.zero_()
+    assert views.buckets[1][0][0].eq(0).all()
+
+
+def test_flatten_and_unflatten_are_one_call_each():
+    # 200 tensors would take 200 dispatches from a Python loop; here each direction is one
+    # call into C++ (which loops over the tensors itself).
+    tensors = [torch.full((3,), float(i)) for i in range(200)]
+    with torch.profiler.profile() as prof:
+        flat = flatten(tensors)
+        unflatten(flat * 2, tensors)
+    top_level = [e.name for e in prof.events() if e.cpu_parent is None]
+    assert top_level == [
+        "aten::flatten_dense_tensors",
+        "aten::mul",
+        "aten::unflatten_dense_tensors",
+        "aten::_foreach_copy_",
+    ]
+    assert tensors[7].eq(14).all()
+
+
+def test_ddp_bucket_plan_equals_ddps_own():
+    """The library twin: torch's compute_bucket_assignment_by_size (what DDP's reducer calls,
+    with tensor_indices given: the rebuilt buckets, in the order gradients became ready)."""
+    from training.models import build_model
+
+    resnet = [p.detach() for p in build_model("resnet18", 3, 32, 10).parameters()][::-1]
+    mixed = [torch.zeros(3), torch.zeros(5, dtype=torch.float64), torch.zeros(7)]
+    mixed += [torch.zeros(1, dtype=torch.float64), torch.zeros(9), torch.zeros(40)]
+    for tensors, first, cap in [(resnet, 2**20, 25 * 2**20), (mixed, 16, 40), (mixed, 40, 40)]:
+        n = len(tensors)
+        want, _ = dist._compute_bucket_assignment_by_size(
+            tensors, [first, cap], [False] * n, list(range(n))
+        )
+        assert plan_buckets_like_ddp(tensors, cap, first) == want
+    # resnet18: DDP's last bucket (what is left when backward ends) is 8.3 MiB.
+    last = plan_buckets_like_ddp(resnet, 25 * 2**20, 2**20)[-1]
+    assert sum(resnet[i].numel() * 4 for i in last) / 2**20 == pytest.approx(8.33, abs=0.01)

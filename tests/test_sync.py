@@ -56,7 +56,9 @@ def overlap_in_flight(rank: int) -> dict:
     torch.manual_seed(0)
     model = build_model("cnn", 3, 32, 10)
     first_weight = model[0].weight  # its gradient is among the last that backward computes
-    seen = []
+    seen, ready = [], []
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: ready.append(id(p)))
     # Registered before the sync's own hooks, so it runs before this bucket is launched.
     first_weight.register_post_accumulate_grad_hook(lambda p: seen.append(sync.in_flight))
     sync = sync_module.OverlapSync(model, SMALL_BUCKETS, SMALL_BUCKETS)
@@ -67,9 +69,13 @@ def overlap_in_flight(rank: int) -> dict:
     seen.clear()
     nn.functional.cross_entropy(model(x), y).backward()
     after_backward = sync.in_flight
+    buckets_before = len(sync.buckets)
     sync.finish_backward()
+    # DDP's rebuild: the buckets now follow the order in which the gradients became ready.
+    rebuilt = [id(p) for bucket in sync.buckets for p in bucket]
     return {
-        "buckets": len(sync.buckets),
+        "buckets": buckets_before,
+        "rebuilt_in_ready_order": rebuilt == ready[-len(rebuilt) :],
         "at_first_layer": seen,
         "in_no_sync": in_no_sync,
         "after_backward": after_backward,
@@ -187,6 +193,7 @@ def test_overlap_launches_buckets_during_backward(runs):
         assert len(seen["at_first_layer"]) == 1 and seen["at_first_layer"][0] >= 1
         assert seen["after_backward"] == seen["buckets"]
         assert seen["after_finish"] == 0
+        assert seen["rebuilt_in_ready_order"]
 
 
 def test_sync_every_is_for_local_sgd_only():

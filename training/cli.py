@@ -201,8 +201,9 @@ def make_parser(
     o.add_argument(
         "--trace-comm",
         action="store_true",
-        help="record every collective's bytes and time (comm/tracer.py): TensorBoard comm/* "
-        "and the 'comm' key of summary.json (train_ddp.py: train_dp.py runs no collective)",
+        help="record every collective's bytes and time (comm/tracer.py): TensorBoard comm/*, "
+        "the 'comm' key of summary.json and <out-dir>/timeline/ (python -m comm.timeline); "
+        "train_ddp.py only: train_dp.py runs no collective",
     )
     o.add_argument(
         "--profile",

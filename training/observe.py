@@ -7,7 +7,8 @@ train_ddp.py enter alike around their training loop. Both flags off, it does not
     summary = {..., **observer.summary()}
 
 --trace-comm records every torch.distributed collective and DDP's gradient buckets
-(comm/tracer.py); --profile writes a torch.profiler trace of steps 3-5 per rank.
+(comm/tracer.py), with their timeline in <out-dir>/timeline/ (python -m comm.timeline);
+--profile writes a torch.profiler trace of steps 3-5 per rank.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class Observer:
     and closes the profiler, also when the run fails."""
 
     def __init__(self, args: argparse.Namespace, env: DistEnv, model: nn.Module, out_dir: Path):
-        self.tracer = CommTracer(enabled=args.trace_comm)
+        # With out_dir, a clean exit also writes <out_dir>/timeline/rank<R>.json (comm/timeline.py)
+        self.tracer = CommTracer(enabled=args.trace_comm, out_dir=out_dir)
         self.profiler = make_profiler(out_dir, env.rank, args.profile)
         self.model = model
         self._stack = ExitStack()
@@ -41,7 +43,8 @@ class Observer:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stack.close()
+        # Pass the exception on: the tracer writes its timeline only when the run ended cleanly.
+        self._stack.__exit__(*exc)
 
     def step(self) -> dict[str, float]:
         """Call after every optimizer step: the step's collectives as TensorBoard scalars
