@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.elastic.multiprocessing.errors import record
 
 from comm.dist import BACKENDS, DistEnv, UsageError, distributed, run_cli
 from comm.sync import SYNC_MODES, make_sync
@@ -98,7 +97,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@record  # under torchrun, a crash is reported with the failing rank and its traceback
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with distributed(args.backend, timedelta(seconds=args.timeout)) as env, ExitStack() as cleanup:
@@ -110,7 +108,7 @@ def train(args: argparse.Namespace, env: DistEnv, cleanup: ExitStack) -> dict:
     tracer's patched collectives, the profiler) is left to `cleanup`."""
     validate(args, cuda=env.device.type == "cuda")
     out_dir = Path(args.out_dir)
-    run = RunLog(env, out_dir)
+    run = RunLog(env, out_dir, args)  # threads, first log line; refuses a used --out-dir
     global_batch = args.batch_size * env.world_size * args.grad_accum
     run.info(
         "%d rank(s), %s on %s, sync %s; global batch %d = %d per rank x %d rank(s) x %d micro",
@@ -185,6 +183,8 @@ def train(args: argparse.Namespace, env: DistEnv, cleanup: ExitStack) -> dict:
     at = checkpoints.resume(args.resume, args, model, optimizer, scheduler, scaler)
     sync.load_rank_state(optimizer, at.rank_state, at.step)  # local-sgd: this rank's replica
     step, start_epoch, skip_steps = at.step, at.epoch, at.step_in_epoch
+    if (previous := run.finished(at.step, total_steps)) is not None:
+        return previous  # re-run of a finished job: its summary.json stays as it is
     fault = fault_hook(env.rank)  # test-only crash/hang injection, off unless TRAIN_FAULT is set
 
     def save(epoch: int, step_in_epoch: int) -> None:

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
 def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -> dict:
     validate(args, cuda=env.device.type == "cuda")
     out_dir = Path(args.out_dir)
-    run = RunLog(env, out_dir)
+    run = RunLog(env, out_dir, args)  # threads, first log line; refuses a used --out-dir
     run.info(
         "one process, %d device(s): %s",
         len(devices),
@@ -174,6 +174,8 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     checkpoints = CheckpointManager(out_dir, args.keep, env, log=run.info, devices=devices)
     at = checkpoints.resume(args.resume, args, model, optimizer, scheduler, scaler)
     step, start_epoch, skip_steps = at.step, at.epoch, at.step_in_epoch
+    if (previous := run.finished(at.step, total_steps)) is not None:
+        return previous  # re-run of a finished job: its summary.json stays as it is
     fault = fault_hook(env.rank)  # test-only crash/hang injection, off unless TRAIN_FAULT is set
 
     def save(epoch: int, step_in_epoch: int) -> None:

@@ -149,6 +149,13 @@ def make_parser(
         "there is one, else start fresh (the same command for the first start and restarts)",
     )
     r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --out-dir that holds another: delete its checkpoints, "
+        "summary.json, tb/ and profile/ first (without this flag, or --resume, such an "
+        "--out-dir is refused)",
+    )
+    r.add_argument(
         "--save-every",
         type=non_negative,
         default=0,
