@@ -11,7 +11,7 @@ import argparse
 
 from comm.dist import UsageError
 from data.datasets import DATASETS
-from training.models import MODELS
+from training.models import FACTORY_ARGS, MODELS, model_name
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,9 +49,14 @@ def make_parser(
         "--dataset",
         default="synthetic",
         choices=DATASETS,
-        help="synthetic needs no files; the others are read from --data-dir",
+        help="synthetic needs no files; the others are read from --data-dir: imagefolder is "
+        "your own images, in --data-dir/train/<class>/ and --data-dir/val/<class>/",
     )
-    d.add_argument("--data-dir", default=None, help="root folder of the torchvision dataset")
+    d.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder of the dataset (its layout: data/datasets.py, or README's 'Bring your own')",
+    )
     d.add_argument(
         "--download",
         action="store_true",
@@ -80,7 +85,15 @@ def make_parser(
     )
 
     m = p.add_argument_group("model and optimisation")
-    m.add_argument("--model", default="cnn", choices=MODELS, help="network to train")
+    m.add_argument(
+        "--model",
+        default="cnn",
+        type=model_name,
+        metavar="{" + ",".join(MODELS) + "} or MODULE:FUNCTION",
+        help="network to train: a built-in one, or your own: package.module:function names a "
+        "function returning an nn.Module, imported from the current directory or PYTHONPATH "
+        f"and called with those of {', '.join(FACTORY_ARGS)} it takes",
+    )
     m.add_argument("--epochs", type=positive, default=3, help="passes over the training set")
     m.add_argument(
         "--max-steps",
@@ -186,3 +199,5 @@ def validate(args: argparse.Namespace, cuda: bool) -> None:
         raise UsageError(f"--amp {args.amp} goes with --dtype float32, not {args.dtype}")
     if args.dataset != "synthetic" and not args.data_dir:
         raise UsageError(f"--dataset {args.dataset} needs --data-dir")
+    if args.download and args.dataset in ("synthetic", "imagefolder"):
+        raise UsageError(f"--download: there is nothing to download for --dataset {args.dataset}")
