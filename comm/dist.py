@@ -158,7 +158,7 @@ def choose_threads(local_processes: int = 1, workers: int = 0, device: str = "cp
     cores make every process wait for the others (torch's default is one per core, per
     process). On a GPU the CPU threads matter little and torch's default is kept."""
     if device != "cpu":
-        return f"{torch.get_num_threads()} intra-op CPU threads (torch's default; {device} computes)"
+        return f"{torch.get_num_threads()} intra-op CPU threads (torch's default; {device} works)"
     given = os.environ.get("OMP_NUM_THREADS", "")
     if given:
         threads = _env_int("OMP_NUM_THREADS", 1)
