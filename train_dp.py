@@ -45,7 +45,7 @@ from training.runlog import RunLog
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = make_parser(
-        description=__doc__.split("\n")[0],
+        description=__doc__,
         batch_size_help="samples per micro-step, split between the devices (global batch: "
         "this x --grad-accum)",
         default_batch_size=64,

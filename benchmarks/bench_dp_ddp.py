@@ -45,7 +45,7 @@ from training.scratch_dp import ScratchDataParallel
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--model", default="cnn", choices=MODELS, help="network to train")
     p.add_argument(
         "--global-batch",

@@ -48,7 +48,7 @@ from training.models import MODELS, build_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--model", default="cnn", choices=MODELS, help="network for the sync modes")
     p.add_argument("--batch-size", type=positive, default=32, help="samples per rank per step")
     p.add_argument("--steps", type=positive, default=10, help="timed steps per mode per round")

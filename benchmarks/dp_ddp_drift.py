@@ -39,7 +39,7 @@ REPORT_AT = (1, 5, 10, 20, 30, 40, 50, 60, 100, 200, 300, 400)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--steps", type=positive, default=60, help="optimizer steps of each run")
     p.add_argument(
         "--dtype",

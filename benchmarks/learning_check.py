@@ -52,7 +52,7 @@ def int_list(value: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--seeds", type=int_list, default=list(range(10)), help="e.g. 0-9 or 0,3")
     p.add_argument("--worlds", type=int_list, default=[1, 2, 4], help="ranks, e.g. 1,2,4")
     p.add_argument("--epochs", type=positive, default=3, help="epochs of each run")

@@ -266,7 +266,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument(
         "--ops",
         nargs="+",

@@ -272,7 +272,7 @@ def tour(env: DistEnv, names: list[str] | None = None, missing: Collection[str] 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--only", choices=list(DEMOS), help="run this one demo")
     p.add_argument("--backend", choices=BACKENDS, help="default: nccl with CUDA, else gloo")
     args = p.parse_args(argv)

@@ -259,7 +259,7 @@ def run_all() -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--only", choices=list(DEMOS), help="run this one demo")
     args = p.parse_args(argv)
     handler = logging.StreamHandler(sys.stdout)

@@ -86,7 +86,7 @@ def _train(store_path: str, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = Parser(description=__doc__.split("\n")[0])
+    parser = Parser(description=__doc__)
     parser.add_argument(
         "--nproc",
         type=positive,

@@ -158,3 +158,30 @@ def test_choose_threads(monkeypatch) -> None:
         assert "torch's default" in choose_threads(1, device="cuda")
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "train_dp", "train_ddp", "comm.indexing", "comm.collectives", "comm.bench",
+        "benchmarks.bench_sync", "benchmarks.bench_dp_ddp", "benchmarks.learning_check",
+        "benchmarks.dp_ddp_drift",
+    ],
+)  # fmt: skip
+def test_help_is_complete(module: str, capsys: pytest.CaptureFixture) -> None:
+    """--help: the description is whole sentences (the docstring's first paragraph, not its
+    first line), no default is shown twice or as None, and no flag or path is split at a
+    hyphen by the line wrapping."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    with pytest.raises(SystemExit) as exit_:
+        (mod.parse_args if hasattr(mod, "parse_args") else mod.main)(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    description = text.split("\n\n")[1]
+    assert description.rstrip().endswith((".", ":", "?")), description
+    assert "(default: None)" not in text
+    for line in text.splitlines():
+        assert line.count("default") <= 1 or "(default" not in line, line
+        assert not line.rstrip().endswith("-") or line.rstrip().endswith(" -"), line

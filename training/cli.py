@@ -8,13 +8,51 @@ Every parse or validation error is one line: `error: ...` and exit status 2.
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from comm.dist import UsageError
 from data.datasets import DATASETS
 from training.models import FACTORY_ARGS, MODELS, model_name
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every default shown once: appended as "(default: X)" unless the help text already
+    says what the default is, or there is none to show (None, a False switch). Lines are
+    wrapped between words only: a path or a flag such as --out-dir is never split at its
+    hyphens."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or action.default is None
+            or action.default is False
+            or action.default == argparse.SUPPRESS
+            or "default" in text
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(
+            " ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+            break_on_hyphens=False,
+        )  # fmt: skip
+
+
 class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and complete help: `description` may be a module's whole
+    docstring, of which the first paragraph is shown."""
+
+    def __init__(self, *args, description: str | None = None, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        if description:
+            description = description.strip().split("\n\n")[0]
+        super().__init__(*args, description=description, **kwargs)
+
     def error(self, message: str):  # argparse would print the whole usage block first
         raise UsageError(f"{message} (see --help)")
 
@@ -43,7 +81,7 @@ def non_negative_float(value: str) -> float:
 def make_parser(
     description: str, batch_size_help: str, default_batch_size: int, default_out_dir: str
 ) -> Parser:
-    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=description)
     d = p.add_argument_group("data")
     d.add_argument(
         "--dataset",
