@@ -185,3 +185,28 @@ def test_help_is_complete(module: str, capsys: pytest.CaptureFixture) -> None:
     for line in text.splitlines():
         assert line.count("default") <= 1 or "(default" not in line, line
         assert not line.rstrip().endswith("-") or line.rstrip().endswith(" -"), line
+
+
+def test_bench_plot_panels(tmp_path: Path) -> None:
+    """bench.png: time and bus bandwidth, both log-log, ticked at the measured sizes in the
+    table's units, with gloo's all_reduce and the hand-made ring drawn bold."""
+    from comm.bench import HIGHLIGHT, plot
+
+    ops = ["all_reduce", "ring_all_reduce", "broadcast"]
+    sizes = [1 << k for k in range(10, 27, 2)]
+    rows = [
+        {"op": op, "bytes": n, "time_us": 50 + n / 1e3, "busbw_gbs": n / (50 + n / 1e3) / 1e3}
+        for n in sizes
+        for op in ops
+    ]
+    fig = plot(rows, tmp_path / "bench.png", "2 ranks, gloo")
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    time_ax, bw_ax = fig.axes
+    assert [ax.get_ylabel() for ax in fig.axes] == ["time per call (us)", "bus bandwidth (GB/s)"]
+    for ax in fig.axes:
+        assert ax.get_xscale() == ax.get_yscale() == "log"
+        labels = [t.get_text() for t in ax.get_xticklabels()]
+        assert labels == ["1K", "4K", "16K", "64K", "256K", "1M", "4M", "16M", "64M"]
+        widths = {line.get_label(): line.get_linewidth() for line in ax.get_lines()}
+        assert min(widths[op] for op in HIGHLIGHT) > 2 * widths["broadcast"]
+    assert time_ax.get_lines()[0].get_ydata()[0] == rows[0]["time_us"]
