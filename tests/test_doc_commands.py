@@ -26,7 +26,9 @@ from tests.multiproc import run_with_deadline
 
 TRAIN = "--max-steps 3 --train-size 512 --eval-size 64"
 # (regular expression on the command, what the test appends, exit statuses that mean "ran")
-SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [
+SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [  # the first match wins
+    (r"^diff -u ", "", (1,)),  # the two scripts differ: that is the point
+    (r"python -m pytest ", "--collect-only -q", (0,)),  # pytest inside pytest: collect only
     (r"^TRAIN_FAULT=kill:1:7 ", "--max-steps 9 --train-size 1024 --eval-size 64", (0,)),
     (r"(train_dp|train_ddp)\.py --help$", "", (0,)),
     (r"(train_dp|train_ddp)\.py|launch/(cpu_sim|multi_gpu|multi_node)\.sh|launch/spawn\.py",
@@ -40,8 +42,6 @@ SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [
     (r"comm\.collectives|comm\.indexing", "", (0,)),
     (r"pitfalls/\S+\.py --wrong", "", (0, 1)),  # 1: the failure it demonstrates happened
     (r"pitfalls/\S+\.py --right", "", (0,)),
-    (r"^diff -u ", "", (1,)),  # the two scripts differ: that is the point
-    (r"python -m pytest ", "--collect-only -q", (0,)),  # pytest inside pytest: collect only
 ]  # fmt: skip
 # Commands that cannot run on this machine, and what stands in for them.
 NOT_RUN = {

@@ -40,6 +40,7 @@ def claim_out_dir(out_dir: Path, resume: str | None, overwrite: bool, env: DistE
     Global rank 0 looks and decides; every rank gets its verdict."""
     error = None
     if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)  # a path that cannot be a folder fails now
         used = previous_run(out_dir)
         if overwrite and resume:
             error = "--overwrite starts a new run, --resume continues one: choose one of them"
