@@ -56,6 +56,7 @@ def folders(tmp_path: Path) -> tuple[Path, dict]:
     return root, write_folders(root, {"train": 8, "val": 3})
 
 
+@pytest.mark.oracle
 def test_imagefolder_reads_the_pixels(folders) -> None:
     """Every sample is its PNG's pixels / 255 as a CHW tensor, with its folder's label."""
     root, arrays = folders
@@ -69,6 +70,7 @@ def test_imagefolder_reads_the_pixels(folders) -> None:
             assert torch.equal(image, expected)  # ToTensor: exactly byte / 255 in float32
 
 
+@pytest.mark.oracle
 def test_both_scripts_train_your_data_and_model(folders, tmp_path: Path) -> None:
     """train_dp.py and train_ddp.py (a world of one) train tiny_net on the folders: the
     factory gets the folders' sizes, the checkpoint holds its parameters, every val image

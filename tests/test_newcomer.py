@@ -14,7 +14,7 @@ import train_ddp
 import train_dp
 from comm import dist as commdist
 from comm.dist import choose_threads, run_cli
-from tests.multiproc import PYTHON, ROOT, run_cmd, torchrun
+from tests.multiproc import PYTHON, ROOT, run_cmd, run_world, torchrun
 from tests.terminal import run_in_pty, screen
 
 TINY = ["--train-size", "128", "--eval-size", "32", "--batch-size", "32", "--epochs", "1"]
@@ -210,3 +210,31 @@ def test_bench_plot_panels(tmp_path: Path) -> None:
         widths = {line.get_label(): line.get_linewidth() for line in ax.get_lines()}
         assert min(widths[op] for op in HIGHLIGHT) > 2 * widths["broadcast"]
     assert time_ax.get_lines()[0].get_ydata()[0] == rows[0]["time_us"]
+
+
+def _ddp_twice(rank: int, world_size: int, out: str) -> tuple:
+    """One job run twice with the same command, then a new run into its folder."""
+    from comm.dist import UsageError
+
+    argv = [*TINY, "--batch-size", "16", "--out-dir", out, "--resume", "auto"]
+    first = train_ddp.main(argv)
+    # rank 0 wrote summary.json before it returned (the other ranks may be back sooner)
+    text = Path(out, "summary.json").read_bytes() if rank == 0 else b""
+    again = train_ddp.main(argv)
+    refused = None
+    try:
+        train_ddp.main([*TINY, "--batch-size", "16", "--out-dir", out])
+    except UsageError as e:
+        refused = str(e)
+    kept = rank != 0 or text == Path(out, "summary.json").read_bytes()
+    return first, again, kept, refused
+
+
+def test_out_dir_reuse_on_two_ranks(tmp_path: Path) -> None:
+    """On two ranks: rank 0 reads the finished job's summary and every rank gets it (nobody
+    walks into a training loop alone); rank 0's verdict on a used --out-dir reaches both."""
+    results = run_world(_ddp_twice, 2, str(tmp_path / "job"), timeout=120)
+    for rank, (_, again, _, refused) in enumerate(results):
+        assert again == results[0][0], rank
+        assert refused is not None and refused.startswith(f"--out-dir {tmp_path / 'job'} holds")
+    assert results[0][2]  # summary.json byte for byte, after the second run and the refusal
