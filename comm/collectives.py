@@ -36,8 +36,8 @@ def fmt(value: Shown) -> str:
     None (no tensor at all on this rank) as `(none)`."""
     if value is None:
         return "(none)"
-    if isinstance(value, str):
-        return value
+    if value is UNDEFINED:
+        return UNDEFINED
     if isinstance(value, torch.Tensor):
         return "[" + ", ".join(f"{v:g}" for v in value.flatten().tolist()) + "]"
     if isinstance(value, list | tuple):
