@@ -169,7 +169,7 @@ def _bring_your_own(box: Path) -> None:
     assert code, "README's my_models.py example not found"
     (box / "my_models.py").write_text("\n".join(line[4:] for line in code.group(1).splitlines()))
     rng = np.random.default_rng(0)
-    for split, n in (("train", 16), ("val", 4)):
+    for split, n in (("train", 64), ("val", 8)):  # the default batch of 64 fits
         for name in ("cat", "dog"):
             folder = box / "my_images" / split / name
             folder.mkdir(parents=True)
