@@ -29,13 +29,13 @@ TRAIN = "--max-steps 3 --train-size 512 --eval-size 64"
 SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [  # the first match wins
     (r"^diff -u ", "", (1,)),  # the two scripts differ: that is the point
     (r"python -m pytest ", "--collect-only -q", (0,)),  # pytest inside pytest: collect only
-    (r"^TRAIN_FAULT=kill:1:7 ", "--max-steps 9 --train-size 1024 --eval-size 64", (0,)),
+    (r"TRAIN_FAULT=kill:1:7 ", "--max-steps 9 --train-size 1024 --eval-size 64", (0,)),
     (r"(train_dp|train_ddp)\.py --help$", "", (0,)),
     (r"(train_dp|train_ddp)\.py|launch/(cpu_sim|multi_gpu|multi_node)\.sh|launch/spawn\.py",
      TRAIN, (0,)),  # fmt: skip
     (r"comm\.bench", "--max-bytes 4K --iters 1 --warmup 0", (0,)),
-    (r"benchmarks\.bench_sync", "--steps 1 --rounds 1 --warmup 0", (0,)),
-    (r"benchmarks\.bench_dp_ddp", "--steps 1 --repeats 1 --warmup 0", (0,)),
+    (r"benchmarks\.bench_sync", "--steps 1 --rounds 1 --warmup 1", (0,)),
+    (r"benchmarks\.bench_dp_ddp", "--steps 1 --repeats 1 --warmup 1", (0,)),
     (r"benchmarks\.dp_ddp_drift", "--steps 2", (0,)),
     (r"benchmarks\.learning_check",
      "--seeds 0 --worlds 1 --epochs 1 --min-first 0 -- --train-size 512 --eval-size 64", (0,)),
@@ -94,7 +94,7 @@ def test_pages_have_their_commands() -> None:
     assert len(found) >= 40
     assert "source .venv/bin/activate" in commands("README.md")
     assert "python -m comm.indexing" in found
-    assert any(c.startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun") for c in found)
+    assert any("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun" in c for c in found)
 
 
 def _defined_flags(entry: Path) -> set[str]:
@@ -202,6 +202,8 @@ def test_command_runs(page: str, cmd: str, tmp_path: Path) -> None:
     assert code in codes, (
         f"{page}: {line}\nexit {code}\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
     )
-    assert "Traceback" not in err or cmd.startswith("diff"), err
+    # No traceback from a command that worked, except where a crash is what it shows
+    # (TRAIN_FAULT kills a rank; torchrun reports it, then restarts the group).
+    assert code != 0 or "TRAIN_FAULT" in cmd or "Traceback" not in err, err
     if "source " not in cmd:
         assert shutil.which("python", path=env["PATH"]) is not None
