@@ -234,8 +234,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     if not cuda:
         # What the rows mean for the training script: it picks its own threads.
+        before = torch.get_num_threads()
         picked = choose_threads(1)
-        torch.set_num_threads(1)  # choose_threads set them for this process; undo
+        torch.set_num_threads(before)  # choose_threads set them for this process; undo
         print(f"train_dp.py on this machine runs the plain model with {picked}")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

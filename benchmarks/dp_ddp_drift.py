@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[int, float]]:
     name = "checkpoints/step-{:08d}.pt".format
     table: dict[str, dict[int, float]] = {}
     accuracy: dict[str, tuple[float, float]] = {}
+    print("both runs: 1 intra-op thread per process (OMP_NUM_THREADS=1), so that each sums in "
+          "one fixed order", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="dp-ddp-drift-") as tmp:
         root = Path(args.out_dir or tmp)
         for dtype in args.dtype:

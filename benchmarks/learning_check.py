@@ -142,6 +142,8 @@ def recipe() -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     extra = f", then {' '.join(args.train_args)}" if args.train_args else ""
+    print("every run: torchrun with 1 intra-op thread per rank (OMP_NUM_THREADS=1; the runs "
+          "go one after the other)")  # fmt: skip
     print(f"recipe: defaults {recipe()}{extra}; synthetic data, {args.epochs} epoch(s)")
     print(f"pass: eval acc after epoch 0 >= {args.min_first:.2f}, no drop > {args.max_drop:.2f}")
     epochs = "".join(f"  epoch{e}" for e in range(args.epochs))
