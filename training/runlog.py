@@ -20,8 +20,9 @@ from tqdm import tqdm
 from comm.dist import DistEnv, UsageError, choose_threads, rank0_logger
 from training.checkpoint.files import atomic_write
 
-# What a run writes into --out-dir (train_*.py, training/checkpoint.py, comm/tracer.py).
-RUN_FILES = ("checkpoint.pt", "checkpoints", "summary.json", "tb", "profile")
+# What a run writes into --out-dir (train_*.py, training/checkpoint/, training/sharded.py,
+# comm/tracer.py).
+RUN_FILES = ("checkpoint.pt", "checkpoint.dcp", "checkpoints", "summary.json", "tb", "profile")
 
 
 def previous_run(out_dir: Path) -> list[str]:
