@@ -36,6 +36,7 @@ SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [  # the first match wins
     (r"comm\.bench", "--max-bytes 4K --iters 1 --warmup 0", (0,)),
     (r"benchmarks\.bench_sync", "--steps 1 --rounds 1 --warmup 1", (0,)),
     (r"benchmarks\.bench_dp_ddp", "--steps 1 --repeats 1 --warmup 1", (0,)),
+    (r"benchmarks\.bench_zero", "--steps 1 --rounds 1 --warmup 1", (0,)),
     (r"benchmarks\.dp_ddp_drift", "--steps 2", (0,)),
     (r"benchmarks\.learning_check",
      "--seeds 0 --worlds 1 --epochs 1 --min-first 0 -- --train-size 512 --eval-size 64", (0,)),
@@ -54,6 +55,12 @@ NOT_RUN = {
     "torchrun --standalone --nproc-per-node gpu -m comm.bench --max-bytes 1G":
         "needs GPUs (NCCL)",
     "tensorboard --logdir runs": "a server that runs until stopped; `tensorboard --help` runs",
+    "python -m training.convert":
+        "the tool named in a sentence; docs/ddp-to-fsdp.md shows it with its arguments",
+    "python -m training.convert runs/x/checkpoints/step-00000012.dcp runs/x/full.pt":
+        "needs the page's sharded run runs/x; tests/test_sharded_checkpoint.py converts one",
+    "python train_dp.py --resume runs/x/full.pt ...":
+        "continues the converted run above; tests/test_sharded_checkpoint.py resumes one",
 }  # fmt: skip
 TWO_TERMINALS = "launch/multi_node.sh --epochs 1 --out-dir runs/node$RANDOM"
 
