@@ -79,8 +79,11 @@ def test_out_dir_reuse(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
     stale = out / "checkpoints" / "step-00000099.pt"
     stale.write_bytes(b"an older run's checkpoint")
+    sharded = out / "checkpoint.dcp"  # a sharded mode's pointer (training/sharded.py)
+    sharded.symlink_to("checkpoints/step-00000099.dcp")
     fresh = train_dp.main([*TINY, "--out-dir", str(out), "--overwrite"])
     assert not stale.exists()
+    assert not sharded.is_symlink()  # left, a later --resume auto would follow it
     assert len(list((out / "tb").iterdir())) == 1
     assert fresh["param_checksum"] == first["param_checksum"]
     assert (
