@@ -4,10 +4,16 @@
 # known to work on the reference machine (Python 3.11, torch 2.14.1). Elsewhere use any
 # matching pair >= 2.11, e.g. `make test TORCH_PINS="torch==2.11.0 torchvision==0.26.0"`,
 # or `make test TORCH_PINS=` to keep whatever pyproject.toml's ranges resolve to.
+#
+# TORCH_INDEX, if set, is the package index TORCH_PINS come from: PyPI's Linux torch wheels
+# carry the CUDA libraries (4.1 of the 5.6 GB installed); on a machine without a GPU,
+# `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu` installs PyTorch's CPU-only
+# build instead. pip shows its progress: the first install downloads gigabytes.
 PYTHON     ?= python3
 VENV       ?= .venv
 BIN        := $(VENV)/bin
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+TORCH_INDEX ?=
 NPROC      ?= 2
 STAMP      := $(VENV)/.installed
 
@@ -17,12 +23,14 @@ STAMP      := $(VENV)/.installed
 # itself: the scripts run from the checkout, as `python train_ddp.py` or `-m comm.bench`.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_PINS) \
+	$(if $(and $(TORCH_INDEX),$(TORCH_PINS)),$(BIN)/python -m pip install \
+	  --disable-pip-version-check --progress-bar on --index-url $(TORCH_INDEX) $(TORCH_PINS))
+	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar on $(TORCH_PINS) \
 	  $$($(BIN)/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print(' '.join(p['dependencies'] + p['optional-dependencies']['dev']))")
 	touch $(STAMP)
 
 demo: $(STAMP)
-	launch/cpu_sim.sh $(NPROC) --epochs 3 --out-dir runs/demo
+	launch/cpu_sim.sh $(NPROC) --epochs 3 --out-dir runs/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"

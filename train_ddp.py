@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from comm.dist import BACKENDS, DistEnv, UsageError, exit_on_error, rendezvous, resolve, run_cli
@@ -50,7 +49,7 @@ from training.sharded import ShardedCheckpoints
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = make_parser(
-        description=__doc__.split("\n")[0],
+        description=__doc__,
         batch_size_help="samples per rank per micro-step (global batch: this x world size "
         "x --grad-accum)",
         default_batch_size=32,
@@ -78,7 +77,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@record  # under torchrun, a crash is reported with the failing rank and its traceback
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     # torchrun starts one process per rank and tells it who it is (RANK; LOCAL_RANK, its GPU
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
 def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -> dict:
     validate(args, env)
     out_dir = Path(args.out_dir)
-    run = RunLog(env, out_dir)
+    run = RunLog(env, out_dir, args)  # threads, first log line; refuses a used --out-dir
     global_batch = args.batch_size * env.world_size * args.grad_accum
     run.info(
         "%d rank(s), %s on %s, sync %s; global batch %d = %d per rank x %d rank(s) x %d micro",
@@ -189,6 +187,8 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         checkpoints = ShardedCheckpoints(out_dir, args.keep, env, sync, log=run.info)
     at = checkpoints.resume(args.resume, args, model, optimizer, scheduler, scaler)
     step, start_epoch, skip_steps = at.step, at.epoch, at.step_in_epoch
+    if (previous := run.finished(at.step, total_steps)) is not None:
+        return previous  # re-run of a finished job: its summary.json stays as it is
     fault = fault_hook(env.rank)  # test-only crash/hang injection, off unless TRAIN_FAULT is set
 
     def save(epoch: int, step_in_epoch: int) -> None:

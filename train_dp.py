@@ -49,7 +49,7 @@ from training.runlog import RunLog
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = make_parser(
-        description=__doc__.split("\n")[0],
+        description=__doc__,
         batch_size_help="samples per micro-step, split between the devices (global batch: "
         "this x --grad-accum)",
         default_batch_size=64,
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
 def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -> dict:
     validate(args, env)
     out_dir = Path(args.out_dir)
-    run = RunLog(env, out_dir)
+    run = RunLog(env, out_dir, args)  # threads, first log line; refuses a used --out-dir
     global_batch = args.batch_size * env.world_size * args.grad_accum
     run.info(
         "one process, %d device(s): %s; global batch %d = %d x %d micro",
@@ -156,6 +156,8 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     checkpoints = CheckpointManager(out_dir, args.keep, env, run.info, devices)
     at = checkpoints.resume(args.resume, args, model, optimizer, scheduler, scaler)
     step, start_epoch, skip_steps = at.step, at.epoch, at.step_in_epoch
+    if (previous := run.finished(at.step, total_steps)) is not None:
+        return previous  # re-run of a finished job: its summary.json stays as it is
     fault = fault_hook(env.rank)  # test-only crash/hang injection, off unless TRAIN_FAULT is set
 
     def save(epoch: int, step_in_epoch: int) -> None:

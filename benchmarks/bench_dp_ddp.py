@@ -38,14 +38,14 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from comm.dist import UsageError, run_cli
+from comm.dist import UsageError, choose_threads, run_cli
 from training.cli import Parser, positive
 from training.models import MODELS, build_model
 from training.scratch_dp import ScratchDataParallel
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--model", default="cnn", choices=MODELS, help="network to train")
     p.add_argument(
         "--global-batch",
@@ -206,7 +206,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ]
 
     rows = []
-    for label, processes, threads, run in configs:
+    for i, (label, processes, threads, run) in enumerate(configs, 1):
+        print(f"[{i}/{len(configs)}] timing {label}: {processes} process(es) x {threads} thread(s)",
+              flush=True)  # fmt: skip
         seconds = run()
         rows.append(
             {
@@ -230,6 +232,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{r['mode']:<14}{r['processes']:>10}{r['threads_per_process']:>9}"
             f"{r['samples_per_s']:>12.1f}{r['speedup']:>10.2f}"
         )
+    if not cuda:
+        # What the rows mean for the training script: it picks its own threads.
+        before = torch.get_num_threads()
+        picked = choose_threads(1)
+        torch.set_num_threads(before)  # choose_threads set them for this process; undo
+        print(f"train_dp.py on this machine runs the plain model with {picked}")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "dp_vs_ddp.csv", "w", newline="") as f:

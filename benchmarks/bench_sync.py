@@ -38,17 +38,18 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from comm.bench import add_world_flags, launch, rank_backend
 from comm.communicate import communicate
-from comm.dist import DistEnv, distributed, rank0_logger, run_cli
+from comm.dist import DistEnv, choose_threads, distributed, rank0_logger, run_cli
 from comm.sync import SHARDED_MODES, SYNC_MODES, Sync, make_sync
 from training.cli import Parser, positive
 from training.models import MODELS, build_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--model", default="cnn", choices=MODELS, help="network for the sync modes")
     p.add_argument("--batch-size", type=positive, default=32, help="samples per rank per step")
     p.add_argument("--steps", type=positive, default=10, help="timed steps per mode per round")
@@ -88,8 +89,15 @@ def rounds_of(
     """Seconds per call of each variant in its fastest round; rounds interleave the variants."""
     names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in names}
+    bar = tqdm(  # for a person at a terminal; a pipe or a log gets the table only
+        total=rounds * len(names),
+        desc=f"{len(names)} variants x {rounds} rounds",
+        leave=False,
+        disable=not (env.is_main and sys.stderr.isatty()),
+    )
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            bar.update()
             fn = variants[name]
             dist.barrier()
             start = time.perf_counter()
@@ -98,6 +106,7 @@ def rounds_of(
             if env.device.type == "cuda":
                 torch.cuda.synchronize()
             times[name].append(slowest((time.perf_counter() - start) / repeats, env.device))
+    bar.close()
     return {name: min(times[name]) for name in names}
 
 
@@ -258,7 +267,13 @@ def main(argv: list[str] | None = None) -> None:
         own_argv = sys.argv[1:] if argv is None else argv
         raise SystemExit(launch("benchmarks.bench_sync", own_argv, args.backend, args.nproc))
     with distributed(rank_backend(args.backend)) as env:
+        threads = choose_threads(env.local_world_size, device=env.device.type)
+        log = rank0_logger(env, "bench")
+        log.info(threads)
+        log.info("timing the step of every --sync mode (%d rounds x %d steps)", args.rounds,
+                 args.steps)  # fmt: skip
         modes = bench_sync_modes(args, env)
+        log.info("timing 4 ways to synchronise %d small tensors", 2 * args.layers)
         comms, what = bench_communicate(args, env)
         report(args, env, modes, comms, what)
 

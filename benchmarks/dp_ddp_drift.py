@@ -39,7 +39,7 @@ REPORT_AT = (1, 5, 10, 20, 30, 40, 50, 60, 100, 200, 300, 400)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--steps", type=positive, default=60, help="optimizer steps of each run")
     p.add_argument(
         "--dtype",
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[int, float]]:
     name = "checkpoints/step-{:08d}.pt".format
     table: dict[str, dict[int, float]] = {}
     accuracy: dict[str, tuple[float, float]] = {}
+    print("both runs: 1 intra-op thread per process (OMP_NUM_THREADS=1), so that each sums in "
+          "one fixed order", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="dp-ddp-drift-") as tmp:
         root = Path(args.out_dir or tmp)
         for dtype in args.dtype:

@@ -52,7 +52,7 @@ def int_list(value: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--seeds", type=int_list, default=list(range(10)), help="e.g. 0-9 or 0,3")
     p.add_argument("--worlds", type=int_list, default=[1, 2, 4], help="ranks, e.g. 1,2,4")
     p.add_argument("--epochs", type=positive, default=3, help="epochs of each run")
@@ -142,6 +142,8 @@ def recipe() -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     extra = f", then {' '.join(args.train_args)}" if args.train_args else ""
+    print("every run: torchrun with 1 intra-op thread per rank (OMP_NUM_THREADS=1; the runs "
+          "go one after the other)")  # fmt: skip
     print(f"recipe: defaults {recipe()}{extra}; synthetic data, {args.epochs} epoch(s)")
     print(f"pass: eval acc after epoch 0 >= {args.min_first:.2f}, no drop > {args.max_drop:.2f}")
     epochs = "".join(f"  epoch{e}" for e in range(args.epochs))

@@ -20,16 +20,24 @@ import torch
 import torch.distributed as dist
 
 from comm.compat import all_gather_single, reduce_scatter_single
-from comm.dist import BACKENDS, DistEnv, distributed, rank0_logger, run_cli
+from comm.dist import BACKENDS, DistEnv, choose_threads, distributed, rank0_logger, run_cli
 from training.cli import Parser
 
-Shown = torch.Tensor | list | None
+UNDEFINED = "(undefined)"  # a buffer the collective leaves with no meaningful value
+Shown = torch.Tensor | list | str | None
+LEGEND = (
+    "each line: rank r  its tensor before  ->  after.  (none): the rank passes or receives "
+    "nothing there; (undefined): the buffer is scratch afterwards; 10r + i: element i of rank r"
+)
 
 
 def fmt(value: Shown) -> str:
-    """A tensor as a short list of numbers (`[3, 3]`), a list of tensors as a list of those."""
+    """A tensor as a short list of numbers (`[3, 3]`), a list of tensors as a list of those;
+    None (no tensor at all on this rank) as `(none)`."""
     if value is None:
-        return "-"
+        return "(none)"
+    if value is UNDEFINED:
+        return UNDEFINED
     if isinstance(value, torch.Tensor):
         return "[" + ", ".join(f"{v:g}" for v in value.flatten().tolist()) + "]"
     if isinstance(value, list | tuple):
@@ -90,7 +98,7 @@ def demo_reduce(env: DistEnv, log: logging.Logger, missing: set[str]) -> list | 
         log,
         "reduce(dst=0, SUM): the sum of all ranks' tensors lands on rank 0 only",
         before,
-        t if env.rank == 0 else None,
+        t if env.rank == 0 else UNDEFINED,
         "the other ranks' buffers are scratch space afterwards: the API promises nothing "
         "about them",
     )
@@ -171,14 +179,15 @@ def demo_all_to_all(env: DistEnv, log: logging.Logger, missing: set[str]) -> lis
     t = _named(env, w)  # element j goes to rank j
     out = torch.empty_like(t)
     if supports("all_to_all", lambda: dist.all_to_all_single(out, t), missing):
-        note = "rank i receives element i of every rank: a transpose across ranks"
+        note = "rank d receives element d of every rank, in rank order: a transpose across ranks"
     else:
         # all_to_all is all_gather plus keeping column i of the gathered matrix.
         rows = torch.empty(w * w, device=env.device)
         all_gather_single(rows, t)
         out = rows.view(w, w)[:, env.rank].contiguous()
         note = f"backend {env.backend} has no all_to_all: shown as all_gather + own column"
-    show(log, "all_to_all_single: element j of rank i goes to position i on rank j", t, out, note)
+    title = "all_to_all_single: element d of rank s goes to position s on rank d"
+    show(log, title, t, out, note)
     return out.tolist()
 
 
@@ -268,15 +277,18 @@ def tour(env: DistEnv, names: list[str] | None = None, missing: Collection[str] 
     """Run the named demos (all by default) and return {name: this rank's result}."""
     log = rank0_logger(env, "collectives")
     log.info("%d ranks, backend %s, device type %s", env.world_size, env.backend, env.device.type)
+    log.info(LEGEND)
     return {name: DEMOS[name](env, log, set(missing)) for name in names or DEMOS}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--only", choices=list(DEMOS), help="run this one demo")
     p.add_argument("--backend", choices=BACKENDS, help="default: nccl with CUDA, else gloo")
     args = p.parse_args(argv)
     with distributed(args.backend) as env:
+        threads = choose_threads(env.local_world_size, device=env.device.type)
+        rank0_logger(env, "collectives").info(threads)
         return tour(env, [args.only] if args.only else None)
 
 

@@ -14,11 +14,13 @@ an in-memory store, so every script works on a laptop without a launcher.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,6 +38,8 @@ import torch.distributed as dist
 # exception" (SIGABRT) after it has done all its work. Imported first, the defaults are None.
 # tests/test_exit.py checks that no backend thread outlives a clean exit.
 import torch.distributed.nn.functional  # noqa: F401
+from torch.distributed.elastic.multiprocessing.errors import record
+from tqdm import tqdm
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 BACKENDS = ("nccl", "gloo")
@@ -170,6 +174,50 @@ def distributed(
     dist.destroy_process_group()  # a clean exit: every rank gets here
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (the affinity mask, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def choose_threads(local_processes: int = 1, workers: int = 0, device: str = "cpu") -> str:
+    """Set this process's intra-op threads on purpose, and say how, for the run's first line.
+
+    On CPU, OMP_NUM_THREADS wins if set (the user's choice, or torchrun's 1 with several
+    processes per node); otherwise the usable cores are shared out between the processes of
+    this node, each rank and each of its DataLoader workers counting as one: more threads than
+    cores make every process wait for the others (torch's default is one per core, per
+    process). On a GPU the CPU threads matter little and torch's default is kept."""
+    if device != "cpu":
+        return f"{torch.get_num_threads()} intra-op CPU threads (torch's default; {device} works)"
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given:
+        threads = _env_int("OMP_NUM_THREADS", 1)
+        why = f"OMP_NUM_THREADS={given}"
+    else:
+        cores, sharers = usable_cores(), local_processes * (1 + workers)
+        threads = max(1, cores // sharers)
+        why = f"{cores} core(s) / {local_processes} process(es) on this node"
+        if workers:
+            why += f" x (1 + {workers} loader worker(s))"
+    torch.set_num_threads(threads)
+    return f"{threads} intra-op thread(s) per process ({why})"
+
+
+class _BarAwareHandler(logging.Handler):
+    """Writes each record to stdout through `tqdm.write`, which clears any progress bar on
+    the terminal first and redraws it after, so that a log line and a bar never share a
+    line. With no bar, it is a plain write to stdout (what a pipe or a log file gets)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+            sys.stdout.flush()
+        except Exception:
+            self.handleError(record)
+
+
 def rank0_logger(env: DistEnv, name: str = "ddp") -> logging.Logger:
     """A logger that prints on global rank 0 and is silent everywhere else, so the rest of
     the code just logs and never asks which rank it is on."""
@@ -177,7 +225,7 @@ def rank0_logger(env: DistEnv, name: str = "ddp") -> logging.Logger:
     logger.handlers.clear()
     logger.propagate = False
     if env.is_main:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _BarAwareHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -187,11 +235,19 @@ def rank0_logger(env: DistEnv, name: str = "ddp") -> logging.Logger:
     return logger
 
 
-def run_cli(main, argv: list[str] | None = None) -> int:
-    """Call `main(argv)`; a UsageError becomes one `error: ...` line and exit status 2.
+def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
+    """Call `main(argv)` as a script's entry point; return the exit status.
 
-    Usage errors are the same on every rank (same flags, same files), so only global rank 0
-    prints the line; the others exit with the same status silently.
+    A UsageError becomes one `error: ...` line on stderr and exit status 2. Usage errors are
+    the same on every rank (same flags, same files), so only global rank 0 prints the line;
+    the others exit with the same status silently.
+
+    Any other exception propagates through torchelastic's `record`, applied here *outside*
+    the UsageError handler (entry points must not carry `@record` themselves): a crash writes
+    its traceback to torchrun's error file, so torchrun's report names the failing rank and
+    shows the traceback, while a usage error never reaches `record` and leaves no traceback
+    anywhere. For a usage error, rank 0 writes the error line itself as its error file, so
+    torchrun's report names rank 0 as the root cause and shows that line.
 
     After an error that left a process group alive (`exit_on_error` does not destroy it),
     the process ends here, through `os._exit`, once the error is reported and the output
@@ -202,20 +258,38 @@ def run_cli(main, argv: list[str] | None = None) -> int:
     ("terminate called without an active exception", SIGABRT) and replaces the exit status
     the error deserved. Ending without the teardown keeps the status and the one-line error.
     """
-    try:
-        main(argv)
+
+    @record
+    def entry() -> int:
+        try:
+            main(argv)
+        except UsageError as e:
+            if os.environ.get("RANK", "0") == "0":
+                line = f"error: {e}"
+                print(line, file=sys.stderr, flush=True)
+                _write_error_file(line)
+            return 2
         return 0
-    except UsageError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        status = 2
+
+    try:
+        status = entry() or 0  # `record` turns SystemExit(0) into None
     except BaseException as e:
         if not _left_alive():
             raise
-        status = _report(e)
-    if _left_alive():
+        status = _report(e)  # the traceback, once; `record` has written the error file
+    if status != 0 and _left_alive():
         _exit_without_teardown(status)
     return status
+
+
+def _write_error_file(line: str) -> None:
+    """Where torchrun asked for one (TORCHELASTIC_ERROR_FILE), the error line in the format
+    `record` writes, with the line where the traceback would be: torchrun's report shows it."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+        with open(path, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": info}}, f)
 
 
 def _left_alive() -> bool:

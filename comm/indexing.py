@@ -24,7 +24,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from comm.dist import run_cli
+from comm.dist import choose_threads, run_cli
 from training.cli import Parser
 
 log = logging.getLogger("indexing")
@@ -111,7 +111,11 @@ def demo_target_logits() -> torch.Tensor:
     """Cross-entropy is -log_softmax picked at each sample's target: a gather along dim 1."""
     logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 3.0, 1.0], [1.0, 1.0, 4.0]])
     target = torch.tensor([0, 2, 2])
-    log.info("\n== picking each sample's target logit\ntarget = %s", target.tolist())
+    log.info(
+        "\n== picking each sample's target logit\nlogits =\n%s\ntarget = %s",
+        logits,
+        target.tolist(),
+    )
     picked = logits.gather(1, target[:, None]).squeeze(1)
     loop = torch.stack([logits[i, target[i]] for i in range(len(target))])
     _check("logits.gather(1, target[:, None]).squeeze(1)", picked, loop)
@@ -150,6 +154,8 @@ def demo_scatter_add() -> dict[str, torch.Tensor]:
     values = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0]])
     segment = torch.tensor([0, 2, 0, 2])
     index = segment[:, None].expand_as(values)  # the same row id for every column
+    log.info("values =\n%s\nsegment = %s (the output row of each row of values)", values,
+             segment.tolist())  # fmt: skip
     sums = torch.zeros(3, 2).scatter_add_(0, index, values)
     loop_sums = torch.zeros(3, 2)
     for row, s in enumerate(segment.tolist()):
@@ -185,14 +191,19 @@ def demo_pitfalls() -> dict[str, object]:
     assert torch.equal(x, torch.zeros(3)) and torch.equal(y, torch.tensor([0.0, 5.0, 0.0]))
     x.scatter_(0, torch.tensor([1]), torch.tensor([5.0]))
     assert torch.equal(x, y)
-    log.info("x.scatter(...) returns a new tensor, x unchanged; x.scatter_(...) changes x")
+    log.info(
+        "x = zeros(3); x.scatter(0, [1], [5.]) returns a new tensor, x unchanged; "
+        "x.scatter_(0, [1], [5.]) changes x"
+    )
     found["out_of_place_keeps_input"] = True
 
     # 2. scatter_ with repeated indices: one of the writes survives, which one is unspecified
     #    (and differs between CPU and CUDA). Use scatter_add_ / scatter_reduce_ to combine.
     z = torch.zeros(2).scatter_(0, torch.tensor([0, 0, 1]), torch.tensor([1.0, 2.0, 3.0]))
     assert z[0].item() in (1.0, 2.0) and z[1].item() == 3.0
-    log.info("scatter_ with index [0, 0, 1]: position 0 holds 1 or 2, unspecified which")
+    log.info(
+        "zeros(2).scatter_(0, [0, 0, 1], [1., 2., 3.]): position 0 holds 1 or 2, unspecified which"
+    )
     found["duplicate_write"] = z[0].item()
 
     # 3. In place on a leaf that requires grad is refused: autograd could not say what the
@@ -204,7 +215,7 @@ def demo_pitfalls() -> dict[str, object]:
     except RuntimeError as e:
         found["leaf_inplace_error"] = str(e).split("\n")[0]
     assert found["leaf_inplace_error"] is not None
-    log.info("leaf.scatter_(...) on a leaf with requires_grad: RuntimeError")
+    log.info("zeros(3, requires_grad=True).scatter_(0, [0], [1.]), on a leaf: RuntimeError")
 
     # 4. In place on a tensor that backward still needs: the error comes later, at backward.
     w = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
@@ -217,7 +228,8 @@ def demo_pitfalls() -> dict[str, object]:
     except RuntimeError as e:
         found["saved_tensor_error"] = str(e).split("\n")[0]
     assert found["saved_tensor_error"] is not None
-    log.info("scatter_ into a tensor saved for backward: RuntimeError at backward()")
+    log.info("s = (2 * w).exp(); s.scatter_(0, [0], [0.]): exp saved s for backward, so "
+             "s.sum().backward() raises RuntimeError")  # fmt: skip
 
     # 5. The gradient of gather is a scatter_add of the incoming gradient: an element
     #    gathered twice gets its gradient twice.
@@ -227,7 +239,11 @@ def demo_pitfalls() -> dict[str, object]:
     loop = torch.zeros(3)
     for i in index.tolist():
         loop[i] += 1
-    _check("grad of src.gather(0, [0, 2, 0, 0]).sum(): counts of each index", src.grad, loop)
+    _check(
+        "src = [1., 2., 3.]; grad of src.gather(0, [0, 2, 0, 0]).sum(): counts of each index",
+        src.grad,
+        loop,
+    )
     found["gather_grad"] = src.grad
 
     # 6. Out of place scatter is differentiable: gradient flows to the written values, and
@@ -237,7 +253,10 @@ def demo_pitfalls() -> dict[str, object]:
     (base.scatter(0, torch.tensor([1]), vals) * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
     assert torch.equal(base.grad, torch.tensor([1.0, 0.0, 3.0]))
     assert torch.equal(vals.grad, torch.tensor([2.0]))
-    log.info("scatter's gradient: 0 for the replaced input position, the rest flows through")
+    log.info(
+        "ones(3).scatter(0, [1], [5.]) * [1., 2., 3.], summed: the gradient is 0 at the "
+        "replaced position 1 of the input, and 2 for the value 5 written there"
+    )
     found["scatter_grads"] = (base.grad, vals.grad)
     return found
 
@@ -259,7 +278,7 @@ def run_all() -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--only", choices=list(DEMOS), help="run this one demo")
     args = p.parse_args(argv)
     handler = logging.StreamHandler(sys.stdout)
@@ -267,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
+    log.info("%s; the tensors are tiny", choose_threads())
     return {args.only: DEMOS[args.only]()} if args.only else run_all()
 
 

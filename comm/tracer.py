@@ -413,14 +413,23 @@ class CommTracer:
 
 def make_profiler(out_dir: Path, rank: int, enabled: bool) -> torch.profiler.profile | None:
     """A torch.profiler over steps 3-5 (step 1 is skipped: DDP builds its buckets there),
-    written as a Chrome/TensorBoard trace to <out_dir>/profile/rank<R>.*.pt.trace.json.
-    Open it in chrome://tracing or Perfetto: under DDP the all-reduce of early buckets runs
-    while backward still computes later layers. Call `.step()` after every optimizer step."""
+    written as a Chrome trace to <out_dir>/profile/rank<R>.*.pt.trace.json. Open it at
+    https://ui.perfetto.dev or chrome://tracing (TensorBoard shows it only with the
+    torch-tb-profiler plugin, which this project does not install): under DDP the all-reduce
+    of early buckets runs while backward still computes later layers. Call `.step()` after
+    every optimizer step."""
     if not enabled:
         return None
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    else:
+        # Kineto, the profiler's tracing library, probes for GPUs even when asked for CPU
+        # activities only, and on a machine without a CUDA driver logs "ERROR ...
+        # gpuGetDeviceCount failed with code 35" (cudaErrorInsufficientDriver) and two USDT
+        # lines: harmless, the CPU trace is complete. Level 5 keeps its log quiet; set
+        # KINETO_LOG_LEVEL yourself to see it.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     return torch.profiler.profile(
         activities=activities,
         schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1),

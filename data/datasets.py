@@ -1,5 +1,17 @@
-"""Image-classification datasets: a synthetic default that needs no files, and MNIST,
-Fashion-MNIST and CIFAR-10 read by torchvision from their standard on-disk formats."""
+"""Image-classification datasets: a synthetic default that needs no files; MNIST,
+Fashion-MNIST and CIFAR-10 read by torchvision from their standard on-disk formats; and any
+folder of images sorted into one sub-folder per class (torchvision's ImageFolder).
+
+What `--data-dir D` must hold (what `--download` writes for the torchvision ones):
+
+    mnist          D/MNIST/raw/train-images-idx3-ubyte, train-labels-idx1-ubyte,
+                   t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (or the same names + .gz)
+    fashion-mnist  D/FashionMNIST/raw/ with the same four file names
+    cifar10        D/cifar-10-batches-py/data_batch_1 ... data_batch_5, test_batch,
+                   batches.meta (the python version of the archive, unpacked)
+    imagefolder    D/train/<class>/<image> and D/val/<class>/<image>: the same class folder
+                   names in both, images of one size (png, jpg, ...; converted to RGB)
+"""
 
 from __future__ import annotations
 
@@ -12,7 +24,14 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from comm.dist import UsageError
 
-DATASETS = ("synthetic", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("synthetic", "mnist", "fashion-mnist", "cifar10", "imagefolder")
+
+# Where torchvision looks inside --data-dir (the module docstring has the file names).
+LAYOUT = {
+    "mnist": "<data-dir>/MNIST/raw/*-ubyte",
+    "fashion-mnist": "<data-dir>/FashionMNIST/raw/*-ubyte",
+    "cifar10": "<data-dir>/cifar-10-batches-py/data_batch_1 ...",
+}
 
 
 @dataclass
@@ -113,6 +132,8 @@ def build_datasets(
             image_size=32,
             num_classes=10,
         )
+    if name == "imagefolder":
+        return _image_folders(data_dir, train_size, eval_size)
     if not data_dir:
         raise UsageError(f"--dataset {name} needs --data-dir (add --download to fetch it)")
     root = Path(data_dir)
@@ -124,13 +145,52 @@ def build_datasets(
         image, _ = train[0]
     except Exception as e:  # torchvision says "not found", "corrupted", or fails to unpickle
         msg = " ".join(str(e).split())[:300] or type(e).__name__  # one line
-        raise UsageError(f"cannot read {name} from {root}: {msg}") from None
+        raise UsageError(
+            f"cannot read {name} from --data-dir {root} (expected: {LAYOUT[name]}): {msg}"
+        ) from None
     return DataSpec(
         _limit(train, train_size),
         _limit(evals, eval_size),
         in_channels=image.shape[0],
         image_size=image.shape[-1],
         num_classes=10,
+    )
+
+
+def _image_folders(data_dir: str | None, train_size: int, eval_size: int) -> DataSpec:
+    """`data_dir`/train and `data_dir`/val, each one sub-folder of images per class, read by
+    torchvision's ImageFolder as tensors in [0, 1] (no normalisation, no resizing)."""
+    from torchvision import datasets, transforms
+
+    if not data_dir:
+        raise UsageError("--dataset imagefolder needs --data-dir (with train/ and val/ inside)")
+    root = Path(data_dir)
+    missing = [split for split in ("train", "val") if not (root / split).is_dir()]
+    if missing:
+        raise UsageError(
+            f"--data-dir {root} has no {' or '.join(f'{m}/' for m in missing)} folder: "
+            "--dataset imagefolder expects train/<class>/<image> and val/<class>/<image>"
+        )
+    try:
+        train, evals = (
+            datasets.ImageFolder(str(root / split), transform=transforms.ToTensor())
+            for split in ("train", "val")
+        )
+        image, _ = train[0]
+    except Exception as e:  # no class folders, no image files, an unreadable image
+        msg = " ".join(str(e).split())[:300] or type(e).__name__
+        raise UsageError(f"cannot read image folders from {root}: {msg}") from None
+    if evals.classes != train.classes:
+        raise UsageError(
+            f"{root}/val has the classes {evals.classes}, {root}/train has {train.classes}: "
+            "both need the same class folders"
+        )
+    return DataSpec(
+        _limit(train, train_size),
+        _limit(evals, eval_size),
+        in_channels=image.shape[0],
+        image_size=image.shape[-1],
+        num_classes=len(train.classes),
     )
 
 

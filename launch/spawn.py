@@ -49,7 +49,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 import train_ddp  # noqa: E402
-from comm.dist import exit_on_error, resolve, run_cli  # noqa: E402
+from comm.dist import exit_on_error, resolve, run_cli, usable_cores  # noqa: E402
 from training.cli import Parser, positive  # noqa: E402
 
 
@@ -86,15 +86,8 @@ def _train(store_path: str, argv: list[str]) -> None:
     dist.destroy_process_group()  # a clean exit: every rank gets here
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (the affinity mask, where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = Parser(description=__doc__.split("\n")[0])
+    parser = Parser(description=__doc__)
     parser.add_argument(
         "--nproc",
         type=positive,

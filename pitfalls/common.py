@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
-from comm.dist import DistEnv, distributed, rank0_logger, run_cli
+from comm.dist import DistEnv, choose_threads, distributed, rank0_logger, run_cli
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -52,6 +52,8 @@ def world(args: argparse.Namespace, backend: str | None = "gloo") -> Iterator[Di
     shown on CPU tensors. `backend=None` picks NCCL when there are GPUs (the pitfalls whose
     point is the device: BatchNorm, map_location)."""
     with distributed(backend, timedelta(seconds=args.timeout)) as env:
+        threads = choose_threads(env.local_world_size, device=env.device.type)
+        rank0_logger(env, "pitfalls").info(threads)
         yield env
 
 

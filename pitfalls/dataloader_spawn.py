@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: t
 
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from pitfalls import common
@@ -109,7 +108,6 @@ def run(right: bool, with_unguarded: bool = True) -> dict:
     return values
 
 
-@record
 def main(argv: list[str] | None = None) -> int:
     args = common.make_parser(__doc__).parse_args(argv)
     with common.world(args) as env:

@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: t
 import torch
 import torch.distributed as dist
 import torch.serialization
-from torch.distributed.elastic.multiprocessing.errors import record
 
 from comm.dist import DistEnv
 from pitfalls import common
@@ -115,7 +114,6 @@ def run(right: bool, env: DistEnv, directory: Path) -> dict:
     return values
 
 
-@record
 def main(argv: list[str] | None = None) -> int:
     args = common.make_parser(__doc__).parse_args(argv)
     with (

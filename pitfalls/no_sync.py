@@ -29,7 +29,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pitfalls import common
@@ -97,7 +96,6 @@ def run(right: bool) -> dict:
     }
 
 
-@record
 def main(argv: list[str] | None = None) -> int:
     args = common.make_parser(__doc__).parse_args(argv)
     with common.world(args) as env:

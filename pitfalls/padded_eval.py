@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: t
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from data.sampling import eval_loader
@@ -70,7 +69,6 @@ def run(right: bool) -> dict:
     }
 
 
-@record
 def main(argv: list[str] | None = None) -> int:
     args = common.make_parser(__doc__).parse_args(argv)
     with common.world(args) as env:

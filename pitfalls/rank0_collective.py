@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: t
 
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import record
 
 from pitfalls import common
 
@@ -63,7 +62,6 @@ def run(right: bool, directory: Path, group: dist.ProcessGroup | None = None) ->
     }
 
 
-@record
 def main(argv: list[str] | None = None) -> int:
     args = common.make_parser(__doc__).parse_args(argv)
     with common.world(args) as env, tempfile.TemporaryDirectory(prefix="pitfall-") as tmp:

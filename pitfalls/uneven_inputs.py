@@ -30,7 +30,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.algorithms import Join
-from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pitfalls import common
@@ -109,7 +108,6 @@ def run(right: bool, group: dist.ProcessGroup | None = None) -> dict:
     }
 
 
-@record
 def main(argv: list[str] | None = None) -> int:
     args = common.make_parser(__doc__).parse_args(argv)
     with common.world(args) as env:

@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pitfalls import common
@@ -115,7 +114,6 @@ def run(right: bool) -> dict:
     return values
 
 
-@record
 def main(argv: list[str] | None = None) -> int:
     args = common.make_parser(__doc__).parse_args(argv)
     with common.world(args) as env:

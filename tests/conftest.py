@@ -10,11 +10,16 @@ when the machine has fewer, counted without initialising CUDA here; they get the
 only in the children they start with `gpus=True`.
 """
 
+import os
+
 import pytest
 
 from tests.multiproc import gpu_count, hide_gpus
 
 hide_gpus()
+# The scripts run in this process (train_dp.main(...)) choose their threads from this
+# (comm.dist.choose_threads) and so keep the one thread `one_thread` sets below.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.hookimpl(trylast=True)  # after -m/-k deselection: no GPU count when no gpu test runs

@@ -28,9 +28,10 @@ def test_default_recipe_learns_for_every_seed_and_world(tmp_path):
 
     n = len(SEEDS) * len(WORLDS)
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("recipe: defaults --lr ")
-    assert lines[2] == "world  batch  seed  epoch0  epoch1  max drop      time  result"
-    rows = [line.split() for line in lines[3 : 3 + n]]
+    assert lines[0].startswith("every run: torchrun with 1 intra-op thread per rank")
+    assert lines[1].startswith("recipe: defaults --lr ")
+    assert lines[3] == "world  batch  seed  epoch0  epoch1  max drop      time  result"
+    rows = [line.split() for line in lines[4 : 4 + n]]
     assert [(int(r[0]), int(r[1]), int(r[2])) for r in rows] == [
         (w, 32 * w, s) for w in WORLDS for s in SEEDS
     ]

@@ -8,14 +8,52 @@ Every parse or validation error is one line: `error: ...` and exit status 2.
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from comm.dist import DistEnv, UsageError
 from data.datasets import DATASETS
-from training.models import MODELS
+from training.models import FACTORY_ARGS, MODELS, model_name
 from training.optim import OPTIMIZERS
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every default shown once: appended as "(default: X)" unless the help text already
+    says what the default is, or there is none to show (None, a False switch). Lines are
+    wrapped between words only: a path or a flag such as --out-dir is never split at its
+    hyphens."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or action.default is None
+            or action.default is False
+            or action.default == argparse.SUPPRESS
+            or "default" in text
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(
+            " ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+            break_on_hyphens=False,
+        )  # fmt: skip
+
+
 class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and complete help: `description` may be a module's whole
+    docstring, of which the first paragraph is shown."""
+
+    def __init__(self, *args, description: str | None = None, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        if description:
+            description = description.strip().split("\n\n")[0]
+        super().__init__(*args, description=description, **kwargs)
+
     def error(self, message: str):  # argparse would print the whole usage block first
         raise UsageError(f"{message} (see --help)")
 
@@ -51,15 +89,20 @@ def unit_float(value: str) -> float:
 def make_parser(
     description: str, batch_size_help: str, default_batch_size: int, default_out_dir: str
 ) -> Parser:
-    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=description)
     d = p.add_argument_group("data")
     d.add_argument(
         "--dataset",
         default="synthetic",
         choices=DATASETS,
-        help="synthetic needs no files; the others are read from --data-dir",
+        help="synthetic needs no files; the others are read from --data-dir: imagefolder is "
+        "your own images, in --data-dir/train/<class>/ and --data-dir/val/<class>/",
     )
-    d.add_argument("--data-dir", default=None, help="root folder of the torchvision dataset")
+    d.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder of the dataset (its layout: data/datasets.py, or README's 'Bring your own')",
+    )
     d.add_argument(
         "--download",
         action="store_true",
@@ -88,7 +131,15 @@ def make_parser(
     )
 
     m = p.add_argument_group("model and optimisation")
-    m.add_argument("--model", default="cnn", choices=MODELS, help="network to train")
+    m.add_argument(
+        "--model",
+        default="cnn",
+        type=model_name,
+        metavar="{" + ",".join(MODELS) + "} or MODULE:FUNCTION",
+        help="network to train: a built-in one, or your own: package.module:function names a "
+        "function returning an nn.Module, imported from the current directory or PYTHONPATH "
+        f"and called with those of {', '.join(FACTORY_ARGS)} it takes",
+    )
     m.add_argument("--epochs", type=positive, default=3, help="passes over the training set")
     m.add_argument(
         "--max-steps",
@@ -177,6 +228,13 @@ def make_parser(
         "there is one, else start fresh (the same command for the first start and restarts)",
     )
     r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --out-dir that holds another: delete its checkpoints, "
+        "summary.json, tb/ and profile/ first (without this flag, or --resume, such an "
+        "--out-dir is refused)",
+    )
+    r.add_argument(
         "--save-every",
         type=non_negative,
         default=0,
@@ -228,3 +286,5 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
         raise UsageError(f"--amp {args.amp} goes with --dtype float32, not {args.dtype}")
     if args.dataset != "synthetic" and not args.data_dir:
         raise UsageError(f"--dataset {args.dataset} needs --data-dir")
+    if args.download and args.dataset in ("synthetic", "imagefolder"):
+        raise UsageError(f"--download: there is nothing to download for --dataset {args.dataset}")

@@ -4,14 +4,66 @@ single-process run with the same global batch compute the same function step for
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import inspect
+import os
+import sys
+
 import torch.nn as nn
 
 from comm.dist import UsageError
 
 MODELS = ("mlp", "cnn", "resnet18")
+# What a factory named by --model package.module:function may ask for, by parameter name.
+FACTORY_ARGS = ("in_channels", "image_size", "num_classes")
+
+
+def model_name(value: str) -> str:
+    """--model: one of MODELS, or `package.module:function` (checked when it is built)."""
+    module, _, function = value.partition(":")
+    if value in MODELS or (module and function.isidentifier()):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"expected one of {', '.join(MODELS)} or package.module:function, got {value!r}"
+    )
+
+
+def import_factory(spec: str):
+    """The function `package.module:function` names, imported from the current directory or
+    PYTHONPATH. (`python train_dp.py` puts the script's folder on sys.path, not the folder
+    you run it from; that one is added here.)"""
+    module_name, _, function = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(f"--model {spec}: cannot import {module_name}: {e}") from None
+    factory = getattr(module, function, None)
+    if not callable(factory):
+        raise UsageError(f"--model {spec}: {module_name} has no function {function}")
+    return factory
+
+
+def build_custom(spec: str, **sizes: int) -> nn.Module:
+    """Call the factory with those of in_channels, image_size and num_classes that its
+    signature names (all of them if it takes **kwargs)."""
+    factory = import_factory(spec)
+    params = inspect.signature(factory).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    model = factory(**{k: v for k, v in sizes.items() if takes_all or k in params})
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")
+    return model
 
 
 def build_model(name: str, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """One of MODELS, or the nn.Module a `package.module:function` factory returns."""
+    if ":" in name:
+        return build_custom(
+            name, in_channels=in_channels, image_size=image_size, num_classes=num_classes
+        )
     if name == "mlp":
         return nn.Sequential(
             nn.Flatten(),
@@ -47,7 +99,9 @@ def build_model(name: str, in_channels: int, image_size: int, num_classes: int) 
         elif in_channels != 3:
             model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         return model
-    raise UsageError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    raise UsageError(
+        f"unknown model {name!r}; choose one of {', '.join(MODELS)} or package.module:function"
+    )
 
 
 def has_batchnorm(model: nn.Module) -> bool:
