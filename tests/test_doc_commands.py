@@ -80,7 +80,7 @@ def plan(cmd: str) -> tuple[str, tuple[int, ...]]:
             line = f"{cmd} {extra}".strip()
             if TWO_TERMINALS in cmd:  # both "nodes" at once, on a free port
                 line = line.replace("127.0.0.1:29400", f"127.0.0.1:{_free_port()}")
-                return f"{line} & {line}; wait %1", codes
+                return f"{line} & pid=$!; {line}; wait $pid", codes  # $!: %1 may be gone once done
             return line, codes
     raise AssertionError(f"no plan for {cmd!r}: add it to SHORTEN or NOT_RUN")
 
