@@ -37,6 +37,7 @@ SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [  # the first match wins
     (r"benchmarks\.bench_sync", "--steps 1 --rounds 1 --warmup 1", (0,)),
     (r"benchmarks\.bench_dp_ddp", "--steps 1 --repeats 1 --warmup 1", (0,)),
     (r"benchmarks\.bench_zero", "--steps 1 --rounds 1 --warmup 1", (0,)),
+    (r"benchmarks\.bench_goals", "--rounds 1 --ring-mib 1 --steps 1 --model mlp", (0,)),
     (r"benchmarks\.dp_ddp_drift", "--steps 2", (0,)),
     (r"benchmarks\.learning_check",
      "--seeds 0 --worlds 1 --epochs 1 --min-first 0 -- --train-size 512 --eval-size 64", (0,)),
@@ -55,6 +56,10 @@ NOT_RUN = {
     "torchrun --standalone --nproc-per-node gpu -m comm.bench --max-bytes 1G":
         "needs GPUs (NCCL)",
     "tensorboard --logdir runs": "a server that runs until stopped; `tensorboard --help` runs",
+    "python -m comm.timeline runs/profile":
+        "reads the traced run of the command before it; tests/test_timeline.py runs it on one",
+    "python -m comm.timeline runs/timeline-overlap":
+        "reads the resnet18 run of the sentence before it; tests/test_timeline.py runs it on one",
     "python -m training.convert":
         "the tool named in a sentence; docs/ddp-to-fsdp.md shows it with its arguments",
     "python -m training.convert runs/x/checkpoints/step-00000012.dcp runs/x/full.pt":
