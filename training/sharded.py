@@ -53,7 +53,13 @@ from torch.distributed.tensor import DTensor, Shard
 from comm.dist import DistEnv, UsageError
 from comm.torch_sharded import FSDP2Sync, TorchZero1Sync
 from training.checkpoint.contents import CheckpointError, rng_state, set_rng_state, unwrap
-from training.checkpoint.files import _check_archive, _fsync_dir, point, write_checkpoint
+from training.checkpoint.files import (
+    _check_archive,
+    _fsync_dir,
+    point,
+    pointed_to,
+    write_checkpoint,
+)
 from training.checkpoint.resume import Position, check_resumable
 
 POINTER = "checkpoint.dcp"
@@ -225,12 +231,7 @@ class ShardedCheckpoints:
             return None
         if resume != "auto":
             return Path(resume)
-        if self.latest.is_symlink():
-            target = self.latest.parent / os.readlink(self.latest)
-            if not target.exists():
-                raise CheckpointError(f"{self.latest}: points to {target}, which is missing")
-            return target
-        return None
+        return pointed_to(self.latest)
 
     def resume(self, resume: str | None, args, model, optimizer, scheduler, scaler) -> Position:
         """Check, agree, then load into the live objects; the same contract as

@@ -108,3 +108,14 @@ def point(link: Path, target: Path) -> None:
     os.symlink(os.path.relpath(target, link.parent), tmp)
     os.replace(tmp, link)
     _fsync_dir(link.parent)
+
+
+def pointed_to(link: Path) -> Path | None:
+    """The checkpoint `link` (written by `point`) names, or None when there is no link; a
+    link whose target is gone is an error, never a silent fresh start."""
+    if not link.is_symlink():
+        return None
+    target = link.parent / os.readlink(link)
+    if not target.exists():
+        raise CheckpointError(f"{link}: points to {target}, which is missing")
+    return target

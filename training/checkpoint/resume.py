@@ -9,7 +9,6 @@ meets at a barrier, so nobody reads a file that is still being written (docs/che
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch.nn as nn
 from comm.dist import DistEnv
 from comm.sync import LOCAL_SGD_EVERY, Sync
 from training.checkpoint.contents import CheckpointError, restore_training_state, training_state
-from training.checkpoint.files import load_checkpoint, point, write_checkpoint
+from training.checkpoint.files import load_checkpoint, point, pointed_to, write_checkpoint
 
 # -------------------------------------------- which checkpoint a run may continue
 
@@ -218,10 +217,8 @@ class CheckpointManager:
             return None
         if resume != "auto":
             return Path(resume)
-        if self.latest.is_symlink():
-            target = self.latest.parent / os.readlink(self.latest)
-            if not target.exists():
-                raise CheckpointError(f"{self.latest}: points to {target}, which is missing")
+        target = pointed_to(self.latest)
+        if target is not None:
             return target
         return self.latest if self.latest.exists() else None
 
