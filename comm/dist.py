@@ -277,7 +277,7 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
         if not _left_alive():
             raise
         status = _report(e)  # the traceback, once; `record` has written the error file
-    if status != 0 and _left_alive():
+    if _left_alive():  # any way out once a group was left alive, a SystemExit(0) too
         _exit_without_teardown(status)
     return status
 
