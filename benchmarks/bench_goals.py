@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks.bench_sync import NoSync, rounds_of, slowest
-from comm.bench import add_world_flags, launch, rank_backend
+from comm.bench import add_world_flags, launch_unless_ranked, rank_backend
 from comm.communicate import BucketViews, communicate, flatten, unflatten
 from comm.dist import DistEnv, distributed, rank0_logger, run_cli
 from comm.ring import SEGMENT_BYTES, ring_all_reduce
@@ -247,9 +246,7 @@ def report(rows: list[tuple], env: DistEnv, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if "RANK" not in os.environ:
-        own_argv = sys.argv[1:] if argv is None else argv
-        raise SystemExit(launch("benchmarks.bench_goals", own_argv, args.backend, args.nproc))
+    launch_unless_ranked("benchmarks.bench_goals", argv, args)
     with distributed(rank_backend(args.backend)) as env:
         rows = []
         if "communicate" not in args.skip:

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from comm.bench import add_world_flags, launch, rank_backend
+from comm.bench import add_world_flags, launch_unless_ranked, rank_backend
 from comm.communicate import communicate
 from comm.dist import DistEnv, choose_threads, distributed, rank0_logger, run_cli
 from comm.sync import SHARDED_MODES, SYNC_MODES, Sync, make_sync
@@ -261,11 +261,7 @@ def plot(rows: list, path: Path, where: str, what: str, args: argparse.Namespace
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if "RANK" not in os.environ:
-        # Not under torchrun: start it, with this same command line, and one thread per rank
-        # (the ranks share the machine's cores).
-        own_argv = sys.argv[1:] if argv is None else argv
-        raise SystemExit(launch("benchmarks.bench_sync", own_argv, args.backend, args.nproc))
+    launch_unless_ranked("benchmarks.bench_sync", argv, args)
     with distributed(rank_backend(args.backend)) as env:
         threads = choose_threads(env.local_world_size, device=env.device.type)
         log = rank0_logger(env, "bench")

@@ -28,7 +28,6 @@ import argparse
 import csv
 import math
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks.bench_sync import rounds_of
-from comm.bench import add_world_flags, launch, rank_backend
+from comm.bench import add_world_flags, launch_unless_ranked, rank_backend
 from comm.dist import DistEnv, distributed, rank0_logger, run_cli
 from comm.memory import rank_memory
 from comm.ring import bus_factor
@@ -238,9 +237,7 @@ def plot(rows: list[dict], p: int, path: Path, env: DistEnv) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if "RANK" not in os.environ:
-        own_argv = sys.argv[1:] if argv is None else argv
-        raise SystemExit(launch("benchmarks.bench_zero", own_argv, args.backend, args.nproc))
+    launch_unless_ranked("benchmarks.bench_zero", argv, args)
     with distributed(rank_backend(args.backend)) as env:
         report(args, env, measure(args, env))
 

@@ -97,6 +97,15 @@ def launch(module: str, argv: Sequence[str], backend: str | None, nproc: int | N
     return subprocess.call(cmd, env=env)
 
 
+def launch_unless_ranked(module: str, argv: Sequence[str] | None, args: argparse.Namespace) -> None:
+    """Under torchrun (RANK set): return, this process is a rank. Otherwise start torchrun
+    on `module` with this same command line (`argv`, or sys.argv when None) and the world of
+    `args.backend`/`args.nproc`, and exit with its status."""
+    if "RANK" not in os.environ:
+        own_argv = sys.argv[1:] if argv is None else argv
+        raise SystemExit(launch(module, own_argv, args.backend, args.nproc))
+
+
 def rank_argv(argv: Sequence[str]) -> list[str]:
     """`argv` without the world flags, which `launch` has used up: the ranks learn their world
     from torchrun and get --backend appended. --nproc must go anyway: torchrun reads every
@@ -331,9 +340,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     add_world_flags(p)
     args = p.parse_args(argv)
     size_list = sizes(parse_size(args.min_bytes), parse_size(args.max_bytes), args.step_factor)
-    if "RANK" not in os.environ:  # not under torchrun: start it, with this command line
-        own_argv = sys.argv[1:] if argv is None else argv
-        raise SystemExit(launch("comm.bench", own_argv, args.backend, args.nproc))
+    launch_unless_ranked("comm.bench", argv, args)
     with distributed(rank_backend(args.backend)) as env:
         threads = choose_threads(env.local_world_size, device=env.device.type)
         rank0_logger(env, "bench").info(threads)
