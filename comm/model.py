@@ -289,8 +289,19 @@ def human(nbytes: float) -> str:
     return f"{nbytes:.0f}"
 
 
+def windowed(args) -> list[dict]:
+    """The CSV's rows from --min-bytes up: a line fits one regime (in cache or not) at a time."""
+    from comm.bench import parse_size
+
+    least = parse_size(args.min_bytes) if args.min_bytes else 0
+    rows = [r for r in read_bench(Path(args.csv)) if r["bytes"] >= least]
+    if not rows:
+        raise UsageError(f"{args.csv} has no size from --min-bytes {args.min_bytes} up")
+    return rows
+
+
 def cmd_fit(args) -> dict:
-    fits = fit_bench(read_bench(Path(args.csv)))
+    fits = fit_bench(windowed(args))
     print(
         f"{'op':>18} {'algo':>6} {'W':>3} {'backend':>7} {'alpha(us)':>10} "
         f"{'1/beta(GB/s)':>13} {'R^2':>7} {'sizes':>5}"
@@ -413,33 +424,41 @@ def median(values: list[float]) -> float:
 
 
 def cmd_ddp(args) -> dict[str, float]:
-    """Two readings of the tracer: every rank's time (what comm/seconds shows), which
-    includes waiting for the ranks still in backward; and per step the last rank to arrive,
-    which waits for nobody: the collective's own duration."""
-    fits = fit_bench(read_bench(Path(args.csv)))
+    """The model's time for the run's buckets against two readings of the tracer: every
+    rank's time (what comm/seconds shows), which includes waiting for the ranks still in
+    backward; and per step the last rank to arrive, which waits for nobody: the
+    collective's own duration. Two fits predict: the op's line over all sizes, and the line
+    over the sizes within --window x of the bucket (this machine has two regimes: messages
+    that fit in the CPU caches and messages that do not)."""
+    rows = read_bench(Path(args.csv))
     grad_bytes, buckets, steps = traced_step_seconds(Path(args.run))
-    world = len(steps[0])
-    key = (args.op, world, "gloo")
-    if key not in fits:
-        raise UsageError(f"{args.csv} has no {args.op} at {world} ranks on gloo to predict with")
-    f = fits[key]
-    _, predicted = ddp_comm_seconds(grad_bytes, grad_bytes / buckets, f.alpha, f.beta)
+    world, bucket = len(steps[0]), grad_bytes / buckets
+    mine = [r for r in rows if (r["op"], r["world_size"]) == (args.op, world)]
+    near = [r for r in mine if bucket / args.window <= r["bytes"] <= bucket * args.window]
+    if len({r["bytes"] for r in near}) < 2:
+        raise UsageError(
+            f"{args.csv} has fewer than two sizes of {args.op} at {world} ranks within "
+            f"{args.window:g}x of the {bucket:.0f}-byte bucket"
+        )
     every = median([s for step in steps for s in step])
     last = median([min(step) for step in steps])
     print(
-        f"{world} ranks, {grad_bytes} gradient bytes in {buckets} bucket(s); {args.op} fit: "
-        f"alpha {f.alpha * 1e6:.1f} us, 1/beta {f.gbps:.3f} GB/s"
+        f"{world} ranks, {grad_bytes} gradient bytes in {buckets} bucket(s); traced, median "
+        f"of {len(steps)} steps: every rank {every * 1e3:.2f} ms, the last rank to arrive "
+        f"{last * 1e3:.2f} ms"
     )
-    print(f"predicted {buckets} x alpha + beta x bytes: {predicted * 1e3:.2f} ms per step")
-    print(
-        f"traced, median of {len(steps)} steps x {world} ranks: {every * 1e3:.2f} ms "
-        f"(measured / predicted {every / predicted:.2f})"
-    )
-    print(
-        f"traced, the last rank to arrive, median of {len(steps)} steps: {last * 1e3:.2f} ms "
-        f"(measured / predicted {last / predicted:.2f})"
-    )
-    return {"every_rank": every / predicted, "last_rank": last / predicted}
+    ratios = {}
+    for name, chosen in (("all sizes", mine), (f"sizes within {args.window:g}x", near)):
+        f = fit_line([r["bytes"] for r in chosen], [r["seconds"] for r in chosen])
+        _, predicted = ddp_comm_seconds(grad_bytes, bucket, f.alpha, f.beta)
+        ratios[name] = {"every_rank": every / predicted, "last_rank": last / predicted}
+        print(
+            f"{args.op} fit on {name} ({len(chosen)}): alpha {f.alpha * 1e6:.1f} us, "
+            f"1/beta {f.gbps:.3f} GB/s -> {buckets} x alpha + beta x bytes = "
+            f"{predicted * 1e3:.2f} ms; measured / predicted: every rank "
+            f"{every / predicted:.2f}, last rank {last / predicted:.2f}"
+        )
+    return ratios
 
 
 def crossover(world: int, other: str, alpha: float, beta: float) -> float:
@@ -580,6 +599,7 @@ def main(argv: list[str] | None = None) -> object:
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", help="fit t = alpha + beta x bytes to each op of a comm.bench CSV")
     f.add_argument("csv", help="a comm.bench CSV (bench_out/bench.csv)")
+    f.add_argument("--min-bytes", help="fit the sizes from this one up (e.g. 1M; default: all)")
     f.set_defaults(handler=cmd_fit)
     q = sub.add_parser("predict", help="one all-reduce time from the textbook formulas")
     q.add_argument("--op", default="all_reduce", help="the collective (only all_reduce)")
@@ -604,6 +624,9 @@ def main(argv: list[str] | None = None) -> object:
     d.add_argument("csv", help="a comm.bench CSV measured on the run's world size")
     d.add_argument("run", help="a train_ddp.py --trace-comm output directory")
     d.add_argument("--op", default="all_reduce", help="the CSV op whose fit predicts the buckets")
+    d.add_argument(
+        "--window", type=float, default=4.0, help="the local fit takes sizes within this factor"
+    )
     d.set_defaults(handler=cmd_ddp)
     e = sub.add_parser("extrapolate", help="8 to 1024 ranks on an assumed datacentre link")
     e.add_argument("--alpha-us", type=float, default=DATACENTRE_ALPHA_US, help="alpha in us")

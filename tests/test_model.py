@@ -165,6 +165,8 @@ def test_ddp_compares_the_traced_steps(tmp_path, capsys):
         steps += [{"comm": [{"bytes": grad, "seconds": 7.0}, {"bytes": 24, "seconds": 1.0}]}]
         (run / "timeline" / f"rank{r}.json").write_text(json.dumps({"steps": steps}))
     ratios = model.main(["ddp", str(tmp_path / "b.csv"), str(run)])
-    assert ratios["every_rank"] == pytest.approx(2.5, rel=1e-9)
-    assert ratios["last_rank"] == pytest.approx(2.0, rel=1e-9)
-    assert "(measured / predicted 2.00)" in capsys.readouterr().out
+    # Exact lines: the fit on all sizes and the one near the bucket agree.
+    for fit in ("all sizes", "sizes within 4x"):
+        assert ratios[fit]["every_rank"] == pytest.approx(2.5, rel=1e-9)
+        assert ratios[fit]["last_rank"] == pytest.approx(2.0, rel=1e-9)
+    assert "every rank 2.50, last rank 2.00" in capsys.readouterr().out
