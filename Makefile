@@ -70,7 +70,7 @@ bench: $(STAMP)
 # all_reduce and the hand-made ring/tree/rhd/naive, their fits, whether the formulas pick the
 # fastest algorithm; traced `--sync allreduce` runs on 2 and 4 ranks against the model (with
 # a 2-rank sweep of all_reduce to fit); the extrapolation to 8..1024 ranks on an assumed
-# datacentre link, and its plot. About five minutes.
+# datacentre link, and its plot. About six minutes on a loaded 2-core box.
 MODEL_OUT ?= bench_out/model
 MODEL_OPS := all_reduce ring_all_reduce tree_all_reduce rhd_all_reduce naive_all_reduce
 MODEL_SWEEP := --min-bytes 1K --max-bytes 16M --step-factor 2 --warmup 5 --iters 40
