@@ -204,13 +204,10 @@ def fit_link(rows: list[dict], world: int) -> Fit:
 # ---- the DDP step ---------------------------------------------------------------------------
 
 
-def ddp_comm_seconds(
-    grad_bytes: float, bucket_bytes: float, alpha: float, beta: float
-) -> tuple[int, float]:
-    """(buckets, seconds) of one step's gradient all-reduces without overlap: alpha per bucket
-    plus beta per gradient byte, with alpha and beta those of the all-reduce itself."""
-    buckets = max(math.ceil(grad_bytes / bucket_bytes), 1)
-    return buckets, buckets * alpha + beta * grad_bytes
+def ddp_comm_seconds(grad_bytes: float, buckets: int, alpha: float, beta: float) -> float:
+    """Seconds of one step's gradient all-reduces without overlap: alpha per bucket plus beta
+    per gradient byte, with alpha and beta those of the all-reduce itself."""
+    return buckets * alpha + beta * grad_bytes
 
 
 def traced_step_seconds(run_dir: Path) -> tuple[int, int, list[list[float]]]:
@@ -241,9 +238,14 @@ def traced_step_seconds(run_dir: Path) -> tuple[int, int, list[list[float]]]:
 
 
 def exposed_seconds(
-    grad_bytes: float, bucket_bytes: float, backward_s: float, algo: str, world: int,
-    alpha: float, beta: float,
-) -> float:  # fmt: skip
+    grad_bytes: float,
+    bucket_bytes: float,
+    backward_s: float,
+    algo: str,
+    world: int,
+    alpha: float,
+    beta: float,
+) -> float:
     """Communication left after backward when buckets are all-reduced one after the other as
     soon as they are full, the gradients becoming ready at a steady rate during backward (a
     DDP-like overlap; `algo` "best" takes the fastest formula for each bucket)."""
@@ -450,7 +452,7 @@ def cmd_ddp(args) -> dict[str, float]:
     ratios = {}
     for name, chosen in (("all sizes", mine), (f"sizes within {args.window:g}x", near)):
         f = fit_line([r["bytes"] for r in chosen], [r["seconds"] for r in chosen])
-        _, predicted = ddp_comm_seconds(grad_bytes, bucket, f.alpha, f.beta)
+        predicted = ddp_comm_seconds(grad_bytes, buckets, f.alpha, f.beta)
         ratios[name] = {"every_rank": every / predicted, "last_rank": last / predicted}
         print(
             f"{args.op} fit on {name} ({len(chosen)}): alpha {f.alpha * 1e6:.1f} us, "
