@@ -136,15 +136,15 @@ def rhd_all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None)
     flat = _flat(tensor)
     n = flat.numel()
     p, extra = _fold(world)
-    inbox = torch.empty(n, dtype=flat.dtype, device=flat.device)
 
     # Fold: ranks 0, 2, ..., 2r-2 hand their tensor to 1, 3, ..., 2r-1 and wait for the end.
+    if rank < 2 * extra and rank % 2 == 0:
+        _send(flat, ranks[rank + 1], group, traffic)
+        _recv(flat, ranks[rank + 1], group, traffic)
+        _write_back(flat, tensor)
+        return traffic
+    inbox = torch.empty(n, dtype=flat.dtype, device=flat.device)
     if rank < 2 * extra:
-        if rank % 2 == 0:
-            _send(flat, ranks[rank + 1], group, traffic)
-            _recv(flat, ranks[rank + 1], group, traffic)
-            _write_back(flat, tensor)
-            return traffic
         _recv(inbox, ranks[rank - 1], group, traffic)
         flat.add_(inbox)
         me = rank // 2  # this rank's number among the p that take part
