@@ -17,7 +17,7 @@ TORCH_INDEX ?=
 NPROC      ?= 2
 STAMP      := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all test-oracles test-fakegpu bench stress-exit lint clean
+.PHONY: demo test test-slow test-all test-oracles test-fakegpu bench model stress-exit lint clean
 
 # Installs pyproject.toml's dependencies (and the dev extra) without installing the repo
 # itself: the scripts run from the checkout, as `python train_ddp.py` or `-m comm.bench`.
@@ -65,6 +65,26 @@ bench: $(STAMP)
 	$(BIN)/python -m comm.bench --out-dir bench_out $(BENCH_NPROC)
 	$(BIN)/python -m benchmarks.bench_zero --out-dir bench_out $(BENCH_NPROC)
 	$(BIN)/python -m benchmarks.bench_goals --out-dir bench_out $(BENCH_NPROC)
+
+# The alpha-beta cost model against this machine (docs/cost-model.md): a 4-rank sweep of gloo's
+# all_reduce and the hand-made ring/tree/rhd/naive, their fits, whether the formulas pick the
+# fastest algorithm; traced `--sync allreduce` runs on 2 and 4 ranks against the model (with
+# a 2-rank sweep of all_reduce to fit); the extrapolation to 8..1024 ranks on an assumed
+# datacentre link, and its plot. About six minutes on a loaded 2-core box.
+MODEL_OUT ?= bench_out/model
+MODEL_OPS := all_reduce ring_all_reduce tree_all_reduce rhd_all_reduce naive_all_reduce
+MODEL_SWEEP := --min-bytes 1K --max-bytes 16M --step-factor 2 --warmup 5 --iters 40
+MODEL_TRAIN := train_ddp.py --sync allreduce --model mlp --epochs 1 --max-steps 40 --no-eval \
+  --log-every 1000 --trace-comm --overwrite
+model: $(STAMP)
+	$(BIN)/python -m comm.bench --nproc 4 --ops $(MODEL_OPS) $(MODEL_SWEEP) --out-dir $(MODEL_OUT)/w4
+	$(BIN)/python -m comm.model fit $(MODEL_OUT)/w4/bench.csv
+	$(BIN)/python -m comm.model pick $(MODEL_OUT)/w4/bench.csv --world 4
+	$(BIN)/python -m comm.bench --nproc 2 --ops all_reduce $(MODEL_SWEEP) --out-dir $(MODEL_OUT)/w2
+	for w in 2 4; do OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node $$w \
+	  $(MODEL_TRAIN) --out-dir $(MODEL_OUT)/ddp-w$$w > $(MODEL_OUT)/ddp-w$$w.log || exit 1; \
+	  $(BIN)/python -m comm.model ddp $(MODEL_OUT)/w$$w/bench.csv $(MODEL_OUT)/ddp-w$$w || exit 1; done
+	$(BIN)/python -m comm.model extrapolate --plot $(MODEL_OUT)/cost-model.png
 
 # Every torchrun script of the repository (the pitfalls in both modes, train_ddp.py in each
 # --sync mode) RUNS times, two at once so the machine is loaded: any abort at exit, wrong exit

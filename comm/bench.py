@@ -20,7 +20,9 @@ timed calls; the time of one call is the slowest rank's mean. Then
 so busbw is comparable across ops and world sizes and approaches the link speed. S is the
 all-reduce/broadcast tensor, the all-gather output, the reduce-scatter and all-to-all input.
 `ring_all_reduce` (comm/ring.py) runs in the same sweep, right after the library's
-all_reduce at each size, so the two are measured under the same conditions.
+all_reduce at each size, so the two are measured under the same conditions. `--ops` adds the
+other hand-made all-reduces: naive_all_reduce, tree_all_reduce and rhd_all_reduce
+(comm/algorithms.py); `python -m comm.model fit` fits the CSV.
 
 Output on rank 0: an aligned table on stdout, <out-dir>/bench.csv (one row per op and size)
 and <out-dir>/bench.png (busbw against size, one line per op).
@@ -40,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from comm.algorithms import rhd_all_reduce, tree_all_reduce
 from comm.compat import all_gather_single, reduce_scatter_single
 from comm.dist import (
     BACKENDS,
@@ -57,12 +60,17 @@ OPS = (
     "all_reduce",
     "ring_all_reduce",
     "naive_all_reduce",
+    "tree_all_reduce",
+    "rhd_all_reduce",
     "all_gather",
     "reduce_scatter",
     "broadcast",
     "all_to_all",
 )
-DEFAULT_OPS = tuple(op for op in OPS if op != "naive_all_reduce")
+# The other hand-made all-reduces (comm/algorithms.py) on request: `make model` sweeps them.
+DEFAULT_OPS = tuple(
+    op for op in OPS if op not in ("naive_all_reduce", "tree_all_reduce", "rhd_all_reduce")
+)
 COLUMNS = ("op", "bytes", "count", "world_size", "backend", "time_us", "algbw_gbs", "busbw_gbs")
 
 
@@ -174,6 +182,8 @@ def make_op(op: str, nbytes: int, env: DistEnv) -> tuple[Callable[[], object], i
         "all_reduce": lambda: dist.all_reduce(x),
         "ring_all_reduce": lambda: ring_all_reduce(x),
         "naive_all_reduce": lambda: naive_all_reduce(x),
+        "tree_all_reduce": lambda: tree_all_reduce(x),
+        "rhd_all_reduce": lambda: rhd_all_reduce(x),
         "all_gather": lambda: all_gather_single(x, part),
         "reduce_scatter": lambda: reduce_scatter_single(part, x),
         "broadcast": lambda: dist.broadcast(x, src=0),

@@ -232,6 +232,7 @@ def bus_factor(op: str, world_size: int) -> float:
         return (n - 1) / n
     if op in ("broadcast", "reduce", "send"):
         return 1.0
-    if op == "naive_all_reduce":
-        return 2 * (n - 1) / n  # same total as the ring; only the busiest link differs
+    if op in ("naive_all_reduce", "tree_all_reduce", "rhd_all_reduce"):
+        # nccl-tests' all-reduce factor whatever the algorithm, so that busbw compares them
+        return 2 * (n - 1) / n
     return 0.0  # recv, barrier: this rank sends nothing of its own

@@ -42,6 +42,8 @@ SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [  # the first match wins
     (r"benchmarks\.learning_check",
      "--seeds 0 --worlds 1 --epochs 1 --min-first 0 -- --train-size 512 --eval-size 64", (0,)),
     (r"comm\.collectives|comm\.indexing", "", (0,)),
+    (r"comm\.model predict ", "", (0,)),
+    (r"comm\.model extrapolate ", "--plot cost-model.png", (0,)),  # not over docs/
     (r"pitfalls/\S+\.py --wrong", "", (0, 1)),  # 1: the failure it demonstrates happened
     (r"pitfalls/\S+\.py --right", "", (0,)),
 ]  # fmt: skip
@@ -66,6 +68,14 @@ NOT_RUN = {
         "needs the page's sharded run runs/x; tests/test_sharded_checkpoint.py converts one",
     "python train_dp.py --resume runs/x/full.pt ...":
         "continues the converted run above; tests/test_sharded_checkpoint.py resumes one",
+    "python -m comm.model fit bench_out/model/w4/bench.csv":
+        "reads what `make model` measured; tests/test_model.py runs it on made-up data",
+    "python -m comm.model pick bench_out/model/w4/bench.csv --world 4":
+        "reads what `make model` measured; tests/test_model.py runs it on made-up data",
+    "python -m comm.model ddp bench_out/model/w2/bench.csv bench_out/model/ddp-w2":
+        "reads what `make model` measured; tests/test_model.py runs it on made-up data",
+    "python -m comm.model ddp bench_out/model/w4/bench.csv bench_out/model/ddp-w4":
+        "reads what `make model` measured; tests/test_model.py runs it on made-up data",
 }  # fmt: skip
 TWO_TERMINALS = "launch/multi_node.sh --epochs 1 --out-dir runs/node$RANDOM"
 
