@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from comm.dist import BACKENDS, DistEnv, UsageError, exit_on_error, rendezvous, resolve, run_cli
 from comm.sync import add_sync_flags, make_sync
-from comm.topology import add_topology_flags, topology_all_reduce
+from comm.topology import topology_all_reduce
 from data.datasets import build_datasets, download_once
 from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
 from training.checkpoint import CheckpointManager, param_checksum, unwrap
@@ -74,8 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="SyncBatchNorm: batch statistics over the global batch (CUDA only)",
     )
-    add_sync_flags(g)  # --sync, --sync-every: the hand-made strategies of comm/sync.py
-    add_topology_flags(g)  # --topology, --inter-node-gbps: hierarchical all-reduce
+    add_sync_flags(g)  # --sync, --sync-every, --topology: the strategies of comm/sync.py
     return parser.parse_args(argv)
 
 
@@ -105,8 +104,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -> dict:
     validate(args, env)
-    # --topology NxG: intra- and inter-node groups, the hierarchical all-reduce (else None)
-    all_reduce = topology_all_reduce(args.topology, args.inter_node_gbps, args.sync)
     out_dir = Path(args.out_dir)
     run = RunLog(env, out_dir, args)  # threads, first log line; refuses a used --out-dir
     global_batch = args.batch_size * env.world_size * args.grad_accum
@@ -179,6 +176,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         # Broadcasts rank 0's parameters and buffers now; from here on every backward
         # all-reduces the gradients, bucket by bucket, while it is still computing.
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    all_reduce = topology_all_reduce(args.topology, args.inter_node_gbps, args.sync)  # or None
     sync = make_sync(args.sync, model, env, sync_every=args.sync_every, all_reduce=all_reduce)
     optimizer = make_optimizer(model, args, sync)  # the sharded --sync modes: this rank's shard
     scheduler = make_scheduler(optimizer, args, total_steps)

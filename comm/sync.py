@@ -61,6 +61,7 @@ from comm.communicate import (
     plan_buckets_like_ddp,
 )
 from comm.dist import DistEnv, UsageError
+from comm.topology import add_topology_flags
 from training.cli import positive
 
 # The sharded modes (ZeRO-1/2/3 by hand and their library twins) live in their own pages:
@@ -392,7 +393,8 @@ class LocalSGDSync(Sync):
 
 
 def add_sync_flags(group: argparse._ArgumentGroup) -> None:
-    """train_ddp.py's --sync and --sync-every: which strategy of this module is used."""
+    """train_ddp.py's --sync and --sync-every: which strategy of this module is used (and
+    --topology: which all-reduce allreduce, overlap and local-sgd use)."""
     group.add_argument(
         "--sync",
         default="ddp",
@@ -407,6 +409,7 @@ def add_sync_flags(group: argparse._ArgumentGroup) -> None:
         help=f"--sync local-sgd only: average the replicas every K optimizer steps "
         f"(unset: {LOCAL_SGD_EVERY})",
     )
+    add_topology_flags(group)  # --topology, --inter-node-gbps: comm/topology.py
 
 
 def make_sync(

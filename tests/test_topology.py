@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import train_ddp
+from benchmarks.bench_topology import crossover, fit_loopback, link_factors, predict
 from comm import topology
 from comm.dist import UsageError
 from comm.topology import (
@@ -111,7 +112,12 @@ COMMON = [
 
 def _trajectories(rank: int, out_root: str) -> dict:
     out = {}
-    for name, flags in {"flat": [], "2x2": ["--topology", "2x2", "--trace-comm"]}.items():
+    runs = {
+        "flat": [],
+        "2x2": ["--topology", "2x2", "--trace-comm"],
+        "overlap-2x2": ["--sync", "overlap", "--topology", "2x2"],  # each bucket hierarchical
+    }
+    for name, flags in runs.items():
         out_dir = Path(out_root) / name
         summary = train_ddp.main([*COMMON, *flags, "--out-dir", str(out_dir)])
         out[name] = {
@@ -223,14 +229,16 @@ TOLERANCE = 1e-10
 @pytest.mark.oracle
 def test_topology_2x2_trains_like_plain_allreduce(world):
     rank0 = world[0]["runs"]
-    flat, hier = rank0["flat"]["model"], rank0["2x2"]["model"]
-    assert rank0["flat"]["steps"] == rank0["2x2"]["steps"] == 4
-    assert flat.keys() == hier.keys()
-    for key in flat:
-        assert flat[key].dtype == torch.float64
-        diff = (flat[key] - hier[key]).abs().max().item()
-        assert diff <= TOLERANCE, f"{key} differs by {diff:.3g}"
-    assert len({r["runs"]["2x2"]["checksum"] for r in world}) == 1, "replicas differ"
+    flat = rank0["flat"]["model"]
+    for name in ("2x2", "overlap-2x2"):
+        hier = rank0[name]["model"]
+        assert rank0["flat"]["steps"] == rank0[name]["steps"] == 4
+        assert flat.keys() == hier.keys()
+        for key in flat:
+            assert flat[key].dtype == torch.float64
+            diff = (flat[key] - hier[key]).abs().max().item()
+            assert diff <= TOLERANCE, f"{name}: {key} differs by {diff:.3g}"
+        assert len({r["runs"][name]["checksum"] for r in world}) == 1, f"{name}: replicas differ"
     # The gradients did go through the hierarchy: per step, the one flat gradient buffer's
     # shard (half of it, G = 2) crossed the inter-node group once, 2(N-1)/N = 1 times.
     comm = rank0["2x2"]["comm"]
@@ -258,6 +266,22 @@ def test_topology_flag_checks():
         build_topology("2x2", world_size=2)
     with pytest.raises(UsageError, match="must be positive"):
         build_topology("2x1", inter_node_gbps=0.0, world_size=2)
+
+
+def test_bench_model_crossover_is_where_the_predictions_meet():
+    assert link_factors(2, 2) == (1.5, 0.5)
+    assert link_factors(1, 4) == (0.0, 0.0)  # one node: nothing crosses a slow link
+    flat, hier = (100e-6, 1e-9), (300e-6, 2e-9)  # hier: more latency, slower loopback
+    points = [(s, flat[0] + flat[1] * s) for s in (4096, 65536, 2**20)]
+    assert fit_loopback(points) == pytest.approx(flat, rel=1e-9)  # exact data, exact fit
+    x, z = link_factors(2, 2)
+    for gbps in (0.1, 1.0):
+        s_star = crossover(flat, hier, x, z, gbps)
+        at = {f: predict(s_star, fit, slow, gbps) for f, fit, slow in [(0, flat, x), (1, hier, z)]}
+        assert at[0] == pytest.approx(at[1], rel=1e-9)
+        assert predict(2 * s_star, hier, z, gbps) < predict(2 * s_star, flat, x, gbps)
+    # At 10 Gbit/s the bytes kept off the link save less than the slower loopback costs.
+    assert crossover(flat, hier, x, z, 10.0) == float("inf")
 
 
 def _six(rank: int, world_size: int) -> dict[str, bool]:
