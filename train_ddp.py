@@ -176,7 +176,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         # Broadcasts rank 0's parameters and buffers now; from here on every backward
         # all-reduces the gradients, bucket by bucket, while it is still computing.
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    all_reduce = topology_all_reduce(args.topology, args.inter_node_gbps, args.sync)  # or None
+    all_reduce = topology_all_reduce(args.topology, args.inter_node_gbps)  # None: dist's own
     sync = make_sync(args.sync, model, env, sync_every=args.sync_every, all_reduce=all_reduce)
     optimizer = make_optimizer(model, args, sync)  # the sharded --sync modes: this rank's shard
     scheduler = make_scheduler(optimizer, args, total_steps)

@@ -81,9 +81,21 @@ class Topology:
             time.sleep(sent_bytes * 8 / (self.inter_node_gbps * 1e9))
 
 
-def build_topology(
-    text: str, inter_node_gbps: float | None = None, world_size: int | None = None
-) -> Topology:
+def check_layout(text: str, inter_node_gbps: float | None, world_size: int) -> tuple[int, int]:
+    """(nodes, ranks per node) of `text`, which must fit the world; the link speed, if given,
+    must be positive."""
+    nodes, per_node = parse_topology(text)
+    if nodes * per_node != world_size:
+        raise UsageError(
+            f"--topology {text}: {nodes} x {per_node} = {nodes * per_node} ranks, "
+            f"but the world has {world_size}"
+        )
+    if inter_node_gbps is not None and not inter_node_gbps > 0:
+        raise UsageError(f"--inter-node-gbps must be positive, got {inter_node_gbps}")
+    return nodes, per_node
+
+
+def build_topology(text: str, inter_node_gbps: float | None = None) -> Topology:
     """Create every intra- and inter-node group of the layout `text` ('NODESxPER_NODE').
 
     dist.new_group is itself a collective of the whole world: every rank must create every
@@ -91,15 +103,7 @@ def build_topology(
     job hangs. So each rank walks the same lists and keeps the two groups it belongs to.
     (`torch.distributed.device_mesh.init_device_mesh("cpu", (N, G))` builds the same groups
     as its two dimensions; tests/test_topology.py checks that the ranks agree.)"""
-    nodes, per_node = parse_topology(text)
-    world = dist.get_world_size() if world_size is None else world_size
-    if nodes * per_node != world:
-        raise UsageError(
-            f"--topology {text}: {nodes} x {per_node} = {nodes * per_node} ranks, "
-            f"but the world has {world}"
-        )
-    if inter_node_gbps is not None and not inter_node_gbps > 0:
-        raise UsageError(f"--inter-node-gbps must be positive, got {inter_node_gbps}")
+    nodes, per_node = check_layout(text, inter_node_gbps, dist.get_world_size())
     rank = dist.get_rank()
     mine = {}
     for desc, layout in (
@@ -162,19 +166,27 @@ def inter_node_bytes_per_rank(nbytes: int, nodes: int, per_node: int) -> dict[st
 TOPOLOGY_MODES = ("allreduce", "overlap", "local-sgd")
 
 
-def topology_all_reduce(
-    text: str | None, inter_node_gbps: float | None, sync_mode: str
-) -> CommOp | None:
-    """The all-reduce for make_sync under `--topology text` (None without one), after checking
-    the flags against each other and the world."""
+def check_topology_flags(
+    text: str | None, inter_node_gbps: float | None, sync_mode: str, world_size: int
+) -> None:
+    """--topology and --inter-node-gbps against each other, --sync and the world size
+    (training/cli.py's validate, before anything is written)."""
     if text is None:
         if inter_node_gbps is not None:
             raise UsageError("--inter-node-gbps needs --topology: which links are inter-node?")
-        return None
+        return
     if sync_mode not in TOPOLOGY_MODES:
         raise UsageError(
             f"--topology applies to --sync {', '.join(TOPOLOGY_MODES)}, not --sync {sync_mode}"
         )
+    check_layout(text, inter_node_gbps, world_size)
+
+
+def topology_all_reduce(text: str | None, inter_node_gbps: float | None) -> CommOp | None:
+    """The all-reduce for make_sync under `--topology text` (None without one); the flags were
+    checked by check_topology_flags."""
+    if text is None:
+        return None
     return functools.partial(hierarchical_all_reduce, topo=build_topology(text, inter_node_gbps))
 
 

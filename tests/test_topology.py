@@ -22,13 +22,13 @@ from comm import topology
 from comm.dist import UsageError
 from comm.topology import (
     build_topology,
+    check_topology_flags,
     cross_ranks,
     flat_all_reduce,
     hierarchical_all_reduce,
     inter_node_bytes_per_rank,
     node_ranks,
     parse_topology,
-    topology_all_reduce,
 )
 from comm.tracer import CommTracer
 from tests.multiproc import run_world
@@ -259,13 +259,15 @@ def test_topology_flag_checks():
         with pytest.raises(UsageError, match="NODESxPER_NODE"):
             parse_topology(bad)
     with pytest.raises(UsageError, match="not --sync ddp"):
-        topology_all_reduce("2x2", None, "ddp")
+        check_topology_flags("2x2", None, "ddp", 4)
     with pytest.raises(UsageError, match="needs --topology"):
-        topology_all_reduce(None, 10.0, "allreduce")
+        check_topology_flags(None, 10.0, "allreduce", 4)
     with pytest.raises(UsageError, match="2 x 2 = 4 ranks, but the world has 2"):
-        build_topology("2x2", world_size=2)
+        check_topology_flags("2x2", None, "overlap", 2)
     with pytest.raises(UsageError, match="must be positive"):
-        build_topology("2x1", inter_node_gbps=0.0, world_size=2)
+        check_topology_flags("2x1", 0.0, "local-sgd", 2)
+    check_topology_flags("2x1", 0.5, "local-sgd", 2)
+    check_topology_flags(None, None, "ddp", 2)
 
 
 def test_bench_model_crossover_is_where_the_predictions_meet():
