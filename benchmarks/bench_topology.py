@@ -51,6 +51,7 @@ from comm.topology import (
     build_topology,
     flat_all_reduce,
     hierarchical_all_reduce,
+    inter_node_bytes_per_rank,
     parse_topology,
 )
 from training.cli import Parser, non_negative, positive
@@ -94,10 +95,9 @@ def fit_loopback(points: list[tuple[int, float]]) -> tuple[float, float]:
 
 def link_factors(nodes: int, per_node: int) -> tuple[float, float]:
     """(x, z): bytes per rank on the inter-node link, as multiples of S, for the flat ring
-    and the hierarchical all-reduce."""
-    w = nodes * per_node
-    x = 2 * (w - 1) / w if nodes > 1 else 0.0
-    return x, 2 * (nodes - 1) / nodes / per_node
+    and the hierarchical all-reduce (comm/topology.py's formulas)."""
+    per_byte = inter_node_bytes_per_rank(1, nodes, per_node)
+    return per_byte["flat"], per_byte["hierarchical"]
 
 
 def predict(nbytes: int, fit: tuple[float, float], slow: float, gbps: float) -> float:
