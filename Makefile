@@ -17,7 +17,8 @@ TORCH_INDEX ?=
 NPROC      ?= 2
 STAMP      := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all test-oracles test-fakegpu bench model stress-exit lint clean
+.PHONY: demo test test-slow test-all test-oracles test-fakegpu bench model bench-topology \
+  stress-exit lint clean
 
 # Installs pyproject.toml's dependencies (and the dev extra) without installing the repo
 # itself: the scripts run from the checkout, as `python train_ddp.py` or `-m comm.bench`.
@@ -85,6 +86,11 @@ model: $(STAMP)
 	  $(MODEL_TRAIN) --out-dir $(MODEL_OUT)/ddp-w$$w > $(MODEL_OUT)/ddp-w$$w.log || exit 1; \
 	  $(BIN)/python -m comm.model ddp $(MODEL_OUT)/w$$w/bench.csv $(MODEL_OUT)/ddp-w$$w || exit 1; done
 	$(BIN)/python -m comm.model extrapolate --plot $(MODEL_OUT)/cost-model.png
+
+# Hierarchical vs flat all-reduce on 4 CPU ranks as 2 nodes x 2, the inter-node link emulated
+# at 1, 10 and 100 Gbit/s (docs/topology.md): a table on stdout, bench_out/bench_topology.csv.
+bench-topology: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_topology --out-dir bench_out
 
 # Every torchrun script of the repository (the pitfalls in both modes, train_ddp.py in each
 # --sync mode) RUNS times, two at once so the machine is loaded: any abort at exit, wrong exit

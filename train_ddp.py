@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from comm.dist import BACKENDS, DistEnv, UsageError, exit_on_error, rendezvous, resolve, run_cli
 from comm.sync import add_sync_flags, make_sync
+from comm.topology import topology_all_reduce
 from data.datasets import build_datasets, download_once
 from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
 from training.checkpoint import CheckpointManager, param_checksum, unwrap
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="SyncBatchNorm: batch statistics over the global batch (CUDA only)",
     )
-    add_sync_flags(g)  # --sync, --sync-every: the hand-made strategies of comm/sync.py
+    add_sync_flags(g)  # --sync, --sync-every, --topology: the strategies of comm/sync.py
     return parser.parse_args(argv)
 
 
@@ -175,7 +176,8 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         # Broadcasts rank 0's parameters and buffers now; from here on every backward
         # all-reduces the gradients, bucket by bucket, while it is still computing.
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    sync = make_sync(args.sync, model, env, sync_every=args.sync_every)  # --sync: comm/sync.py
+    all_reduce = topology_all_reduce(args.topology, args.inter_node_gbps)  # None: dist's own
+    sync = make_sync(args.sync, model, env, sync_every=args.sync_every, all_reduce=all_reduce)
     optimizer = make_optimizer(model, args, sync)  # the sharded --sync modes: this rank's shard
     scheduler = make_scheduler(optimizer, args, total_steps)
     amp_dtype = autocast_dtype(args.amp)

@@ -54,12 +54,14 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from comm.communicate import (
+    CommOp,
     PendingCommunication,
     communicate,
     communicate_async,
     plan_buckets_like_ddp,
 )
 from comm.dist import DistEnv, UsageError
+from comm.topology import add_topology_flags
 from training.cli import positive
 
 # The sharded modes (ZeRO-1/2/3 by hand and their library twins) live in their own pages:
@@ -80,6 +82,8 @@ class Sync:
     # True for the modes where each rank holds only a shard of the training state: their
     # checkpoints are written shard by shard (training/sharded.py).
     sharded = False
+    # make_sync's `all_reduce`: --topology's hierarchical one (comm/topology.py).
+    custom_all_reduce: CommOp | None = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -101,6 +105,11 @@ class Sync:
 
     def finish_backward(self) -> None:
         pass
+
+    def all_reduce(self, tensor: torch.Tensor, async_op: bool = False) -> dist.Work | None:
+        """What allreduce, overlap and local-sgd sum with: dist.all_reduce (looked up at each
+        call, so that comm/tracer.py sees it) unless make_sync was given another."""
+        return (self.custom_all_reduce or dist.all_reduce)(tensor, async_op=async_op)
 
     def after_step(self, optimizer) -> None:
         pass
@@ -218,7 +227,7 @@ class AllReduceSync(GradientSync):
 
     def finish_backward(self) -> None:
         communicate(
-            gradients(self.params), dist.all_reduce, average=True, bucket_bytes=self.bucket_bytes
+            gradients(self.params), self.all_reduce, average=True, bucket_bytes=self.bucket_bytes
         )
 
 
@@ -280,7 +289,7 @@ class OverlapSync(GradientSync):
 
     def _launch(self, index: int) -> None:
         grads = gradients(self.buckets[index])
-        self._launched.append(communicate_async(grads, dist.all_reduce, average=True))
+        self._launched.append(communicate_async(grads, self.all_reduce, average=True))
 
     def _rebuild(self) -> None:
         """Plan the buckets again in rank 0's gradient-ready order (parameters that got no
@@ -329,7 +338,7 @@ class LocalSGDSync(Sync):
         return tensors
 
     def _average(self, optimizer: torch.optim.Optimizer) -> None:
-        communicate(self.replica_state(optimizer), dist.all_reduce, average=True)
+        communicate(self.replica_state(optimizer), self.all_reduce, average=True)
 
     def _replicas_equal(self) -> bool:
         """True when the replicas are equal: no step alone since the last average."""
@@ -384,7 +393,8 @@ class LocalSGDSync(Sync):
 
 
 def add_sync_flags(group: argparse._ArgumentGroup) -> None:
-    """train_ddp.py's --sync and --sync-every: which strategy of this module is used."""
+    """train_ddp.py's --sync and --sync-every: which strategy of this module is used (and
+    --topology: which all-reduce allreduce, overlap and local-sgd use)."""
     group.add_argument(
         "--sync",
         default="ddp",
@@ -399,6 +409,7 @@ def add_sync_flags(group: argparse._ArgumentGroup) -> None:
         help=f"--sync local-sgd only: average the replicas every K optimizer steps "
         f"(unset: {LOCAL_SGD_EVERY})",
     )
+    add_topology_flags(group)  # --topology, --inter-node-gbps: comm/topology.py
 
 
 def make_sync(
@@ -408,10 +419,25 @@ def make_sync(
     *,
     sync_every: int | None = None,
     bucket_bytes: int | None = None,
+    all_reduce: CommOp | None = None,
 ) -> Sync:
     """The strategy for `--sync mode`, around `model` (for ddp and torch-zero1, a DDP model or
     a plain one to wrap). `sync_every` is local-sgd's K; `bucket_bytes` caps the gradient
-    buckets of ddp, allreduce and overlap (None: each mode's default)."""
+    buckets of ddp, allreduce and overlap (None: each mode's default); `all_reduce` replaces
+    dist.all_reduce in allreduce, overlap and local-sgd (None: keep it)."""
+    sync = _make_sync(mode, model, env, sync_every=sync_every, bucket_bytes=bucket_bytes)
+    sync.custom_all_reduce = all_reduce
+    return sync
+
+
+def _make_sync(
+    mode: str,
+    model: nn.Module,
+    env: DistEnv,
+    *,
+    sync_every: int | None,
+    bucket_bytes: int | None,
+) -> Sync:
     if mode not in SYNC_MODES:
         raise UsageError(f"unknown --sync {mode!r}; choose one of {', '.join(SYNC_MODES)}")
     if sync_every is not None and mode != "local-sgd":

@@ -19,6 +19,11 @@ collectives, the bytes each rank sends if every collective runs as a bandwidth-o
 gradient payload per step is the model's gradient bytes, so a rank sends 2(N-1)/N x model
 bytes per step: `summary()` puts that theory next to the measurement.
 
+Each event also names its process group (`group_label`): "world", or the `group_desc` a group
+was created with, so that `summary()["groups"]` and the step's `comm/sent_per_rank/<group>`
+scalars split the traffic by group. comm/topology.py names its groups "intra-node" and
+"inter-node": the inter-node bytes are the ones a slow network carries (docs/topology.md).
+
 With `out_dir`, the tracer also keeps a timeline: each collective's start and end, and the
 phases of each step (forward and backward from module and gradient hooks, the optimizer step
 from torch.optim's global step hooks), all relative to the step's start, written on a clean
@@ -107,6 +112,17 @@ def payload_bytes(name: str, args: tuple, world_size: int) -> int:
     return 0  # barrier
 
 
+def group_label(group: dist.ProcessGroup | None) -> str:
+    """'world' for the default group, else the group's `group_desc`, or its ranks when it was
+    created without one (group_desc 'undefined')."""
+    if group is None or group is dist.group.WORLD:
+        return "world"
+    desc = getattr(group, "group_desc", "undefined")
+    if desc and desc != "undefined":
+        return desc
+    return "ranks " + ",".join(map(str, dist.get_process_group_ranks(group)))
+
+
 def _sent_bytes(name: str, args: tuple, payload: int, world_size: int) -> float:
     """Bytes this rank sends: exact for point-to-point, the ring model for collectives."""
     if name == "batch_isend_irecv":
@@ -122,6 +138,7 @@ class Event:
     sent: float  # bytes this rank sends (ring model for collectives)
     seconds: float
     start: float = 0.0  # time.perf_counter() when it was issued
+    group: str = "world"  # group_label of the process group it ran on
     # An async collective: the future that completes once `seconds` holds its whole time.
     timed: torch.futures.Future | None = field(default=None, repr=False, compare=False)
 
@@ -180,10 +197,14 @@ class CommTracer:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             group = bound.arguments.get("group")
-            world = dist.get_world_size(group) if name != "batch_isend_irecv" else self.world_size
+            if name == "batch_isend_irecv":  # the group of its point-to-point ops
+                group = bound.args[0][0].group if bound.args[0] else None
+                world = self.world_size
+            else:
+                world = dist.get_world_size(group)
             payload = payload_bytes(name, bound.args, world)
             sent = _sent_bytes(name, bound.args, payload, world)
-            event = Event(name, TRACED[name], payload, sent, 0.0)
+            event = Event(name, TRACED[name], payload, sent, 0.0, group=group_label(group))
             self._local.depth = 1
             start = event.start = time.perf_counter()
             try:
@@ -348,8 +369,18 @@ class CommTracer:
             "comm/seconds": sum(e.seconds for e in events),
             "comm/calls": float(len(events)),
         }
+        for label, sent in self._sent_by_group(events).items():
+            if label != "world":  # a split only where groups other than the world ran
+                totals[f"comm/sent_per_rank/{label}"] = sent
         self.steps.append(totals)
         return totals
+
+    @staticmethod
+    def _sent_by_group(events: list[Event]) -> dict[str, float]:
+        sent: dict[str, float] = {}
+        for e in events:
+            sent[e.group] = sent.get(e.group, 0.0) + e.sent
+        return sent
 
     def ring_theory(self) -> float:
         """Bytes a rank sends per step to all-reduce the gradients on a ring: 2(N-1)/N x the
@@ -394,12 +425,13 @@ class CommTracer:
     def summary(self) -> dict:
         """Everything recorded, for summary.json."""
         ops: dict[str, dict[str, float]] = {}
+        groups: dict[str, dict[str, float]] = {}  # the same totals per process group
         for e in self.events:
-            op = ops.setdefault(e.name, {"calls": 0, "bytes": 0, "sent": 0.0, "seconds": 0.0})
-            op["calls"] += 1
-            op["bytes"] += e.bytes
-            op["sent"] += e.sent
-            op["seconds"] += e.seconds
+            for total in (ops.setdefault(e.name, {}), groups.setdefault(e.group, {})):
+                total["calls"] = total.get("calls", 0) + 1
+                total["bytes"] = total.get("bytes", 0) + e.bytes
+                total["sent"] = total.get("sent", 0.0) + e.sent
+                total["seconds"] = total.get("seconds", 0.0) + e.seconds
         return {
             "world_size": self.world_size,
             "model_grad_bytes": self.model_bytes,
@@ -408,6 +440,7 @@ class CommTracer:
             "bytes_per_step": [s["comm/bytes"] for s in self.steps],
             "seconds_per_step": [s["comm/seconds"] for s in self.steps],
             "ops": ops,
+            "groups": groups,
         }
 
 

@@ -11,6 +11,7 @@ import argparse
 import textwrap
 
 from comm.dist import DistEnv, UsageError
+from comm.topology import check_topology_flags
 from data.datasets import DATASETS
 from training.models import FACTORY_ARGS, MODELS, model_name
 from training.optim import OPTIMIZERS
@@ -288,3 +289,5 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
         raise UsageError(f"--dataset {args.dataset} needs --data-dir")
     if args.download and args.dataset in ("synthetic", "imagefolder"):
         raise UsageError(f"--download: there is nothing to download for --dataset {args.dataset}")
+    if hasattr(args, "topology"):  # train_ddp.py's --topology, --inter-node-gbps
+        check_topology_flags(args.topology, args.inter_node_gbps, args.sync, env.world_size)
