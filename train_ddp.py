@@ -128,6 +128,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         train_size=args.train_size,
         eval_size=args.eval_size,
         augment=args.augment,
+        trust_files=args.trust_data_dir,
     )
     pin = env.device.type == "cuda"
     # DistributedSampler: every rank shuffles the same permutation of the epoch and keeps
