@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         backend=env.backend,
         timeout=timedelta(seconds=args.timeout),  # a lost peer fails the job, never hangs it
         device_id=env.device if env.device.type == "cuda" else None,
-        **rendezvous(env),  # torchrun's env://; an in-memory store for a world of one
+        **rendezvous(env, timedelta(seconds=args.timeout)),  # torchrun's env://, or in-memory
     )
     with exit_on_error(env):  # an error leaves the group alone: torchrun reports the rank
         summary = train(args, env, [env.device])
