@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         backend=env.backend,
         timeout=timedelta(seconds=args.timeout),  # a lost peer fails the job, never hangs it
         device_id=env.device if env.device.type == "cuda" else None,
-        **rendezvous(env, timedelta(seconds=args.timeout)),  # torchrun's env://, or in-memory
+        **rendezvous(env),  # torchrun's env://; an in-memory store for a world of one
     )
     with exit_on_error(env):  # an error leaves the group alone: torchrun reports the rank
         summary = train(args, env, [env.device])
@@ -230,8 +230,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
             bar = run.progress(n_steps, f"epoch {epoch}")
             tic = time.perf_counter()
             for micro, (images, labels) in enumerate(batches):
-                if micro % args.grad_accum == 0:
-                    heartbeat.beat(step + 1)  # starts a step: where every rank meets the others
+                heartbeat.beat(step + 1)  # in step `step + 1`, where the ranks meet each other
                 images = images.to(env.device, dtype, non_blocking=True)
                 labels = labels.to(env.device, non_blocking=True)
                 last_micro = (micro + 1) % args.grad_accum == 0
@@ -265,7 +264,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                 if args.save_every and step % args.save_every == 0 and done < n_steps:
                     save(epoch, first + done)  # the slice's last step is saved after it, below
                 fault(step)
-                heartbeat.beat(step)  # and ends it
+                heartbeat.beat(step)  # and past it
                 if step % args.log_every == 0 or step == total_steps:
                     final_train = totals.reduce()  # a collective: every rank gets here together
                     run.info(

@@ -1,9 +1,9 @@
 """Name the rank that stalls, within --stall-timeout seconds, instead of waiting out the
 process group's --timeout and then blaming the healthy rank that timed out.
 
-Every rank counts the points of the training loop it has passed where all ranks meet (the
-start and the end of each optimizer step) and publishes the count in the job's store, from a
-background thread, about once a second. Ranks move through these points
+Every rank counts the points of the training loop it has passed where all ranks meet (each
+micro-batch of an optimizer step, and the end of the step) and publishes the count in the
+job's store, from a background thread, about once a second. Ranks move through these points
 in lockstep, so while they all wait for one that has stopped, the stopped one's count is the
 lowest and stays put; the others are one point ahead of it. Global rank 0's thread watches
 all the counts: a rank whose count is behind another's and has not moved for --stall-timeout
@@ -58,7 +58,8 @@ class Heartbeat:
         return f"{PREFIX}{rank}"
 
     def beat(self, step: int) -> None:
-        """This rank reached the next meeting point, in optimizer step `step`."""
+        """This rank reached the next meeting point, in optimizer step `step`. Ranks must call
+        it at the same points, the same number of times (the loop does: same batches)."""
         self.count += 1
         self.step = step
 
