@@ -82,3 +82,12 @@ def test_pruning_keeps_the_temp_files_of_live_writers(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path, capsys):
+    # (What an unwritable folder gives too, with "Permission denied"; as root nothing is.)
+    (tmp_path / LOCK_NAME).mkdir()
+    assert run_cli(train_dp.main, ["--out-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out-dir {tmp_path}: cannot create its lock file .run.lock (Is a directory)\n"
+    )

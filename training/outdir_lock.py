@@ -35,7 +35,10 @@ def lock_out_dir(out_dir: Path) -> str | None:
     None; or, if another process holds it, return the refusal naming the holder."""
     key = Path(out_dir).resolve()
     unlock_out_dir(key)  # an earlier run in this process is over
-    f = open(key / LOCK_NAME, "a+")  # noqa: SIM115 -- held open for the whole run
+    try:
+        f = open(key / LOCK_NAME, "a+")  # noqa: SIM115 -- held open for the whole run
+    except OSError as e:  # a folder this user cannot write to
+        return f"--out-dir {out_dir}: cannot create its lock file {LOCK_NAME} ({e.strerror})"
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
