@@ -3,8 +3,7 @@ trial, MAX_RESTARTS=2, and the job must restart from its latest checkpoint and e
 parameters of an uninterrupted run, bit for bit, every time. Before multi_node.sh exported
 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, 3 trials of 6 used up their restarts on "Gloo
 connectFullMesh failed ... Connection refused" (issue 18). Two trials by default (rank 1,
-then rank 0);
-RESTART_TRIALS=10 runs all ten kill points."""
+then rank 0); RESTART_TRIALS=10 runs all ten kill points."""
 
 from __future__ import annotations
 
