@@ -13,9 +13,10 @@ so torchrun's report names it too, and rank 0 prints the same line in case the s
 process cannot (stopped, or its thread is stuck as well), then ends its own after a grace
 period.
 
-What it does not watch: the time before the first step (data loading, model building) and
-inside evaluation and checkpoint writing (every rank is between the same two points there,
-so their counts are equal); there --timeout still applies.
+What it does not watch: start-up before the loop (building the data and the model,
+resuming), evaluation and checkpoint writing (every rank is between the same two points
+there, so their counts are equal); there --timeout still applies. What it may blame: a rank
+that takes --stall-timeout seconds longer than the others to load one batch.
 """
 
 from __future__ import annotations
