@@ -38,8 +38,9 @@ from comm.topology import topology_all_reduce
 from data.datasets import build_datasets, download_once
 from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
 from training.checkpoint import CheckpointManager, param_checksum, unwrap
-from training.cli import make_parser, positive, validate
+from training.cli import make_parser, non_negative, positive, validate
 from training.faults import fault_hook
+from training.heartbeat import Heartbeat
 from training.metrics import Totals, evaluate
 from training.models import build_model, has_batchnorm
 from training.observe import Observer
@@ -68,6 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=positive,
         default=600,
         help="seconds a collective may wait for its peers before the job fails",
+    )
+    g.add_argument(
+        "--stall-timeout",
+        type=non_negative,
+        default=45,
+        help="seconds a rank may stay behind the others in the training loop before the job "
+        "fails naming it (0: off, only --timeout)",
     )
     g.add_argument(
         "--sync-bn",
@@ -129,6 +137,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         train_size=args.train_size,
         eval_size=args.eval_size,
         augment=args.augment,
+        trust_files=args.trust_data_dir,
     )
     pin = env.device.type == "cuda"
     # DistributedSampler: every rank shuffles the same permutation of the epoch and keeps
@@ -192,6 +201,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     if (previous := run.finished(at.step, total_steps)) is not None:
         return previous  # re-run of a finished job: its summary.json stays as it is
     fault = fault_hook(env.rank)  # test-only crash/hang injection, off unless TRAIN_FAULT is set
+    heartbeat = Heartbeat(env, args.stall_timeout)  # names a rank that stops: training/heartbeat.py
 
     def save(epoch: int, step_in_epoch: int) -> None:
         checkpoints.save_training(
@@ -222,6 +232,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
             bar = run.progress(n_steps, f"epoch {epoch}")
             tic = time.perf_counter()
             for micro, (images, labels) in enumerate(batches):
+                heartbeat.beat(step + 1)  # in step `step + 1`, where the ranks meet each other
                 images = images.to(env.device, dtype, non_blocking=True)
                 labels = labels.to(env.device, non_blocking=True)
                 last_micro = (micro + 1) % args.grad_accum == 0
@@ -255,6 +266,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                 if args.save_every and step % args.save_every == 0 and done < n_steps:
                     save(epoch, first + done)  # the slice's last step is saved after it, below
                 fault(step)
+                heartbeat.beat(step)  # and past it
                 if step % args.log_every == 0 or step == total_steps:
                     final_train = totals.reduce()  # a collective: every rank gets here together
                     run.info(
@@ -320,6 +332,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         "history": history,
         **observer.summary(),
     }
+    heartbeat.close()
     run.write_summary(summary)
     run.info(
         "done: %d steps, %.1f samples/s, checkpoint and summary.json in %s",

@@ -103,6 +103,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         eval_size=args.eval_size,
         download=args.download,
         augment=args.augment,
+        trust_files=args.trust_data_dir,
     )
     pin = env.device.type == "cuda"
     # A world of one: every sample, in the epoch's seeded order, which is the order that

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import time
 import traceback
@@ -118,13 +119,46 @@ def resolve(backend: str | None = None) -> DistEnv:
     return DistEnv(rank, local_rank, world_size, local_world_size, backend, device)
 
 
-def rendezvous(env: DistEnv) -> dict:
+def rendezvous(env: DistEnv, timeout: timedelta = DEFAULT_TIMEOUT) -> dict:
     """How `init_process_group` finds its peers: under torchrun nothing to add (env://,
     MASTER_ADDR and MASTER_PORT); with no launcher, a world of one needs no network at all
-    and gets an in-memory store."""
+    and gets an in-memory store. With MASTER_ADDR on loopback and no store of torchrun's
+    agent to use (launch/cpu_sim.sh), the store is made here, listening on loopback only."""
     if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
         return {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+    if _loopback(os.environ.get("MASTER_ADDR", "")) and (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    ):
+        return {
+            "store": loopback_store(env, timeout),
+            "rank": env.rank,
+            "world_size": env.world_size,
+        }
     return {}
+
+
+def _loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def loopback_store(env: DistEnv, timeout: timedelta) -> dist.TCPStore:
+    """The TCPStore that env:// would make at MASTER_ADDR:MASTER_PORT, with rank 0's server
+    socket bound to that loopback address. TCPStore itself listens on every interface (its
+    server binds the wildcard address whatever host it is given), so on a machine with a
+    network, a CPU simulation would let anyone who can reach the port read and write its
+    keys; a socket bound here and handed over (`master_listen_fd`) keeps it on loopback."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if env.rank != 0:
+        return dist.TCPStore(host, port, env.world_size, False, timeout)
+    family = socket.AF_INET6 if host == "::1" else socket.AF_INET
+    server = socket.socket(family, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("::1" if host == "::1" else "127.0.0.1" if host == "localhost" else host, port))
+    server.listen()
+    # detach: the store owns the socket from here (its server closes it), not Python
+    return dist.TCPStore(
+        host, port, env.world_size, True, timeout, master_listen_fd=server.detach()
+    )
 
 
 @contextmanager
@@ -167,7 +201,7 @@ def distributed(
         backend=env.backend,
         timeout=timeout,
         device_id=env.device if env.device.type == "cuda" else None,
-        **rendezvous(env),  # env:// under torchrun
+        **rendezvous(env, timeout),  # env:// under torchrun
     )
     with exit_on_error(env):
         yield env

@@ -11,13 +11,22 @@ What `--data-dir D` must hold (what `--download` writes for the torchvision ones
                    batches.meta (the python version of the archive, unpacked)
     imagefolder    D/train/<class>/<image> and D/val/<class>/<image>: the same class folder
                    names in both, images of one size (png, jpg, ...; converted to RGB)
+
+Dataset files are untrusted input, like checkpoints. CIFAR-10's are pickles, which can run
+code when unpickled: each must match torchvision's MD5 sum of the official file, unless
+--trust-data-dir says the folder is a copy the user vouches for, and either way it is read
+by an unpickler that builds numpy arrays, lists and strings only. MNIST's idx files and
+image folders are parsed, never unpickled.
 """
 
 from __future__ import annotations
 
+import importlib
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset, TensorDataset
@@ -71,7 +80,9 @@ def synthetic(
     return TensorDataset(images, labels)
 
 
-def _torchvision(name: str, root: Path, train: bool, download: bool, augment: bool) -> Dataset:
+def _torchvision(
+    name: str, root: Path, train: bool, download: bool, augment: bool, trust_files: bool
+) -> Dataset:
     from torchvision import datasets, transforms
 
     stats = {
@@ -82,26 +93,114 @@ def _torchvision(name: str, root: Path, train: bool, download: bool, augment: bo
     steps = [transforms.ToTensor(), transforms.Normalize(*stats)]
     if augment and train and name == "cifar10":
         steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), *steps]
+    transform = transforms.Compose(steps)
     if name == "cifar10":
-        cls = _cifar10_files()
-    else:
-        cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[name]
-    return cls(str(root), train=train, download=download, transform=transforms.Compose(steps))
+        return _cifar10_files(trust_files)(str(root), train, download, transform)
+    # MNIST's idx files are raw bytes behind a small header, parsed without unpickling.
+    cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[name]
+    return cls(str(root), train=train, download=download, transform=transform)
 
 
-def _cifar10_files() -> type:
+# What a CIFAR batch pickle may name: numpy's array and dtype rebuilders (numpy 1 and 2
+# spellings; `_frombuffer` is protocol 5's) and `_codecs.encode`, with which protocol 2
+# stores bytes. Nothing else: a pickle that names os.system, eval or any other callable is
+# refused before anything runs, whatever its checksum.
+_CIFAR_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it asks to run {module}.{name}, refused")
+        if module.startswith("numpy.core."):  # numpy 2 moved numpy.core to numpy._core
+            module = module.replace("numpy.core.", "numpy._core.", 1)
+            if not hasattr(np, "_core"):  # numpy 1
+                module = module.replace("numpy._core.", "numpy.core.", 1)
+        return getattr(importlib.import_module(module), name)
+
+
+def load_cifar_pickle(path: Path) -> dict:
+    """One CIFAR-10 python-format file (a pickled dict of numpy arrays, lists and strings),
+    unpickled by an unpickler that can build nothing else: a tampered file cannot run code.
+    Python 2 strings decode as latin-1, as torchvision reads them."""
+    try:
+        with open(path, "rb") as f:
+            entry = _ArraysOnly(f, encoding="latin1").load()
+    except Exception as e:  # refused, truncated, not a pickle at all
+        raise UsageError(f"{path}: not a CIFAR-10 batch file ({e})") from None
+    if not isinstance(entry, dict):
+        raise UsageError(f"{path}: not a CIFAR-10 batch file (holds a {type(entry).__name__})")
+    return entry
+
+
+def _check_batch(path: Path, entry: dict) -> tuple[np.ndarray, list[int]]:
+    """The images and labels of one batch file, checked against the format before use: a
+    malformed file fails here, in one line, not later in the middle of training."""
+    name = str(path)
+    data, labels = entry.get("data"), entry.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise UsageError(f"{name}: not a CIFAR-10 batch file, 'data' is not a 2-d uint8 array")
+    if data.shape[1] != 3 * 32 * 32:
+        raise UsageError(
+            f"{name}: not a CIFAR-10 batch file, its 'data' rows hold {data.shape[1]} bytes, "
+            "not 3x32x32"
+        )
+    if not isinstance(labels, list) or len(labels) != len(data):
+        raise UsageError(
+            f"{name}: not a CIFAR-10 batch file, 'labels' is not a list of {len(data)} labels"
+        )
+    if not all(type(y) is int and 0 <= y < 10 for y in labels):
+        raise UsageError(
+            f"{name}: not a CIFAR-10 batch file, 'labels' holds a value that is not a class 0..9"
+        )
+    return data, labels
+
+
+def _cifar10_files(trust_files: bool) -> type:
     """Built on first use, so that importing this module does not import torchvision."""
     from torchvision import datasets
+    from torchvision.datasets.utils import check_integrity
 
     class CIFAR10Files(datasets.CIFAR10):
-        """torchvision's CIFAR-10 reader, checking that the batch files exist rather than
-        that they are byte-for-byte the official release (its MD5 sums). A subset or a
-        re-packed copy in the same pickle format loads too; a damaged file still fails, when
-        it is unpickled. `--download` fetches and verifies the official archive as usual."""
+        """torchvision's CIFAR-10, read more carefully. Every file is first checked against
+        torchvision's MD5 sums of the official release (`trust_files` skips that, for a
+        subset or a re-packed copy the user vouches for: --trust-data-dir), then unpickled
+        by `load_cifar_pickle`, which builds arrays and nothing else, and checked against
+        the format. `--download` fetches and verifies the official archive as usual."""
 
-        train_list = [[f, None] for f, _ in datasets.CIFAR10.train_list]
-        test_list = [[f, None] for f, _ in datasets.CIFAR10.test_list]
-        meta = {**datasets.CIFAR10.meta, "md5": None}
+        def __init__(self, root: str, train: bool, download: bool, transform) -> None:
+            datasets.VisionDataset.__init__(self, root, transform=transform)
+            self.train = train
+            if download:
+                self.download()
+            folder = Path(self.root) / self.base_folder
+            files = self.train_list + self.test_list + [[self.meta["filename"], self.meta["md5"]]]
+            for name, md5 in files:
+                if not (folder / name).is_file():
+                    raise UsageError(f"{folder / name} is missing (expected: {LAYOUT['cifar10']})")
+                if not trust_files and not check_integrity(str(folder / name), md5):
+                    raise UsageError(
+                        f"{folder / name} is not the official CIFAR-10 file (its MD5 differs "
+                        "from torchvision's); for a subset or re-packed copy from a source you "
+                        "trust, add --trust-data-dir"
+                    )
+            batches = [
+                _check_batch(folder / name, load_cifar_pickle(folder / name))
+                for name, _ in (self.train_list if train else self.test_list)
+            ]
+            self.data = np.vstack([d for d, _ in batches]).reshape(-1, 3, 32, 32)
+            self.data = self.data.transpose((0, 2, 3, 1))  # HWC, as torchvision keeps it
+            self.targets = [y for _, labels in batches for y in labels]
+            self.classes = load_cifar_pickle(folder / self.meta["filename"])[self.meta["key"]]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
     return CIFAR10Files
 
@@ -119,9 +218,11 @@ def build_datasets(
     eval_size: int = 0,
     download: bool = False,
     augment: bool = False,
+    trust_files: bool = False,
 ) -> DataSpec:
     """The train and eval splits of `name`. `train_size`/`eval_size` > 0 keep only the first
-    N samples (for synthetic data, they set its size)."""
+    N samples (for synthetic data, they set its size). `trust_files` (--trust-data-dir) loads
+    CIFAR-10 files whose checksums are not the official ones (see `_cifar10_files`)."""
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if name == "synthetic":
@@ -140,9 +241,11 @@ def build_datasets(
     if not root.is_dir() and not download:
         raise UsageError(f"--data-dir {root} does not exist (add --download to fetch {name})")
     try:
-        train = _torchvision(name, root, True, download, augment)
-        evals = _torchvision(name, root, False, download, False)
+        train = _torchvision(name, root, True, download, augment, trust_files)
+        evals = _torchvision(name, root, False, download, False, trust_files)
         image, _ = train[0]
+    except UsageError:  # already one line that names the file
+        raise
     except Exception as e:  # torchvision says "not found", "corrupted", or fails to unpickle
         msg = " ".join(str(e).split())[:300] or type(e).__name__  # one line
         raise UsageError(

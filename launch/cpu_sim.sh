@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Single-node CPU simulation of a cluster: N processes on this machine, each one a DDP rank,
-# joined by the gloo backend over the loopback interface. No GPU, no network.
+# joined by the gloo backend over the loopback interface. No GPU, no network: nothing it
+# starts listens beyond loopback.
 #
 #   launch/cpu_sim.sh                       # 2 ranks, train_ddp.py's defaults
 #   launch/cpu_sim.sh 4 --epochs 1          # 4 ranks; everything after N goes to train_ddp.py
@@ -38,6 +39,26 @@ if [[ -z ${GLOO_SOCKET_IFNAME:-} ]]; then
   esac
 fi
 
-# --standalone: a private rendezvous on a free localhost port, so two simulations never clash.
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$nproc" \
-  "$root/train_ddp.py" --backend gloo "$@"
+# Nothing listens beyond loopback. `--standalone` would start a TCPStore in the torchrun
+# agent, and TCPStore listens on every interface whatever address it is given: anyone who
+# can reach this machine could read and write the job's keys. Instead the agent meets its
+# workers through a file (c10d rendezvous with store_type=file: a private temporary file,
+# removed by this script at exit, so two simulations never clash), serves no store of its own
+# (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; see multi_node.sh for what it does on restarts), and
+# tells the workers MASTER_ADDR=127.0.0.1 (--local-addr) with a free port; rank 0 then opens
+# the workers' store on 127.0.0.1 only (comm/dist.py: loopback_store), and gloo talks over
+# GLOO_SOCKET_IFNAME (lo). docs/launching.md lists what listens where.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+rdzv_file=$(mktemp "${TMPDIR:-/tmp}/cpu_sim_rdzv.XXXXXX")  # mode 600; removed at exit
+trap 'rm -f "$rdzv_file"' EXIT
+"$PYTHON" -m torch.distributed.run --nnodes 1 --nproc-per-node "$nproc" \
+  --rdzv-backend c10d --rdzv-endpoint "$rdzv_file" --rdzv-conf store_type=file \
+  --local-addr 127.0.0.1 "$root/train_ddp.py" --backend gloo "$@" &
+torchrun=$!
+# Not exec'd (the file must be removed after it), so pass a stop on to torchrun, which
+# stops the ranks; `wait` returns early on a signal, so wait until torchrun has ended.
+trap 'kill -TERM "$torchrun" 2>/dev/null || true' TERM INT HUP
+status=0
+wait "$torchrun" || status=$?
+while kill -0 "$torchrun" 2>/dev/null; do wait "$torchrun" || status=$?; done
+exit "$status"

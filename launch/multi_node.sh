@@ -92,6 +92,16 @@ if [[ -n ${LOG_DIR:-} ]]; then
   logs+=(--log-dir "$LOG_DIR" --tee 3)
 fi
 
+# Restarts (MAX_RESTARTS): by default torchrun (2.4+) lets the workers use the rendezvous
+# TCPStore that node 0's agent serves, and that store outlives a failed attempt: the
+# restarted workers' process group keys are written next to the dead attempt's (torch adds
+# no per-attempt prefix for that store, torch/distributed/rendezvous.py), and gloo can
+# then dial a dead worker's address ("Gloo connectFullMesh failed ... Connection refused"),
+# failing restart after restart (3 of 6 kill trials in issue 18). With
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 the agents only publish MASTER_ADDR and a free
+# MASTER_PORT, and each attempt's rank 0 starts a fresh store there: nothing of a dead
+# attempt is read again (tests/test_restarts.py: kill trials end bit-identical).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --nproc-per-node "$nproc" \
   "${rdzv[@]}" --max-restarts "${MAX_RESTARTS:-0}" "${logs[@]}" \

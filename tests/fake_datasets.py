@@ -36,8 +36,10 @@ def write_mnist(
 
 
 def write_cifar10(
-    root: Path, per_batch: int = 12, n_test: int = 20, seed: int = 0
+    root: Path, per_batch: int = 12, n_test: int = 20, seed: int = 0, protocol: int = 2
 ) -> dict[str, np.ndarray]:
+    """CIFAR-10's python format; not the official bytes, so loading needs --trust-data-dir
+    (`trust_files=True`). The official files are protocol-2 pickles (Python 2's cPickle)."""
     rng = np.random.default_rng(seed)
     folder = Path(root) / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
@@ -48,13 +50,13 @@ def write_cifar10(
         data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)  # rows of R, G, B planes
         labels = rng.integers(0, 10, n).tolist()
         with open(folder / name, "wb") as f:
-            pickle.dump({"data": data, "labels": labels}, f)
+            pickle.dump({"data": data, "labels": labels}, f, protocol=protocol)
         if name == "test_batch":
             arrays["test_data"], arrays["test_labels"] = data, labels
         else:
             arrays["train_data"].append(data)
             arrays["train_labels"].extend(labels)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f, protocol=protocol)
     arrays["train_data"] = np.concatenate(arrays["train_data"])
     return arrays

@@ -95,7 +95,7 @@ def test_mnist_formats_load_through_torchvision(tmp_path, name, folder):
 
 def test_cifar10_format_loads_through_torchvision(tmp_path):
     arrays = write_cifar10(tmp_path)
-    spec = build_datasets("cifar10", str(tmp_path), seed=0, augment=True)
+    spec = build_datasets("cifar10", str(tmp_path), seed=0, augment=True, trust_files=True)
     assert (len(spec.train), len(spec.eval)) == (60, 20)
     assert (spec.in_channels, spec.image_size) == (3, 32)
     image, label = spec.eval[3]
@@ -114,8 +114,8 @@ def test_missing_or_malformed_data_dir_is_one_clear_error(tmp_path):
         build_datasets("cifar10", None, seed=0)
     write_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
-    with pytest.raises(UsageError, match="cannot read cifar10"):
-        build_datasets("cifar10", str(tmp_path), seed=0)
+    with pytest.raises(UsageError, match="data_batch_3: not a CIFAR-10 batch file"):
+        build_datasets("cifar10", str(tmp_path), seed=0, trust_files=True)
     write_mnist(tmp_path)
     (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"\0\0\x08\x03\0")
     with pytest.raises(UsageError, match="cannot read mnist") as info:

@@ -189,11 +189,15 @@ def test_cpu_sim_command_line(fakes):
     assert_ok(result)
     argv = recorded(fakes, "torchrun")
     assert argv[:2] == ["-m", "torch.distributed.run"]
-    assert "--standalone" in argv and flag(argv, "--nproc-per-node") == "3"
+    assert flag(argv, "--nnodes") == "1" and flag(argv, "--nproc-per-node") == "3"
+    # loopback only (tests/test_loopback.py): a file rendezvous, workers' store on 127.0.0.1
+    assert "--standalone" not in argv and flag(argv, "--rdzv-conf") == "store_type=file"
+    assert flag(argv, "--local-addr") == "127.0.0.1"
     assert argv[-5:] == [str(ROOT / "train_ddp.py"), "--backend", "gloo", "--epochs", "1"]
     env = recorded_env(fakes)
     assert env["OMP_NUM_THREADS"] == threads_for(3)
     assert env["GLOO_SOCKET_IFNAME"] == LOOPBACK
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
 
     assert_ok(run_fake(LAUNCH / "cpu_sim.sh", env={**fakes, "NPROC": "4"}))
     assert flag(recorded(fakes, "torchrun"), "--nproc-per-node") == "4"
@@ -234,6 +238,7 @@ def test_multi_node_command_line(fakes):
     assert flag(argv, "--max-restarts") == "0" and "--standalone" not in argv
     assert "--local-addr" not in argv and "--rdzv-conf" not in argv
     assert argv[-4:] == ["--backend", "nccl", "--epochs", "1"]
+    assert recorded_env(fakes)["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # restarts need it
 
     env.update(NNODES="2", NPROC="1", RDZV_ID="exp7", MAX_RESTARTS="3")
     assert_ok(run_fake(LAUNCH / "multi_node.sh", env=env))

@@ -110,6 +110,13 @@ def make_parser(
         help="download the dataset into --data-dir first (needs internet)",
     )
     d.add_argument(
+        "--trust-data-dir",
+        action="store_true",
+        help="I trust the files in --data-dir: load CIFAR-10 batch files that are not the "
+        "official release (a subset, a re-packed copy) without checking torchvision's MD5 "
+        "sums; they are still read by an unpickler that builds arrays only",
+    )
+    d.add_argument(
         "--augment", action="store_true", help="random crop and flip for cifar10 training images"
     )
     d.add_argument(
@@ -291,3 +298,8 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
         raise UsageError(f"--download: there is nothing to download for --dataset {args.dataset}")
     if hasattr(args, "topology"):  # train_ddp.py's --topology, --inter-node-gbps
         check_topology_flags(args.topology, args.inter_node_gbps, args.sync, env.world_size)
+    if args.download and args.trust_data_dir:
+        raise UsageError(
+            "--download fetches the official files and --trust-data-dir is for a copy that is "
+            "not: choose one of them"
+        )

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from comm.dist import DistEnv, UsageError, choose_threads, rank0_logger
 from training.checkpoint.files import atomic_write
+from training.outdir_lock import lock_out_dir, unlock_out_dir
 
 # What a run writes into --out-dir (train_*.py, training/checkpoint/, training/sharded.py,
 # comm/tracer.py).
@@ -38,12 +39,14 @@ def previous_run(out_dir: Path) -> list[str]:
 def claim_out_dir(out_dir: Path, resume: str | None, overwrite: bool, env: DistEnv) -> None:
     """Refuse to start a new run in a folder that holds another one, unless told to continue
     it (--resume) or to replace it (--overwrite, which deletes RUN_FILES and nothing else).
-    Global rank 0 looks and decides; every rank gets its verdict."""
+    Global rank 0 takes the folder's lock first (training/outdir_lock.py: one run at a time),
+    then looks and decides; every rank gets its verdict."""
     error = None
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)  # a path that cannot be a folder fails now
-        used = previous_run(out_dir)
-        if overwrite and resume:
+        error = lock_out_dir(out_dir)  # None, or who holds it: then nothing below happens
+        used = [] if error else previous_run(out_dir)
+        if overwrite and resume and not error:
             error = "--overwrite starts a new run, --resume continues one: choose one of them"
         elif used and overwrite:
             for name in used:
@@ -62,6 +65,8 @@ def claim_out_dir(out_dir: Path, resume: str | None, overwrite: bool, env: DistE
         dist.broadcast_object_list(box, src=0)  # also: nobody goes on before the deletion
         error = box[0]
     if error:
+        if env.is_main:
+            unlock_out_dir(out_dir)
         raise UsageError(error)
 
 
@@ -123,6 +128,7 @@ class RunLog:
             dist.broadcast_object_list(box, src=0)
             summary = box[0]
         if summary is not None:
+            unlock_out_dir(self.out_dir)  # this run is over
             self.info(
                 "nothing to do: %s finished at step %d of %d; %s kept as it is (raise "
                 "--epochs or --max-steps to train further, or --overwrite to start over)",
@@ -141,3 +147,4 @@ class RunLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        unlock_out_dir(self.out_dir)

@@ -22,6 +22,7 @@ from comm.dist import DistEnv
 from comm.sync import LOCAL_SGD_EVERY, Sync
 from training.checkpoint.contents import CheckpointError, restore_training_state, training_state
 from training.checkpoint.files import load_checkpoint, point, pointed_to, write_checkpoint
+from training.outdir_lock import writer_gone
 
 # -------------------------------------------- which checkpoint a run may continue
 
@@ -208,7 +209,8 @@ class CheckpointManager:
         for old in files[: -self.keep]:
             old.unlink()
         for tmp in self.folder.glob(".step-*.pt.tmp-*"):  # left by a writer that was killed
-            tmp.unlink(missing_ok=True)
+            if writer_gone(tmp):  # never the file of a writer still at work
+                tmp.unlink(missing_ok=True)
 
     def find(self, resume: str | None) -> Path | None:
         """The file `--resume` means: None (fresh start) for no flag, or for `auto` when
