@@ -8,6 +8,7 @@ from the straight run in its last bits. Every run has a deadline (tests/multipro
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
@@ -134,22 +135,27 @@ def test_one_process_stops_on_sigusr1_and_restores_the_handlers(tmp_path, capsys
 
 def test_a_rank_that_got_no_signal_stops_with_the_one_that_did(tmp_path):
     """Preemption.requested() is the ranks' agreement: only rank 1 is signalled, both see it
-    after the same step (the all-reduce of the signal number)."""
+    after the same step (the all-reduce of the signal number). Also through the gloo group
+    that an NCCL job makes for it (the job's backend is named nccl here; the group is gloo)."""
     results = run_world(_agree, 2, timeout=60)
-    assert results == [[False, False, True, True]] * 2
+    assert results == [[[False, False, True, True]] * 2] * 2
 
 
-def _agree(rank: int, world_size: int) -> list[bool]:
+def _agree(rank: int, world_size: int) -> list[list[bool]]:
     from comm.dist import resolve
 
-    seen = []
-    with Preemption("USR1", resolve()) as preempt:
-        for step in range(4):
-            if step == 2 and rank == 1:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            seen.append(preempt.requested())
-    assert preempt.agreed == signal.SIGUSR1
-    return seen
+    runs = []
+    for env in (resolve(), dataclasses.replace(resolve(), backend="nccl")):
+        seen = []
+        with Preemption("USR1", env) as preempt:
+            assert (preempt.group is None) == (env.backend == "gloo")
+            for step in range(4):
+                if step == 2 and rank == 1:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                seen.append(preempt.requested())
+        assert preempt.agreed == signal.SIGUSR1
+        runs.append(seen)
+    return runs
 
 
 # ------------------------------------------------------------------ the random trials

@@ -15,6 +15,9 @@ other, SLURM signals every node on its own, and a signal sent to one rank reache
 so a rank that stopped alone would leave its peers waiting in the next step's all-reduce.
 `requested()` is therefore a collective, an all-reduce(MAX) of one int32 (the signal number,
 0 for none): every rank sees the same answer after the same step. --trace-comm counts it.
+It runs on the CPU: with gloo in the job's own group, with NCCL in a gloo group made for it,
+since reading a GPU result every step would make the CPU wait for the GPU's whole step and
+stop it from queueing the next one ahead.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ class Preemption:
         self.signals = [signal.SIGTERM]
         if extra != "none":
             self.signals.append(signal.Signals[f"SIG{extra}"])
-        self.env = env
+        self.group = None  # the job's group; with another backend than gloo, a gloo one
+        if dist.is_initialized() and dist.get_world_size() > 1 and env.backend != "gloo":
+            self.group = dist.new_group(backend="gloo")  # a collective: every rank, same place
         self.received = 0  # the signal number this process got; written by the handler only
         self.agreed: signal.Signals | None = None  # the signal that stops every rank
         self.stopped_at: int | None = None  # the step after which the run stopped
@@ -73,8 +78,8 @@ class Preemption:
         if self.agreed is None:
             signum = self.received
             if dist.is_initialized() and dist.get_world_size() > 1:
-                flag = torch.tensor([signum], dtype=torch.int32, device=self.env.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                flag = torch.tensor([signum], dtype=torch.int32)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
                 signum = int(flag.item())
             if signum:
                 self.agreed = signal.Signals(signum)
