@@ -243,13 +243,13 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                             "lr": scheduler.get_last_lr()[0],
                         },
                     )
-                run.scalars(step, **observer.step())  # the step's collectives, the log's too
                 # Every rank asks after every step (a collective), so all stop after the same
                 # one; at the slice's last step the epoch ends first (eval, its checkpoint).
                 if preempt.requested() and done < n_steps:
                     if not due:
                         save(epoch, first + done)
                     preempt.stop(step)
+                run.scalars(step, **observer.step())  # the step's collectives, the log's too
             train_time += time.perf_counter() - tic
             bar.close()
             samples += n_steps * global_batch
