@@ -80,6 +80,7 @@ def _assert_whole_checkpoints(out_dir: Path) -> list[int]:
     return steps
 
 
+@pytest.mark.oracle
 def test_sigterm_to_the_agent_stops_after_a_step_and_resume_is_exact(tmp_path):
     """SIGTERM to torchrun's agent mid-run: it forwards SIGTERM to both ranks, which finish
     the step they are in, agree on it, save it and exit 0 with one line; torchrun itself
@@ -209,6 +210,7 @@ def _straight_and_resume_all(rank: int, world_size: int, straight: str, trials: 
     return len(trials)
 
 
+@pytest.mark.oracle
 @pytest.mark.slow
 def test_ten_random_preemptions_lose_nothing(tmp_path):
     trials = [_trial(seed, tmp_path) for seed in range(10)]
