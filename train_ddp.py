@@ -45,6 +45,7 @@ from training.metrics import Totals, evaluate
 from training.models import build_model, has_batchnorm
 from training.observe import Observer
 from training.optim import autocast_dtype, make_optimizer, make_scheduler
+from training.preempt import Preemption
 from training.runlog import RunLog
 from training.sharded import ShardedCheckpoints
 
@@ -219,10 +220,14 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     totals = Totals(env.device)
     history, train_time, samples = [], 0.0, 0
     final_train, metrics = {}, {}
-    with Observer(args, env, model, out_dir) as observer:
+    # SIGTERM, --preempt-signal: finish the step, save, leave the `with` (training/preempt.py)
+    preempt = Preemption(args.preempt_signal, env)
+    with Observer(args, env, model, out_dir) as observer, preempt:
         for epoch in range(start_epoch, args.epochs):
             if step >= total_steps:
                 break
+            if epoch > start_epoch and preempt.requested():  # came during eval or the save
+                preempt.stop(step)  # the epoch's checkpoint is this step's
             sampler.set_epoch(epoch)  # forget this and every epoch repeats the same order
             first = skip_steps if epoch == start_epoch else 0
             sampler.start_at(first * args.grad_accum * args.batch_size)
@@ -263,7 +268,8 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                 step += 1
                 bar.update()
                 done = (micro + 1) // args.grad_accum  # steps of this epoch's slice so far
-                if args.save_every and step % args.save_every == 0 and done < n_steps:
+                due = args.save_every and step % args.save_every == 0
+                if due and done < n_steps:
                     save(epoch, first + done)  # the slice's last step is saved after it, below
                 fault(step)
                 heartbeat.beat(step)  # and past it
@@ -285,6 +291,12 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                             "lr": scheduler.get_last_lr()[0],
                         },
                     )
+                # Every rank asks after every step (a collective), so all stop after the same
+                # one; at the slice's last step the epoch ends first (eval, its checkpoint).
+                if preempt.requested() and done < n_steps:
+                    if not due:
+                        save(epoch, first + done)
+                    preempt.stop(step)
                 run.scalars(step, **observer.step())  # the step's collectives, the log's too
             train_time += time.perf_counter() - tic
             bar.close()
@@ -311,6 +323,11 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
             )
             done_epoch = n_steps == steps_per_epoch - first
             save(epoch + 1 if done_epoch else epoch, 0 if done_epoch else first + n_steps)
+
+    if preempt.stopped_at is not None:  # no summary.json: the run is not over
+        stopped = preempt.report(run.info, total_steps, out_dir)
+        run.close()
+        return stopped
 
     with sync.consolidated(optimizer):
         checksum = param_checksum(sync.model)  # fsdp2: a plain copy, inside consolidated()

@@ -14,6 +14,9 @@ ranks uneven shards instead, and the metrics are summed across ranks with all_re
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -70,12 +73,39 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+def outlive_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: the signals that stop a run cleanly (training/preempt.py)
+    must not kill the rank's loader workers, which would fail the rank at its next batch
+    ("DataLoader worker ... is killed by signal: Terminated"). They do reach them: torchrun
+    signals each rank's whole process group, SLURM every process of the job. torch's own
+    SIGTERM handler in a worker ends it quietly when the rank sent the signal (the loader
+    stopping a stuck worker) and dies of it otherwise; here, the signal is blocked and one
+    thread takes it with its sender: from the rank it ends the worker as torch's handler
+    would, from anyone else it is dropped. SIGUSR1/2 are ignored. (Needs sigwaitinfo: not
+    on macOS, where the workers keep torch's behaviour.)"""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    rank = os.getppid()
+    # Blocked in this thread before any other starts, so in every thread of the worker.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def take_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == rank:
+                os._exit(0)
+
+    threading.Thread(target=take_sigterm, name="sigterm-from-rank", daemon=True).start()
+
+
 def _loader_kwargs(workers: int, pin_memory: bool) -> dict:
     kwargs: dict = {"num_workers": workers, "pin_memory": pin_memory}
     if workers > 0:
         # Workers are started once and kept across epochs. The datasets here are picklable,
         # so this also works under the spawn start method (macOS, Windows).
         kwargs["persistent_workers"] = True
+        kwargs["worker_init_fn"] = outlive_stop_signals
     return kwargs
 
 

@@ -102,6 +102,12 @@ fi
 # MASTER_PORT, and each attempt's rank 0 starts a fresh store there: nothing of a dead
 # attempt is read again (tests/test_restarts.py: kill trials end bit-identical).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
+# SIGUSR1 and SIGUSR2 are train_ddp.py's preemption warnings (--preempt-signal): SLURM sends
+# them to every process of the job step, the ranks save and stop, and the agent must not die
+# of them (torchrun does not handle them: their default action ends a process). Ignored here,
+# they are ignored by the agent; the ranks install their own handler.
+trap '' USR1 USR2
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --nproc-per-node "$nproc" \
   "${rdzv[@]}" --max-restarts "${MAX_RESTARTS:-0}" "${logs[@]}" \

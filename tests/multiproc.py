@@ -9,7 +9,8 @@ happened, so the root cause comes first and its peers' secondary
 "connection closed" errors come after it.
 
 `run_cmd(argv)` runs a command line (torchrun, a launch script) with a deadline and kills
-its whole process group when the deadline passes.
+its whole process group when the deadline passes. `Live(argv)` starts one and lets a test
+read its output as it comes, to act at a chosen moment (send a signal after step 3).
 
 GPUs: tests/conftest.py calls `hide_gpus()` before anything can initialise CUDA, so the test
 process and every process it starts see none (CUDA_VISIBLE_DEVICES=""), and every test runs
@@ -20,22 +21,26 @@ it starts with `run_cmd(..., gpus=True)` / `torchrun(..., gpus=True)`; see `gpu_
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import multiprocessing as mp
 import os
 import queue
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 
-from training.processes import run_with_deadline
+from training.processes import descendants, run_with_deadline
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -251,3 +256,62 @@ def torchrun(
         timeout=timeout,
         **kw,
     )
+
+
+class Live:
+    """A command started in a session of its own, whose output (stdout and stderr merged) a
+    test reads line by line while it runs. Every wait takes a deadline (time.monotonic());
+    past it the command and every process it started are killed and the test fails."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path = ROOT):
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            list(argv),
+            cwd=cwd,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, deadline: float) -> str | None:
+        """The next line matching `pattern`, or None when the output ends without one."""
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise AssertionError(f"no {pattern!r} in time:\n{self.output()}") from None
+            if line is None:
+                return None
+            self.lines.append(line)
+            if re.search(pattern, line):
+                return line
+
+    def finish(self, deadline: float) -> int:
+        """Wait for the exit and the rest of the output; the exit status."""
+        try:
+            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"did not end in time:\n{self.output()}") from None
+        while self.wait_for(r"(?!)", deadline) is not None:  # a pattern that never matches
+            pass
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def output(self) -> str:
+        return "".join(self.lines)

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.multiproc import ROOT, run_cmd
+from tests.multiproc import ROOT, Live, run_cmd
 from training.checkpoint import load_checkpoint
 
 LAUNCH = ROOT / "launch"
@@ -130,11 +133,16 @@ FAKES = {
         printf '%s\\n' "$@" > "$FAKE_LOG/torchrun.args"
         env > "$FAKE_LOG/torchrun.env"
     """,
-    # One task per node, and this fake allocation has one node: run the command once.
+    # One task per node, and this fake allocation has one node: run the command once. Like
+    # SLURM's step daemon (proctrack/cgroup), pass a SIGUSR1 on to every process of the step.
     "srun": """
         printf '%s\\n' "$@" > "$FAKE_LOG/srun.args"
         while [[ $1 == -* ]]; do shift; done
-        exec "$@"
+        "$@" &
+        task=$!
+        tree() { local p; for p in $(pgrep -P "$1"); do echo "$p"; tree "$p"; done; }
+        trap 'kill -USR1 $task $(tree $task) 2>/dev/null || true' USR1
+        while :; do wait $task && s=0 || s=$?; kill -0 $task 2>/dev/null || exit $s; done
     """,
     "scontrol": """
         printf '%s\\n' "$@" > "$FAKE_LOG/scontrol.args"
@@ -303,6 +311,8 @@ def test_slurm_command_line(fakes, tmp_path):
         "--kill-on-bad-exit=1",
         "--cpus-per-task=32",
         str(LAUNCH / "multi_node.sh"),
+        "--resume",  # a requeued job goes on from its checkpoint
+        "auto",
         "--epochs",
         "1",
     ]
@@ -310,7 +320,7 @@ def test_slurm_command_line(fakes, tmp_path):
     assert flag(argv, "--nnodes") == "2" and flag(argv, "--nproc-per-node") == "4"
     assert flag(argv, "--rdzv-endpoint") == "gpu-a17:24242"  # head node, 20000 + id % 10000
     assert flag(argv, "--rdzv-id") == "4242"
-    assert argv[-4:] == ["--backend", "nccl", "--epochs", "1"]
+    assert argv[-6:] == ["--backend", "nccl", "--resume", "auto", "--epochs", "1"]
 
     env.update(RDZV_PORT="31000")
     assert_ok(run_cmd([str(script)], timeout=30, env=env, cwd=tmp_path))
@@ -429,6 +439,39 @@ def test_slurm_one_node_job_runs(single_node, fakes, tmp_path):
         [str(LAUNCH / "slurm.sbatch"), *SHORT, "--out-dir", str(out)], timeout=120, env=env
     )
     assert_ok(result)
+    assert_same_parameters(out, single_node.result())
+
+
+@pytest.mark.slow
+def test_slurm_job_preempted_by_usr1_saves_requeues_and_resumes(single_node, fakes, tmp_path):
+    """SIGUSR1 to the batch script, as `#SBATCH --signal=B:USR1@90` sends it: srun passes it
+    to every process of the step, the ranks stop after the same step with a checkpoint and
+    exit 0 (the agent ignores it), and the script requeues the job. The requeued job (the
+    same script again) resumes and ends with the single-node run's parameters."""
+    out = tmp_path / "out"
+    env = {
+        **slurm_env(fakes, ["localhost"], "7"),
+        "PYTHON": sys.executable,
+        "RDZV_PORT": str(free_port()),
+        "NPROC": "2",
+        "BACKEND": "gloo",
+        "GLOO_SOCKET_IFNAME": LOOPBACK,
+    }
+    argv = [str(LAUNCH / "slurm.sbatch"), *SHORT, "--log-every", "1", "--out-dir", str(out)]
+    deadline = time.monotonic() + 120
+    job = Live(argv, {**env, "TRAIN_SLOW": "step:1"})  # 1 s per step: time to signal
+    assert job.wait_for(r"^step 1 ", deadline), job.output()
+    job.proc.send_signal(signal.SIGUSR1)
+    assert job.finish(deadline) == 0, job.output()
+    text = job.output()
+    stop = re.search(r"preempted by SIGUSR1: stopped after step (\d) of 4", text)
+    assert stop and "preempted: job 7 goes back into the queue" in text, text
+    assert recorded(fakes, "scontrol") == ["requeue", "7"]
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == int(stop.group(1)) < 4
+
+    again = run_cmd(argv, timeout=120, env={**env, "RDZV_PORT": str(free_port())})
+    assert_ok(again)
+    assert f"resumed from {out / 'checkpoints'}" in again.stdout
     assert_same_parameters(out, single_node.result())
 
 

@@ -15,6 +15,7 @@ from comm.topology import check_topology_flags
 from data.datasets import DATASETS
 from training.models import FACTORY_ARGS, MODELS, model_name
 from training.optim import OPTIMIZERS
+from training.preempt import EXTRA_SIGNALS
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -248,6 +249,14 @@ def make_parser(
         default=0,
         help="also save a checkpoint every N optimizer steps (0: only at the end of each "
         "epoch and of the run)",
+    )
+    r.add_argument(
+        "--preempt-signal",
+        default="USR1",
+        choices=EXTRA_SIGNALS,
+        help="besides SIGTERM, the signal that stops the run cleanly: every rank finishes its "
+        "optimizer step, a checkpoint is saved, every rank exits 0 (SLURM: --signal=USR1@90; "
+        "docs/launching.md, 'Preemption')",
     )
     r.add_argument(
         "--keep",

@@ -9,6 +9,13 @@ A fault fires only in the attempt it names, read from TORCHELASTIC_RESTART_COUNT
 torchrun, 0 for the first attempt; a run without torchrun counts as attempt 0). So under
 `torchrun --max-restarts 1` the first attempt dies and the restarted group runs through,
 which is exactly a preempted or crashed worker followed by an elastic restart.
+
+A second variable slows a run down, so that a test can send a signal in the middle of a step
+or of a checkpoint write (tests/test_preempt.py):
+
+    TRAIN_SLOW=step:0.2           every rank sleeps 0.2 s after each optimizer step
+    TRAIN_SLOW=step:0.2,save:1    ... and for 1 s halfway through each file write (checkpoints,
+                                  summary.json: training/checkpoint/files.atomic_write)
 """
 
 from __future__ import annotations
@@ -22,13 +29,31 @@ from comm.dist import UsageError
 
 ENV = "TRAIN_FAULT"
 KINDS = ("kill", "hang")
+SLOW = "TRAIN_SLOW"
+SLOW_PLACES = ("step", "save")
+
+
+def slow_down(place: str) -> None:
+    """Sleep for TRAIN_SLOW's seconds at `place` ('step' or 'save'); nothing when unset."""
+    spec = os.environ.get(SLOW, "")
+    if not spec:
+        return
+    try:
+        seconds = {k: float(v) for k, v in (item.split(":") for item in spec.split(","))}
+        if not set(seconds) <= set(SLOW_PLACES):
+            raise ValueError
+    except ValueError:
+        raise UsageError(
+            f"{SLOW}={spec!r}: expected PLACE:SECONDS[,...], PLACE step or save"
+        ) from None
+    time.sleep(seconds.get(place, 0.0))
 
 
 def fault_hook(rank: int) -> Callable[[int], None]:
     """A function to call with the step number after every optimizer step."""
     spec = os.environ.get(ENV, "")
     if not spec:
-        return lambda step: None
+        return lambda step: slow_down("step")
     try:
         kind, fault_rank, fault_step, *rest = spec.split(":")
         fault_rank, fault_step = int(fault_rank), int(fault_step)
@@ -41,9 +66,10 @@ def fault_hook(rank: int) -> Callable[[int], None]:
         ) from None
     this_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
     if rank != fault_rank or attempt != this_attempt:
-        return lambda step: None
+        return lambda step: slow_down("step")
 
     def hook(step: int) -> None:
+        slow_down("step")
         if step != fault_step:
             return
         if kind == "kill":

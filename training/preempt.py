@@ -1,0 +1,104 @@
+"""Preemption that loses nothing: on SIGTERM (and on --preempt-signal, SIGUSR1 by default),
+every rank finishes the optimizer step it is in, rank 0 writes a checkpoint, and all ranks
+exit with status 0 and one line that says so; `--resume auto` continues bit for bit.
+
+    with Preemption(args.preempt_signal, env) as preempt:
+        for ...:  # after every optimizer step, on every rank
+            if preempt.requested() and not last_step_of_epoch:
+                save(...)
+                preempt.stop(step)  # leaves the `with` block; preempt.stopped_at says where
+
+The signal handler only sets a flag (`received`): a signal that lands in the middle of a
+save, a collective or a CUDA call changes nothing there. The flag is read once per optimizer
+step, and the ranks must agree on it: torchrun's agent signals its ranks one after the
+other, SLURM signals every node on its own, and a signal sent to one rank reaches no other,
+so a rank that stopped alone would leave its peers waiting in the next step's all-reduce.
+`requested()` is therefore a collective, an all-reduce(MAX) of one int32 (the signal number,
+0 for none): every rank sees the same answer after the same step. --trace-comm counts it.
+It runs on the CPU: with gloo in the job's own group, with NCCL in a gloo group made for it,
+since reading a GPU result every step would make the CPU wait for the GPU's whole step and
+stop it from queueing the next one ahead.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+from comm.dist import DistEnv
+
+# --preempt-signal's choices: the signals a scheduler sends as a warning (SLURM's --signal).
+EXTRA_SIGNALS = ("USR1", "USR2", "none")
+
+
+class Preempted(Exception):
+    """Raised by `Preemption.stop` to leave the training loop; `Preemption` swallows it."""
+
+
+class Preemption:
+    """Installs the handlers for the duration of a `with` block and restores the previous
+    ones after it (a test or a notebook calling main() keeps its own)."""
+
+    def __init__(self, extra: str, env: DistEnv) -> None:
+        self.signals = [signal.SIGTERM]
+        if extra != "none":
+            self.signals.append(signal.Signals[f"SIG{extra}"])
+        self.group = None  # the job's group; with another backend than gloo, a gloo one
+        if dist.is_initialized() and dist.get_world_size() > 1 and env.backend != "gloo":
+            self.group = dist.new_group(backend="gloo")  # a collective: every rank, same place
+        self.received = 0  # the signal number this process got; written by the handler only
+        self.agreed: signal.Signals | None = None  # the signal that stops every rank
+        self.stopped_at: int | None = None  # the step after which the run stopped
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum  # nothing else: this may run in the middle of a save
+
+    def __enter__(self) -> Preemption:
+        # Python runs handlers in the main thread only (and refuses to install them elsewhere);
+        # a run started from another thread keeps the default: a signal ends it.
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+        return kind is Preempted  # the loop was left on purpose: go on after the block
+
+    def requested(self) -> bool:
+        """Call on every rank after every optimizer step: True once any rank has received
+        one of the signals, on every rank after the same step. A collective until then."""
+        if self.agreed is None:
+            signum = self.received
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                flag = torch.tensor([signum], dtype=torch.int32)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+                signum = int(flag.item())
+            if signum:
+                self.agreed = signal.Signals(signum)
+        return self.agreed is not None
+
+    def stop(self, step: int) -> None:
+        """Leave the training loop after `step`, whose checkpoint has been written."""
+        self.stopped_at = step
+        raise Preempted(step)
+
+    def report(self, log, total_steps: int, out_dir) -> dict:
+        """The run's last line (rank 0) and what main() returns instead of a summary."""
+        name = self.agreed.name if self.agreed is not None else "a stop signal"
+        log(
+            "preempted by %s: stopped after step %d of %d, checkpoint saved in %s; the same "
+            "command with --resume auto goes on from there",
+            name,
+            self.stopped_at,
+            total_steps,
+            out_dir,
+        )
+        return {"preempted": name, "steps": self.stopped_at, "total_steps": total_steps}
