@@ -37,8 +37,9 @@ from comm.sync import add_sync_flags, make_sync
 from data.datasets import build_datasets, download_once
 from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
 from training.checkpoint import CheckpointManager, param_checksum, unwrap
-from training.cli import make_parser, positive, validate
+from training.cli import bounded_int, make_parser, validate
 from training.faults import fault_hook
+from training.guard import LossWatch
 from training.metrics import Totals, evaluate
 from training.models import build_model, has_batchnorm
 from training.observe import Observer
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument(
         "--timeout",
-        type=positive,
+        type=bounded_int(1, 10**7, "--timeout"),  # about 4 months: a timedelta, then C++ ms
         default=600,
         help="seconds a collective may wait for its peers before the job fails",
     )
@@ -205,6 +206,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
 
     # ---- train, watched by --trace-comm and --profile (off, and free, unless asked for)
     totals = Totals(env.device)
+    watch = LossWatch(args, env.device)  # a non-finite loss stops the run at the next log line
     history, train_time, samples = [], 0.0, 0
     final_train, metrics = {}, {}
     with Observer(args, env, model, out_dir) as observer:
@@ -239,6 +241,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                     (logits.argmax(1) == labels).sum(),
                     labels.numel(),
                 )
+                watch.see(loss, step + 1)  # step + 1: the one this micro-batch belongs to
                 if not last_micro:
                     continue
                 sync.finish_backward()  # the gradients are the average over all ranks from here
@@ -255,6 +258,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                 fault(step)
                 if step % args.log_every == 0 or step == total_steps:
                     final_train = totals.reduce()  # a collective: every rank gets here together
+                    watch.check(final_train["loss"], step)  # the same sum on every rank
                     run.info(
                         "step %d  epoch %d  loss %.4f  acc %.3f  lr %.4g",
                         step,

@@ -40,6 +40,7 @@ from training.checkpoint import CheckpointManager, param_checksum
 from training.cli import make_parser, validate
 from training.devices import gpu_list, pick_devices
 from training.faults import fault_hook
+from training.guard import LossWatch
 from training.metrics import Totals, evaluate
 from training.models import build_model
 from training.observe import Observer
@@ -174,6 +175,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
 
     # ---- train, watched by --trace-comm and --profile (off, and free, unless asked for)
     totals = Totals(env.device)
+    watch = LossWatch(args, env.device)  # a non-finite loss stops the run at the next log line
     history, train_time, samples = [], 0.0, 0
     final_train, metrics = {}, {}
     with Observer(args, env, model, out_dir) as observer:
@@ -207,6 +209,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                     (logits.argmax(1) == labels).sum(),
                     labels.numel(),
                 )
+                watch.see(loss, step + 1)  # step + 1: the one this micro-batch belongs to
                 if not last_micro:
                     continue
                 scaler.step(optimizer)
@@ -221,6 +224,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                 fault(step)
                 if step % args.log_every == 0 or step == total_steps:
                     final_train = totals.reduce()
+                    watch.check(final_train["loss"], step)
                     run.info(
                         "step %d  epoch %d  loss %.4f  acc %.3f  lr %.4g",
                         step,

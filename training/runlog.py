@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from comm.dist import DistEnv, UsageError, choose_threads, rank0_logger
 from training.checkpoint.files import atomic_write
+from training.guard import strict_json
 
 # What a run writes into --out-dir (train_*.py, training/checkpoint/, training/sharded.py,
 # comm/tracer.py).
@@ -135,7 +136,9 @@ class RunLog:
 
     def write_summary(self, summary: dict) -> None:
         if self.enabled:
-            text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
+            # Strict JSON: a non-finite number (nan, inf) is written as null (strict_json).
+            text = json.dumps(strict_json(summary), indent=2, sort_keys=True, allow_nan=False)
+            text += "\n"
             atomic_write(self.out_dir / "summary.json", text.encode())
 
     def close(self) -> None:

@@ -40,6 +40,10 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a failed write or fsync (a full disk) names no file
+            e.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)

@@ -22,6 +22,7 @@ from comm.dist import DistEnv
 from comm.sync import LOCAL_SGD_EVERY, Sync
 from training.checkpoint.contents import CheckpointError, restore_training_state, training_state
 from training.checkpoint.files import load_checkpoint, point, pointed_to, write_checkpoint
+from training.guard import check_finite
 
 # -------------------------------------------- which checkpoint a run may continue
 
@@ -185,6 +186,8 @@ class CheckpointManager:
         writes, moves the pointer and deletes old files; then everyone meets at a barrier
         (collectives, so never inside `if rank == 0`), so no rank goes on while the file may
         still be incomplete."""
+        # Every rank holds the same model here (the consolidated view): all refuse together.
+        check_finite(state["model"], state["step"], state["args"])
         path = self.path_for(state["step"])
         mine = {"rng": state["rng"], **(rank_state or {})}
         if dist.is_initialized() and dist.get_world_size() > 1:
