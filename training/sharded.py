@@ -56,6 +56,7 @@ from training.checkpoint.contents import CheckpointError, rng_state, set_rng_sta
 from training.checkpoint.files import (
     _check_archive,
     _fsync_dir,
+    load_error_reason,
     point,
     pointed_to,
     write_checkpoint,
@@ -233,7 +234,10 @@ class ShardedCheckpoints:
             return Path(resume)
         return pointed_to(self.latest)
 
-    def resume(self, resume: str | None, args, model, optimizer, scheduler, scaler) -> Position:
+    def resume(
+        self, resume: str | None, args, model, optimizer, scheduler, scaler,
+        steps_per_epoch: int | None = None,
+    ) -> Position:  # fmt: skip
         """Check, agree, then load into the live objects; the same contract as
         training/checkpoint/resume.py's CheckpointManager.resume (`model` is the sync's).
         Refuses first what a sharded checkpoint cannot hold (check_supported)."""
@@ -243,7 +247,7 @@ class ShardedCheckpoints:
             path = self.find(resume)
             if path is not None:
                 state = load_sharded_state(path)
-                notes = check_resumable(state, args, self.env.world_size, path)
+                notes = check_resumable(state, args, self.env.world_size, path, steps_per_epoch)
                 live = {k for k in optimizer.param_groups[0] if k != "params"}
                 saved = state["param_group"]
                 if not isinstance(saved, dict) or set(saved) != live:
@@ -309,8 +313,7 @@ def load_sharded_state(path: Path) -> dict:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{file}: not readable ({first[:200]})") from None
+        raise CheckpointError(f"{file}: not loaded: {load_error_reason(e)}") from None
     missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
     if missing or state["format"] != "sharded" or not isinstance(state["files"], dict):
         raise CheckpointError(f"{path}: not a sharded checkpoint of this project")
