@@ -186,7 +186,9 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     checkpoints = CheckpointManager(out_dir, args.keep, env, run.info, devices, sync=sync)
     if sync.sharded:  # each rank writes its own shard, one folder per checkpoint
         checkpoints = ShardedCheckpoints(out_dir, args.keep, env, sync, log=run.info)
-    at = checkpoints.resume(args.resume, args, model, optimizer, scheduler, scaler)
+    at = checkpoints.resume(
+        args.resume, args, model, optimizer, scheduler, scaler, steps_per_epoch=steps_per_epoch
+    )  # checked whole (types, ranges, fit) before anything changes
     step, start_epoch, skip_steps = at.step, at.epoch, at.step_in_epoch
     if (previous := run.finished(at.step, total_steps)) is not None:
         return previous  # re-run of a finished job: its summary.json stays as it is
@@ -258,7 +260,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                 fault(step)
                 if step % args.log_every == 0 or step == total_steps:
                     final_train = totals.reduce()  # a collective: every rank gets here together
-                    watch.check(final_train["loss"], step)  # the same sum on every rank
+                    watch.check(final_train["loss"], step)
                     run.info(
                         "step %d  epoch %d  loss %.4f  acc %.3f  lr %.4g",
                         step,

@@ -155,7 +155,9 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
 
     # ---- resume: the checkpoint names the epoch, and the step inside it, to go on from
     checkpoints = CheckpointManager(out_dir, args.keep, env, run.info, devices)
-    at = checkpoints.resume(args.resume, args, model, optimizer, scheduler, scaler)
+    at = checkpoints.resume(
+        args.resume, args, model, optimizer, scheduler, scaler, steps_per_epoch=steps_per_epoch
+    )  # checked whole (types, ranges, fit) before anything changes
     step, start_epoch, skip_steps = at.step, at.epoch, at.step_in_epoch
     if (previous := run.finished(at.step, total_steps)) is not None:
         return previous  # re-run of a finished job: its summary.json stays as it is

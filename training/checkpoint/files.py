@@ -86,7 +86,9 @@ def _check_archive(path: Path) -> None:
 # allow-listing the refused global) or point elsewhere: left out of the refusal, which keeps
 # what the file asked for. A checkpoint of this project needs no global beyond the defaults.
 _ADVICE = re.compile(
-    r"weights_only|safe_globals|allowlist|trusted source|documentation|file an issue", re.I
+    r"weights.only|safe_globals|allowlist|trust|can still be loaded|recommended steps|"
+    r"documentation|file an issue",
+    re.I,
 )
 
 
@@ -94,7 +96,8 @@ def load_error_reason(e: BaseException) -> str:
     """torch.load's error as one line: its reason in full (what the file asked for, e.g.
     `Trying to load unsupported GLOBAL posix.system`), without the advice to turn the
     weights-only protection off."""
-    sentences = re.split(r"(?<=[.!?])\s+", " ".join(str(e).split()))
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch bolds its advice for terminals
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
     reason = " ".join(s for s in sentences if s and not _ADVICE.search(s))
     if isinstance(e, pickle.UnpicklingError):
         reason = "it holds objects that a weights-only load refuses, and nothing was run" + (

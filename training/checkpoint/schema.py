@@ -2,10 +2,12 @@
 input, and `weights_only=True` only guarantees that loading it ran no code, not that what it
 holds has the types and ranges the resume will read.
 
-`check_contents` covers what one file holds on its own (every key the resume reads, with
-its type and range, and finite weights); `check_position` what depends on the run resuming
-it (the step counters against its steps per epoch). Both raise CheckpointError naming the
-file and the entry, before any state is restored and before the run writes anything.
+`check_contents` covers the tensors a single file holds (the model's finite weights, the
+optimizer and RNG states), whatever reads it; `check_counters` the counters and flags a
+resume computes with (files and sharded folders alike), and `check_position` what depends
+on the run resuming it (the step counters against its steps per epoch). Each raises a
+CheckpointError naming the file and the entry, before any state is restored and before the
+run writes anything.
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ def check_counters(state: dict, source: Path | str) -> None:
 
 
 def check_contents(state: dict, source: Path | str) -> None:
-    """Everything a single-file checkpoint holds that the resume reads (see the module doc)."""
-    check_counters(state, source)
+    """What a single-file checkpoint holds besides its counters: the model, the optimizer
+    and RNG states (the counters and `args`: `check_counters`, when a run resumes it)."""
     model = state["model"]
     if not isinstance(model, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()
