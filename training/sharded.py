@@ -62,6 +62,7 @@ from training.checkpoint.files import (
     write_checkpoint,
 )
 from training.checkpoint.resume import Position, check_resumable
+from training.guard import Diverged, advice
 
 POINTER = "checkpoint.dcp"
 FOLDER = "checkpoints"
@@ -176,13 +177,23 @@ class ShardedCheckpoints:
         CheckpointManager.save_training's call, so that train_ddp.py saves alike in every
         mode: `model` is the sync's (which this class holds), and check_supported() leaves no
         GradScaler state to keep."""
+        tensors = self.tensors(optimizer)
+        # Each rank holds other shards: one small all-reduce, so that all refuse together.
+        bad = torch.tensor([0 if _all_finite(tensors) else 1], device=self.env.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise Diverged(
+                f"training diverged: the weights or optimizer state are not finite after step "
+                f"{step}; {advice(args)} and start again (no checkpoint with non-finite "
+                "weights was written)"
+            )
         final = self.path_for(step)
         tmp = final.with_name(f".{final.name}.tmp")
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        dcp.save(self.tensors(optimizer), storage_writer=dcp.FileSystemWriter(tmp))
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp))
         mine = {"rng": rng_state([self.env.device])}
         ranks = [None] * self.env.world_size if self.env.is_main else None
         dist.gather_object(mine, ranks, dst=0)
@@ -294,6 +305,16 @@ class ShardedCheckpoints:
             self.log("note: %s", note)
         self.log("resumed from %s at step %d (epoch %d)", path, state["step"], state["epoch"])
         return Position(state["step"], state["epoch"], state["step_in_epoch"])
+
+
+def _all_finite(tree) -> bool:
+    """No nan or inf in the floating-point tensors of a nested dict (this rank's shards)."""
+    if isinstance(tree, dict):
+        return all(_all_finite(v) for v in tree.values())
+    if isinstance(tree, torch.Tensor):
+        local = tree.to_local() if isinstance(tree, DTensor) else tree
+        return not local.is_floating_point() or bool(torch.isfinite(local).all())
+    return True
 
 
 def load_sharded_state(path: Path) -> dict:
