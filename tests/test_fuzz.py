@@ -1,4 +1,4 @@
-"""The fuzz set: some two hundred bad command lines, environments, data folders and
+"""The fuzz set: over three hundred bad command lines, environments, data folders and
 checkpoints, generated here, each of which must end in exactly one `error:` line on stderr
 and a non-zero exit: no traceback, no silent exit, and (refused before training) no
 --out-dir created. Most run in this process through the scripts' real entry point

@@ -1,7 +1,7 @@
 """What stops a run that would go wrong silently (training/guard.py), and the refusals of
 hostile or malformed input (training/checkpoint/schema.py, the flags' types): each case is
 one `error:` line and a non-zero exit, with nothing written. tests/test_fuzz.py (slow) runs
-some two hundred such cases; these are the representative few of the default suite."""
+over three hundred such cases; these are the representative few of the default suite."""
 
 from __future__ import annotations
 
