@@ -38,8 +38,9 @@ from comm.topology import topology_all_reduce
 from data.datasets import build_datasets, download_once
 from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
 from training.checkpoint import CheckpointManager, param_checksum, unwrap
-from training.cli import make_parser, non_negative, positive, validate
+from training.cli import bounded_int, make_parser, non_negative, validate
 from training.faults import fault_hook
+from training.guard import LossWatch
 from training.heartbeat import Heartbeat
 from training.metrics import Totals, evaluate
 from training.models import build_model, has_batchnorm
@@ -67,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument(
         "--timeout",
-        type=positive,
+        type=bounded_int(1, 10**7, "--timeout"),  # about 4 months: a timedelta, then C++ ms
         default=600,
         help="seconds a collective may wait for its peers before the job fails",
     )
@@ -197,7 +198,9 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     checkpoints = CheckpointManager(out_dir, args.keep, env, run.info, devices, sync=sync)
     if sync.sharded:  # each rank writes its own shard, one folder per checkpoint
         checkpoints = ShardedCheckpoints(out_dir, args.keep, env, sync, log=run.info)
-    at = checkpoints.resume(args.resume, args, model, optimizer, scheduler, scaler)
+    at = checkpoints.resume(
+        args.resume, args, model, optimizer, scheduler, scaler, steps_per_epoch=steps_per_epoch
+    )  # checked whole (types, ranges, fit) before anything changes
     step, start_epoch, skip_steps = at.step, at.epoch, at.step_in_epoch
     if (previous := run.finished(at.step, total_steps)) is not None:
         return previous  # re-run of a finished job: its summary.json stays as it is
@@ -218,6 +221,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
 
     # ---- train, watched by --trace-comm and --profile (off, and free, unless asked for)
     totals = Totals(env.device)
+    watch = LossWatch(args, env.device)  # a non-finite loss stops the run at the next log line
     history, train_time, samples = [], 0.0, 0
     final_train, metrics = {}, {}
     # SIGTERM, --preempt-signal: finish the step, save, leave the `with` (training/preempt.py)
@@ -257,6 +261,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                     (logits.argmax(1) == labels).sum(),
                     labels.numel(),
                 )
+                watch.see(loss, step + 1)  # step + 1: the one this micro-batch belongs to
                 if not last_micro:
                     continue
                 sync.finish_backward()  # the gradients are the average over all ranks from here
@@ -275,6 +280,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                 heartbeat.beat(step)  # and past it
                 if step % args.log_every == 0 or step == total_steps:
                     final_train = totals.reduce()  # a collective: every rank gets here together
+                    watch.check(final_train["loss"], step)
                     run.info(
                         "step %d  epoch %d  loss %.4f  acc %.3f  lr %.4g",
                         step,

@@ -40,6 +40,7 @@ from training.checkpoint import CheckpointManager, param_checksum
 from training.cli import make_parser, validate
 from training.devices import gpu_list, pick_devices
 from training.faults import fault_hook
+from training.guard import LossWatch
 from training.metrics import Totals, evaluate
 from training.models import build_model
 from training.observe import Observer
@@ -156,7 +157,9 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
 
     # ---- resume: the checkpoint names the epoch, and the step inside it, to go on from
     checkpoints = CheckpointManager(out_dir, args.keep, env, run.info, devices)
-    at = checkpoints.resume(args.resume, args, model, optimizer, scheduler, scaler)
+    at = checkpoints.resume(
+        args.resume, args, model, optimizer, scheduler, scaler, steps_per_epoch=steps_per_epoch
+    )  # checked whole (types, ranges, fit) before anything changes
     step, start_epoch, skip_steps = at.step, at.epoch, at.step_in_epoch
     if (previous := run.finished(at.step, total_steps)) is not None:
         return previous  # re-run of a finished job: its summary.json stays as it is
@@ -176,6 +179,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
 
     # ---- train, watched by --trace-comm and --profile (off, and free, unless asked for)
     totals = Totals(env.device)
+    watch = LossWatch(args, env.device)  # a non-finite loss stops the run at the next log line
     history, train_time, samples = [], 0.0, 0
     final_train, metrics = {}, {}
     # SIGTERM, --preempt-signal: finish the step, save, leave the `with` (training/preempt.py)
@@ -213,6 +217,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                     (logits.argmax(1) == labels).sum(),
                     labels.numel(),
                 )
+                watch.see(loss, step + 1)  # step + 1: the one this micro-batch belongs to
                 if not last_micro:
                     continue
                 scaler.step(optimizer)
@@ -228,6 +233,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                 fault(step)
                 if step % args.log_every == 0 or step == total_steps:
                     final_train = totals.reduce()
+                    watch.check(final_train["loss"], step)
                     run.info(
                         "step %d  epoch %d  loss %.4f  acc %.3f  lr %.4g",
                         step,

@@ -14,6 +14,7 @@ an in-memory store, so every script works on a laptop without a launcher.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -49,9 +50,41 @@ BACKENDS = ("nccl", "gloo")
 # the process must end without the interpreter's teardown (see `run_cli`).
 _group_left_alive = False
 
+# What a run claimed before it failed and must give back (training/outdir_lock.py: the
+# --out-dir lock, and the folder it created): run_cli calls these when main() raises.
+_undo: list[Callable[[], None]] = []
+
+
+def undo_on_failure(undo: Callable[[], None]) -> None:
+    """Have `run_cli` call `undo()` whenever the entry point ends with an exception."""
+    if undo not in _undo:
+        _undo.append(undo)
+
 
 class UsageError(Exception):
-    """Bad input from the user: reported as one line on stderr with a non-zero exit."""
+    """Bad input from the user: reported as one line on stderr with a non-zero exit.
+
+    Most input is the same on every rank (flags, files), so global rank 0 alone reports it;
+    `every_rank=True` marks input that is this process's own (its RANK, its environment),
+    which each rank that has it reports itself."""
+
+    def __init__(self, message: str, *, every_rank: bool = False) -> None:
+        super().__init__(message)
+        self.every_rank = every_rank
+
+
+# OSErrors that say where a file could not be written and why (a full disk, a read-only
+# mount, a missing permission): the user's to fix, so one line naming the path, not a crash.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def write_error_line(e: OSError) -> str:
+    """One line for an OSError of WRITE_ERRORS, with the path it happened at."""
+    where = f"{e.filename}: " if e.filename else ""
+    line = f"cannot write {where}{e.strerror or e}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        line += " (free some space or choose another --out-dir; a restart fails the same way)"
+    return line
 
 
 @dataclass(frozen=True)
@@ -79,7 +112,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise UsageError(f"environment variable {name}={value!r} is not an integer") from None
+        raise UsageError(
+            f"environment variable {name}={value!r} is not an integer", every_rank=True
+        ) from None
 
 
 def default_backend() -> str:
@@ -104,7 +139,10 @@ def resolve(backend: str | None = None) -> DistEnv:
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if not 0 <= rank < world_size:
-        raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+        raise UsageError(
+            f"RANK={rank} is outside WORLD_SIZE={world_size} (ranks are 0 to WORLD_SIZE-1)",
+            every_rank=True,  # the other ranks may be fine: this one must say it
+        )
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise UsageError("backend nccl needs CUDA GPUs; use --backend gloo on CPU")
@@ -274,7 +312,9 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
 
     A UsageError becomes one `error: ...` line on stderr and exit status 2. Usage errors are
     the same on every rank (same flags, same files), so only global rank 0 prints the line;
-    the others exit with the same status silently.
+    the others exit with the same status silently (unless the error is the rank's own:
+    `UsageError.every_rank`). A file that cannot be written (a full disk: WRITE_ERRORS) is
+    one line naming the path on the rank that met it, and exit status 1.
 
     Any other exception propagates through torchelastic's `record`, applied here *outside*
     the UsageError handler (entry points must not carry `@record` themselves): a crash writes
@@ -293,16 +333,27 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
     the error deserved. Ending without the teardown keeps the status and the one-line error.
     """
 
+    def main_undoing_on_failure() -> None:
+        try:
+            main(argv)
+        except BaseException:
+            for undo in _undo:
+                undo()
+            raise
+
     @record
     def entry() -> int:
         try:
-            main(argv)
+            main_undoing_on_failure()
         except UsageError as e:
-            if os.environ.get("RANK", "0") == "0":
-                line = f"error: {e}"
-                print(line, file=sys.stderr, flush=True)
-                _write_error_file(line)
+            if e.every_rank or os.environ.get("RANK", "0") == "0":
+                _say(f"error: {e}")
             return 2
+        except OSError as e:
+            if e.errno not in WRITE_ERRORS:
+                raise
+            _say(f"error: {write_error_line(e)}")
+            return 1
         return 0
 
     try:
@@ -314,6 +365,11 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
     if _left_alive():  # any way out once a group was left alive, a SystemExit(0) too
         _exit_without_teardown(status)
     return status
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+    _write_error_file(line)
 
 
 def _write_error_file(line: str) -> None:

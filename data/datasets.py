@@ -205,6 +205,23 @@ def _cifar10_files(trust_files: bool) -> type:
     return CIFAR10Files
 
 
+def _check_labels(ds: Dataset, split: str, num_classes: int = 10) -> None:
+    """Every label of a torchvision dataset, checked once at load (one small array): files
+    with fewer labels than images, or a label outside the classes, pass the first-sample
+    probe and would fail mid-training with an IndexError or a CUDA assertion."""
+    try:
+        labels = torch.as_tensor(ds.targets)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"the {split} labels are not a list of integers") from None
+    n = len(ds.data)
+    if labels.ndim != 1 or len(labels) != n or labels.is_floating_point():
+        raise ValueError(f"the {split} split has {n} images but {len(labels)} labels")
+    low, high = (int(labels.min()), int(labels.max())) if n else (0, 0)
+    if low < 0 or high >= num_classes:
+        found = low if low < 0 else high
+        raise ValueError(f"a {split} label is {found}; labels are 0 to {num_classes - 1}")
+
+
 def _limit(ds: Dataset, n: int) -> Dataset:
     return ds if n <= 0 or n >= len(ds) else Subset(ds, range(n))
 
@@ -244,6 +261,8 @@ def build_datasets(
         train = _torchvision(name, root, True, download, augment, trust_files)
         evals = _torchvision(name, root, False, download, False, trust_files)
         image, _ = train[0]
+        _check_labels(train, "training")
+        _check_labels(evals, "test")
     except UsageError:  # already one line that names the file
         raise
     except Exception as e:  # torchvision says "not found", "corrupted", or fails to unpickle

@@ -203,7 +203,8 @@ BAD = {
     "corrupt bytes": "not a readable checkpoint (corrupt: entry archive/data/",
     "empty": "checkpoint file is empty",
     "not a dict": "not a checkpoint (holds a list)",
-    "arbitrary object": "not a readable checkpoint (Weights only load failed",
+    "arbitrary object": "not loaded: it holds objects that a weights-only load refuses, and "
+    "nothing was run (WeightsUnpickler error: Unsupported global: GLOBAL tests.test_checkpoint",
     "wrong architecture": "checkpoint does not fit this model (missing 1.weight",
     "optimizer mismatch": "optimizer state is for a different set of parameters (2 in the file, 6",
     "other flags": f"written with --lr 0.5 (this run: {train_ddp.parse_args([]).lr}), "

@@ -8,11 +8,14 @@ Every parse or validation error is one line: `error: ...` and exit status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import textwrap
+from collections.abc import Callable
 
 from comm.dist import DistEnv, UsageError
 from comm.topology import check_topology_flags
 from data.datasets import DATASETS
+from training.guard import check_same_flags
 from training.models import FACTORY_ARGS, MODELS, model_name
 from training.optim import OPTIMIZERS
 from training.preempt import EXTRA_SIGNALS
@@ -67,6 +70,22 @@ def positive(value: str) -> int:
     return n
 
 
+def bounded_int(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An integer type for argparse that accepts `low` to `high`, both included: the range
+    the code behind the flag can represent (a seed for torch and NumPy generators, seconds
+    for a timedelta and the C++ side's milliseconds), so a huge value is refused in one line
+    rather than overflowing somewhere later."""
+
+    def parse(value: str) -> int:
+        n = int(value)
+        if not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be {low} to {high}, got {value}")
+        return n
+
+    parse.__name__ = "integer"  # argparse names the type in "invalid integer value"
+    return parse
+
+
 def non_negative(value: str) -> int:
     n = int(value)
     if n < 0:
@@ -76,16 +95,31 @@ def non_negative(value: str) -> int:
 
 def non_negative_float(value: str) -> float:
     x = float(value)
-    if not x >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    if not (x >= 0 and math.isfinite(x)):  # also refuses nan, for which every comparison fails
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {value}")
+    return x
+
+
+def positive_float(value: str) -> float:
+    x = float(value)
+    if not (x > 0 and math.isfinite(x)):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {value}")
     return x
 
 
 def unit_float(value: str) -> float:
     x = float(value)
-    if not 0 <= x < 1:
+    if not 0 <= x < 1:  # nan fails both comparisons
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return x
+
+
+def out_dir(value: str) -> str:
+    # Path("") is the current directory: an empty value (an unset shell variable) would
+    # scatter a run's files there.
+    if not value.strip():
+        raise argparse.ArgumentTypeError("needs a folder name, got an empty string")
+    return value
 
 
 def make_parser(
@@ -170,7 +204,7 @@ def make_parser(
     # epoch) the first epoch's accuracy is about the same from 0.0125 to 0.03.
     m.add_argument(
         "--lr",
-        type=non_negative_float,
+        type=positive_float,
         default=0.015,
         help="peak learning rate, for the global batch: used as given, not rescaled with the "
         "world size",
@@ -181,7 +215,8 @@ def make_parser(
         choices=OPTIMIZERS,
         help="sgd (with --momentum) or adamw (with --betas, --eps; decoupled weight decay)",
     )
-    m.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
+    # 1 or more makes SGD's velocity grow without bound: the run diverges, whatever --lr.
+    m.add_argument("--momentum", type=unit_float, default=0.9, help="SGD momentum, in [0, 1)")
     m.add_argument(
         "--weight-decay",
         type=non_negative_float,
@@ -196,7 +231,7 @@ def make_parser(
         metavar=("B1", "B2"),
         help="AdamW's decay rates of the first and second moment estimates",
     )
-    m.add_argument("--eps", type=non_negative_float, default=1e-8, help="AdamW's denominator term")
+    m.add_argument("--eps", type=positive_float, default=1e-8, help="AdamW's denominator term")
     m.add_argument(
         "--lr-schedule",
         default="constant",
@@ -222,11 +257,17 @@ def make_parser(
         help="precision of the parameters and of every computation; float64 is for exact "
         "comparisons (the tests' oracles, docs/dp-vs-ddp.md), not for speed",
     )
-    m.add_argument("--seed", type=int, default=0, help="model init, data order, synthetic data")
+    m.add_argument(
+        "--seed",
+        type=bounded_int(0, 2**32 - 1, "a seed"),  # what NumPy's and every torch generator take
+        default=0,
+        help="model init, data order, synthetic data (0 to 2**32-1)",
+    )
 
     r = p.add_argument_group("output and resume")
     r.add_argument(
         "--out-dir",
+        type=out_dir,
         default=default_out_dir,
         help="checkpoints/, checkpoint.pt (the newest), summary.json and tb/ go here",
     )
@@ -290,7 +331,8 @@ def make_parser(
 
 def validate(args: argparse.Namespace, env: DistEnv) -> None:
     """Checks that involve more than one flag, or a flag and the job (single flags are
-    checked by their type)."""
+    checked by their type). First of all, the ranks compare their flags (one collective)."""
+    check_same_flags(args, env)
     cuda = env.device.type == "cuda"
     if args.trace_comm and env.backend == "none":
         raise UsageError(

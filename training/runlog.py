@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch.distributed as dist
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from comm.dist import DistEnv, UsageError, choose_threads, rank0_logger
 from training.checkpoint.files import atomic_write
+from training.guard import strict_json
 from training.outdir_lock import lock_out_dir, unlock_out_dir
 
 # What a run writes into --out-dir (train_*.py, training/checkpoint/, training/sharded.py,
@@ -36,6 +38,32 @@ def previous_run(out_dir: Path) -> list[str]:
     return found
 
 
+def check_writable(out_dir: Path) -> None:
+    """Refuse an --out-dir this run could not write into (a file, a folder under a file,
+    /proc, /dev/null, a read-only or full mount, missing permissions), in one line and
+    before any work, without leaving a trace: the missing folders and a nameless file are
+    created, then removed again. The folder itself is created by the run's first write, so
+    a run refused later on (a bad checkpoint) leaves --out-dir as it found it."""
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        what = "it" if existing == out_dir else str(existing)
+        raise UsageError(f"--out-dir {out_dir}: {what} is not a folder")
+    created: list[Path] = []
+    try:
+        missing = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.append(folder)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        why = e.strerror or str(e)
+        raise UsageError(f"--out-dir {out_dir}: this run cannot write there ({why})") from None
+    finally:
+        for folder in reversed(created):
+            folder.rmdir()
+
+
 def claim_out_dir(out_dir: Path, resume: str | None, overwrite: bool, env: DistEnv) -> None:
     """Refuse to start a new run in a folder that holds another one, unless told to continue
     it (--resume) or to replace it (--overwrite, which deletes RUN_FILES and nothing else).
@@ -43,7 +71,7 @@ def claim_out_dir(out_dir: Path, resume: str | None, overwrite: bool, env: DistE
     then looks and decides; every rank gets its verdict."""
     error = None
     if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)  # a path that cannot be a folder fails now
+        check_writable(out_dir)  # a path that cannot be a folder fails now, leaving nothing
         error = lock_out_dir(out_dir)  # None, or who holds it: then nothing below happens
         used = [] if error else previous_run(out_dir)
         if overwrite and resume and not error:
@@ -141,7 +169,9 @@ class RunLog:
 
     def write_summary(self, summary: dict) -> None:
         if self.enabled:
-            text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
+            # Strict JSON: a non-finite number (nan, inf) is written as null (strict_json).
+            text = json.dumps(strict_json(summary), indent=2, sort_keys=True, allow_nan=False)
+            text += "\n"
             atomic_write(self.out_dir / "summary.json", text.encode())
 
     def close(self) -> None:

@@ -56,11 +56,13 @@ from training.checkpoint.contents import CheckpointError, rng_state, set_rng_sta
 from training.checkpoint.files import (
     _check_archive,
     _fsync_dir,
+    load_error_reason,
     point,
     pointed_to,
     write_checkpoint,
 )
 from training.checkpoint.resume import Position, check_resumable
+from training.guard import Diverged, advice
 
 POINTER = "checkpoint.dcp"
 FOLDER = "checkpoints"
@@ -175,13 +177,23 @@ class ShardedCheckpoints:
         CheckpointManager.save_training's call, so that train_ddp.py saves alike in every
         mode: `model` is the sync's (which this class holds), and check_supported() leaves no
         GradScaler state to keep."""
+        tensors = self.tensors(optimizer)
+        # Each rank holds other shards: one small all-reduce, so that all refuse together.
+        bad = torch.tensor([0 if _all_finite(tensors) else 1], device=self.env.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise Diverged(
+                f"training diverged: the weights or optimizer state are not finite after step "
+                f"{step}; {advice(args)} and start again (no checkpoint with non-finite "
+                "weights was written)"
+            )
         final = self.path_for(step)
         tmp = final.with_name(f".{final.name}.tmp")
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        dcp.save(self.tensors(optimizer), storage_writer=dcp.FileSystemWriter(tmp))
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp))
         mine = {"rng": rng_state([self.env.device])}
         ranks = [None] * self.env.world_size if self.env.is_main else None
         dist.gather_object(mine, ranks, dst=0)
@@ -233,7 +245,10 @@ class ShardedCheckpoints:
             return Path(resume)
         return pointed_to(self.latest)
 
-    def resume(self, resume: str | None, args, model, optimizer, scheduler, scaler) -> Position:
+    def resume(
+        self, resume: str | None, args, model, optimizer, scheduler, scaler,
+        steps_per_epoch: int | None = None,
+    ) -> Position:  # fmt: skip
         """Check, agree, then load into the live objects; the same contract as
         training/checkpoint/resume.py's CheckpointManager.resume (`model` is the sync's).
         Refuses first what a sharded checkpoint cannot hold (check_supported)."""
@@ -243,7 +258,7 @@ class ShardedCheckpoints:
             path = self.find(resume)
             if path is not None:
                 state = load_sharded_state(path)
-                notes = check_resumable(state, args, self.env.world_size, path)
+                notes = check_resumable(state, args, self.env.world_size, path, steps_per_epoch)
                 live = {k for k in optimizer.param_groups[0] if k != "params"}
                 saved = state["param_group"]
                 if not isinstance(saved, dict) or set(saved) != live:
@@ -292,6 +307,16 @@ class ShardedCheckpoints:
         return Position(state["step"], state["epoch"], state["step_in_epoch"])
 
 
+def _all_finite(tree) -> bool:
+    """No nan or inf in the floating-point tensors of a nested dict (this rank's shards)."""
+    if isinstance(tree, dict):
+        return all(_all_finite(v) for v in tree.values())
+    if isinstance(tree, torch.Tensor):
+        local = tree.to_local() if isinstance(tree, DTensor) else tree
+        return not local.is_floating_point() or bool(torch.isfinite(local).all())
+    return True
+
+
 def load_sharded_state(path: Path) -> dict:
     """Read and check a sharded checkpoint's train_state.pt and the files it lists."""
     path = Path(path)
@@ -309,8 +334,7 @@ def load_sharded_state(path: Path) -> dict:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{file}: not readable ({first[:200]})") from None
+        raise CheckpointError(f"{file}: not loaded: {load_error_reason(e)}") from None
     missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
     if missing or state["format"] != "sharded" or not isinstance(state["files"], dict):
         raise CheckpointError(f"{path}: not a sharded checkpoint of this project")

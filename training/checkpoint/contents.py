@@ -293,7 +293,7 @@ def restore_training_state(
     try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state["scaler"] is not None:
+        if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
     except Exception as e:  # unreachable for files this project writes: all checked above
         raise CheckpointError(f"{source}: could not restore the training state ({e})") from None

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
+import re
 import zipfile
 from pathlib import Path
 
 import torch
 
 from training.checkpoint.contents import REQUIRED, CheckpointError
+from training.checkpoint.schema import check_contents
 from training.faults import slow_down
 
 
@@ -44,6 +47,10 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a failed write or fsync (a full disk) names no file
+            e.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
@@ -62,6 +69,8 @@ def _check_archive(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
+    except OSError as e:  # unreadable (permissions, an I/O error): the file may be fine
+        raise CheckpointError(f"{path}: cannot read the file ({e.strerror or e})") from None
     except zipfile.BadZipFile:
         raise CheckpointError(
             f"{path}: not a readable checkpoint (truncated, or not written by torch.save: "
@@ -75,6 +84,32 @@ def _check_archive(path: Path) -> None:
         raise CheckpointError(
             f"{path}: not a readable checkpoint (corrupt: entry {bad} fails its CRC-32 check)"
         )
+
+
+# Sentences of torch.load's errors that advise loosening the protection (weights_only=False,
+# allow-listing the refused global) or point elsewhere: left out of the refusal, which keeps
+# what the file asked for. A checkpoint of this project needs no global beyond the defaults.
+_ADVICE = re.compile(
+    r"weights.only|safe_globals|allowlist|trust|can still be loaded|recommended steps|"
+    r"documentation|file an issue",
+    re.I,
+)
+
+
+def load_error_reason(e: BaseException) -> str:
+    """torch.load's error as one line: its reason in full (what the file asked for, e.g.
+    `Trying to load unsupported GLOBAL posix.system`), without the advice to turn the
+    weights-only protection off."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch bolds its advice for terminals
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
+    reason = " ".join(s for s in sentences if s and not _ADVICE.search(s))
+    if isinstance(e, pickle.UnpicklingError):
+        reason = "it holds objects that a weights-only load refuses, and nothing was run" + (
+            f" ({reason})" if reason else ""
+        )
+    if len(reason) > 1000:  # one line, even for a message that lists a whole archive
+        reason = reason[:1000].rsplit(" ", 1)[0] + " ..."
+    return reason or type(e).__name__
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -92,8 +127,7 @@ def load_checkpoint(path: Path) -> dict:
         # every rank; load_state_dict copies them to each rank's own device.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first[:200]})") from None
+        raise CheckpointError(f"{path}: not loaded: {load_error_reason(e)}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(state).__name__})")
     missing = [k for k in REQUIRED if k not in state]
@@ -101,6 +135,7 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(
             f"{path}: not a training checkpoint of this project (missing {', '.join(missing)})"
         )
+    check_contents(state, path)  # every entry the resume reads: types, ranges, finite weights
     return state
 
 

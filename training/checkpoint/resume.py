@@ -22,6 +22,8 @@ from comm.dist import DistEnv
 from comm.sync import LOCAL_SGD_EVERY, Sync
 from training.checkpoint.contents import CheckpointError, restore_training_state, training_state
 from training.checkpoint.files import load_checkpoint, point, pointed_to, write_checkpoint
+from training.checkpoint.schema import check_counters, check_position
+from training.guard import check_finite
 from training.outdir_lock import writer_gone
 
 # -------------------------------------------- which checkpoint a run may continue
@@ -77,10 +79,14 @@ def check_same_batches(state: dict, samples_per_step: int, source: Path) -> None
         )
 
 
-def check_resumable(state: dict, args, world_size: int, source: Path) -> list[str]:
-    """Refuse a checkpoint that would not continue the run these flags describe; return
-    notes on changes that are allowed but make the rest of the run differ from the
-    original's (to float tolerance, or in its schedule)."""
+def check_resumable(
+    state: dict, args, world_size: int, source: Path, steps_per_epoch: int | None = None
+) -> list[str]:
+    """Refuse a checkpoint that would not continue the run these flags describe (with
+    `steps_per_epoch`, also one whose counters name no place in this run); return notes on
+    changes that are allowed but make the rest of the run differ from the original's (to
+    float tolerance, or in its schedule)."""
+    check_counters(state, source)
     check_same_batches(state, args.batch_size * world_size * args.grad_accum, source)
     saved, live = state["args"], vars(args)
     notes = []
@@ -102,6 +108,8 @@ def check_resumable(state: dict, args, world_size: int, source: Path) -> list[st
             f"{source}: written with {', '.join(differ)}; resume with the same flags or "
             "start a fresh --out-dir"
         )
+    if steps_per_epoch is not None:
+        check_position(state, steps_per_epoch, source)
     horizon = [k for k in ("epochs", "max_steps") if k in saved and saved[k] != live.get(k)]
     if horizon and live.get("lr_schedule") == "cosine":
         flags = " and ".join("--" + k.replace("_", "-") for k in horizon)
@@ -186,6 +194,8 @@ class CheckpointManager:
         writes, moves the pointer and deletes old files; then everyone meets at a barrier
         (collectives, so never inside `if rank == 0`), so no rank goes on while the file may
         still be incomplete."""
+        # Every rank holds the same model here (the consolidated view): all refuse together.
+        check_finite(state["model"], state["step"], state["args"])
         path = self.path_for(state["step"])
         mine = {"rng": state["rng"], **(rank_state or {})}
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -225,8 +235,9 @@ class CheckpointManager:
         return self.latest if self.latest.exists() else None
 
     def resume(
-        self, resume: str | None, args, model: nn.Module, optimizer, scheduler, scaler
-    ) -> Position:
+        self, resume: str | None, args, model: nn.Module, optimizer, scheduler, scaler,
+        steps_per_epoch: int | None = None,
+    ) -> Position:  # fmt: skip
         """Load, check and restore the checkpoint `--resume` names, on every rank, and hand
         the sync strategy this rank's own part (a fresh start: none, at step 0).
 
@@ -238,7 +249,7 @@ class CheckpointManager:
             path = self.find(resume)
             if path is not None:
                 state = load_checkpoint(path)
-                notes = check_resumable(state, args, self.env.world_size, path)
+                notes = check_resumable(state, args, self.env.world_size, path, steps_per_epoch)
         except CheckpointError as e:
             error = str(e)
         if dist.is_initialized() and dist.get_world_size() > 1:
