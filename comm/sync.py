@@ -53,6 +53,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from comm.clip import clip_grad_norm_
 from comm.communicate import (
     PendingCommunication,
     communicate,
@@ -101,6 +102,12 @@ class Sync:
 
     def finish_backward(self) -> None:
         pass
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """After finish_backward(): clip the gradients the optimizer steps by their global
+        2-norm and return the norm before clipping (comm/clip.py: what each mode pays).
+        Here every rank holds whole gradients (local-sgd: its own), so nothing is sent."""
+        return clip_grad_norm_(self.model.parameters(), max_norm)
 
     def after_step(self, optimizer) -> None:
         pass
