@@ -27,10 +27,10 @@ What "the norm" costs in each --sync mode (Sync.clip_grad_norm_):
   their squares), reducing twice, or clipping by the local slice's norm are the bugs.
 - fsdp2: the gradients are DTensors sharded along their first dimension; torch's
   `get_total_norm` over them makes one all-reduce (a Partial norm reduced to a Replicate
-  one, measured with CommDebugMode on torch 2.14); `full_tensor()` then costs nothing, or
-  makes that one reduction where an older torch returns the Partial norm, and the
-  clip itself gets a plain number: never a second reduction (torchtitan's
-  `clip_grad_norm_` does the same).
+  one, measured with CommDebugMode on torch 2.14); `full_tensor()` then costs nothing (it
+  would make that one reduction where a torch version left the norm Partial), and the clip
+  itself gets a plain number: never a second reduction (torchtitan's `clip_grad_norm_`
+  does the same).
 - local-sgd: there is no gradient sync, so each rank clips its *own* gradient by its own
   norm (what the log shows is rank 0's). The replicas then step with different
   factors, which their next averaging blends; with clipping active the run is not the
@@ -51,7 +51,8 @@ def clip_grad_norm_(
     params: Iterable[torch.Tensor], max_norm: float, *, sharded: bool = False
 ) -> torch.Tensor:
     """Scale the gradients of `params` so that their global 2-norm is at most `max_norm`;
-    return the norm before clipping (a plain tensor, the same on every rank).
+    return the norm before clipping (a plain tensor; the same on every rank unless each
+    holds a gradient of its own, as under local-sgd).
 
     `sharded`: each rank holds a different slice of the gradient (zero2, zero3): the squares
     of the local norms are summed across ranks, in one all-reduce. DTensor gradients (fsdp2)
