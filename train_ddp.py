@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from comm.clip import GradClip
 from comm.dist import BACKENDS, DistEnv, UsageError, exit_on_error, rendezvous, resolve, run_cli
 from comm.sync import add_sync_flags, make_sync
 from comm.topology import topology_all_reduce
@@ -193,6 +194,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     scheduler = make_scheduler(optimizer, args, total_steps)
     amp_dtype = autocast_dtype(args.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    clip = GradClip(args.clip_grad_norm, model, env.device, sync)  # --clip-grad-norm; 0: off
 
     # ---- resume: the checkpoint names the epoch, and the step inside it, to go on from
     checkpoints = CheckpointManager(out_dir, args.keep, env, run.info, devices, sync=sync)
@@ -265,6 +267,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                 if not last_micro:
                     continue
                 sync.finish_backward()  # the gradients are the average over all ranks from here
+                clip(optimizer, scaler)  # --clip-grad-norm: once per step, the step's gradient
                 scaler.step(optimizer)
                 scaler.update()
                 sync.after_step(optimizer)  # local-sgd: every K steps, average the replicas
@@ -297,6 +300,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                             "lr": scheduler.get_last_lr()[0],
                         },
                     )
+                    clip.log(run, step)  # the pre-clip gradient norms since the last line
                 # Every rank asks after every step (a collective), so all stop after the same
                 # one; at the slice's last step the epoch ends first (eval, its checkpoint).
                 if preempt.requested() and done < n_steps:
@@ -353,6 +357,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         "eval_samples": metrics.get("count"),
         "param_checksum": checksum,  # of the model the checkpoint holds
         "history": history,
+        **clip.summary(),
         **observer.summary(),
     }
     heartbeat.close()

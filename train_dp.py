@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from comm.clip import GradClip
 from comm.dist import DistEnv, UsageError, run_cli
 from data.datasets import build_datasets
 from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
@@ -154,6 +155,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     scheduler = make_scheduler(optimizer, args, total_steps)
     amp_dtype = autocast_dtype(args.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    clip = GradClip(args.clip_grad_norm, model, env.device)  # --clip-grad-norm; 0: off
 
     # ---- resume: the checkpoint names the epoch, and the step inside it, to go on from
     checkpoints = CheckpointManager(out_dir, args.keep, env, run.info, devices)
@@ -220,6 +222,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                 watch.see(loss, step + 1)  # step + 1: the one this micro-batch belongs to
                 if not last_micro:
                     continue
+                clip(optimizer, scaler)  # --clip-grad-norm: once per step, the step's gradient
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)  # after the step: the next one starts at 0
@@ -250,6 +253,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                             "lr": scheduler.get_last_lr()[0],
                         },
                     )
+                    clip.log(run, step)  # the pre-clip gradient norms since the last line
                 # Every rank asks after every step (a collective), so all stop after the same
                 # one; at the slice's last step the epoch ends first (eval, its checkpoint).
                 if preempt.requested() and done < n_steps:
@@ -304,6 +308,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         "eval_samples": metrics.get("count"),
         "param_checksum": checksum,  # of the model the checkpoint holds
         "history": history,
+        **clip.summary(),
         **observer.summary(),
     }
     run.write_summary(summary)

@@ -53,6 +53,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from comm.clip import clip_grad_norm_
 from comm.communicate import (
     CommOp,
     PendingCommunication,
@@ -110,6 +111,12 @@ class Sync:
         """What allreduce, overlap and local-sgd sum with: dist.all_reduce (looked up at each
         call, so that comm/tracer.py sees it) unless make_sync was given another."""
         return (self.custom_all_reduce or dist.all_reduce)(tensor, async_op=async_op)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """After finish_backward(): clip the gradients the optimizer steps by their global
+        2-norm and return the norm before clipping (comm/clip.py: what each mode pays).
+        Here every rank holds whole gradients (local-sgd: its own), so nothing is sent."""
+        return clip_grad_norm_(self.model.parameters(), max_norm)
 
     def after_step(self, optimizer) -> None:
         pass

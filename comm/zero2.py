@@ -24,6 +24,9 @@ the same), and only the last reduces it.
 
 from __future__ import annotations
 
+import torch
+
+from comm.clip import clip_grad_norm_
 from comm.communicate import flatten
 from comm.compat import reduce_scatter_single
 from comm.sync import gradients
@@ -45,6 +48,10 @@ class Zero2Sync(Zero1Sync):
         del flat_grad
         self.grad_shard.div_(self.world_size)
         self.shard.grad = self.grad_shard[: self.owned]  # the padding's gradient is dropped
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        # Each rank holds its slice of the gradient: the squared norms are summed across ranks.
+        return clip_grad_norm_([self.shard], max_norm, sharded=True)
 
     def after_step(self, optimizer) -> None:
         self.gather_params()

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from comm.clip import clip_grad_norm_
 from comm.communicate import flatten
 from comm.compat import all_gather_single, reduce_scatter_single
 from comm.sync import GradientSync, gradients
@@ -151,6 +152,10 @@ class Zero3Sync(GradientSync):
             unit.reduced, unit.ready = False, 0
             if not self.held:
                 unit.free()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        # Each rank holds its slice of every unit's gradient: squared norms summed across ranks.
+        return clip_grad_norm_([unit.shard for unit in self.units], max_norm, sharded=True)
 
     @contextmanager
     def consolidated(self, optimizer) -> Iterator[None]:

@@ -5,7 +5,9 @@ runs the fix (`--right`). See pitfalls/README.md."""
 # dataloader_spawn, not a pitfall of its own).
 SCRIPTS = (
     "batchnorm",
+    "clip_grad",
     "dataloader_spawn",
+    "loss_normalization",
     "map_location",
     "no_sync",
     "padded_eval",

@@ -1,6 +1,6 @@
 """The pitfalls lab: every --wrong run shows its symptom, every --right run does not.
 
-The default suite runs all nine pitfalls in one 2-rank world (each script's `run()` in
+The default suite runs all eleven pitfalls in one 2-rank world (each script's `run()` in
 process), the deadlocks on process groups with a 2 s timeout, and the unguarded DataLoader
 script in a subprocess alongside it. The slow tests run every script under torchrun, as a
 reader would, and check that a deadlock under the real launcher ends by itself with a clear
@@ -31,7 +31,9 @@ def _lab(rank: int, world_size: int, tmp: str) -> dict:
     from comm.dist import distributed
     from pitfalls import (
         batchnorm,
+        clip_grad,
         dataloader_spawn,
+        loss_normalization,
         map_location,
         no_sync,
         padded_eval,
@@ -83,6 +85,8 @@ def _lab(rank: int, world_size: int, tmp: str) -> dict:
                 directory.mkdir(exist_ok=True)
                 check("map_location", right, map_location.run, env, directory)
                 check("padded_eval", right, padded_eval.run)
+                check("clip_grad", right, clip_grad.run)
+                check("loss_normalization", right, loss_normalization.run)
             check("dataloader_spawn", False, dataloader_spawn.run, False)
             out["cross_rank_bn"] = _cross_rank_bn_vs_batchnorm(rank, world_size)
             spawned.result(timeout=120)
@@ -246,6 +250,40 @@ def test_padded_eval(lab):
     assert right["accuracy"] == pytest.approx(right["true_accuracy"]) == pytest.approx(5 / 9)
 
 
+# The two float64 pitfalls below compare one step against a one-process oracle summed in
+# another order: a few units of float64 roundoff (u = 1.1e-16) on values of order 1, measured
+# at most 2.2e-16 (ATEN_CPU_CAPABILITY=default and avx2); 1e-12 leaves 10^4 of headroom. The
+# wrong runs miss by 10^-2 and more.
+
+
+def test_clip_grad_per_micro_batch_and_before_the_sync(lab):
+    wrong, right = lab[0]["clip_grad", "wrong"], lab[0]["clip_grad", "right"]
+    x = wrong["max_norm"]
+    assert wrong["oracle_norm"] == right["oracle_norm"] > x  # clipping is active
+    # Per micro-batch: clipped by the norms of partial sums, twice.
+    assert len(wrong["per_micro_batch_norms"]) == 2
+    assert all(n > x for n in wrong["per_micro_batch_norms"])
+    assert wrong["per_micro_batch_error"] > 1e-3
+    # Before the sync: each rank's own norm, none of them the global one.
+    local = wrong["before_sync_norms"]
+    assert len(local) == 2 and local[0] != local[1]
+    assert all(abs(n - wrong["oracle_norm"]) > 1e-2 for n in local)
+    assert wrong["before_sync_error"] > 1e-3
+    # After the sync, once: the one-process norm and step.
+    assert right["norm"] == pytest.approx(right["oracle_norm"], rel=1e-12)
+    assert right["error"] < 1e-12
+
+
+def test_loss_normalization_mean_of_means_vs_global_count(lab):
+    wrong = lab[0]["loss_normalization", "wrong"]
+    assert wrong["valid"] == [6, 5, 2, 1]
+    assert wrong["loss_error"] > 1e-2 and wrong["grad_error"] > 1e-1
+    for ranks in lab:  # every rank logs the same loss and holds the oracle's gradient
+        right = ranks["loss_normalization", "right"]
+        assert right["loss"] == pytest.approx(right["true_loss"], rel=1e-12)
+        assert right["loss_error"] < 1e-12 and right["grad_error"] < 1e-12
+
+
 def test_dataloader_spawn(lab):
     for values in both(lab, "dataloader_spawn", "wrong"):
         assert values["outcome"] == "error"
@@ -317,6 +355,14 @@ SYMPTOMS = {
     "dataloader_spawn": (
         lambda v: v["lambda"] != "loaded" and v["unguarded_bootstrap_error"] == "True",
         lambda v: v["batches_match"] == "True",
+    ),
+    "clip_grad": (
+        lambda v: float(v["per_micro_batch_error"]) > 1e-3 and float(v["before_sync_error"]) > 1e-3,
+        lambda v: float(v["error"]) < 1e-12 and v["norm"] == v["oracle_norm"],
+    ),
+    "loss_normalization": (
+        lambda v: float(v["loss_error"]) > 1e-2 and float(v["grad_error"]) > 1e-1,
+        lambda v: float(v["loss_error"]) < 1e-12 and float(v["grad_error"]) < 1e-12,
     ),
 }
 assert set(SYMPTOMS) == set(SCRIPTS)

@@ -245,6 +245,15 @@ def make_parser(
         help="linear learning-rate warm-up over the first N steps",
     )
     m.add_argument(
+        "--clip-grad-norm",
+        type=non_negative_float,
+        default=0.0,
+        metavar="X",
+        help="scale each optimizer step's gradient down to global 2-norm X, once per step, "
+        "after the gradient sync and fp16 unscaling; the pre-clip norm is logged (0: off; "
+        "--sync local-sgd clips each rank's own gradient: comm/clip.py)",
+    )
+    m.add_argument(
         "--amp",
         default="none",
         choices=("none", "bf16", "fp16"),

@@ -46,6 +46,7 @@ TRAJECTORY_FLAGS = (
     "weight_decay",
     "lr_schedule",
     "warmup_steps",
+    "clip_grad_norm",
     "amp",
     "dtype",
     "seed",
