@@ -43,7 +43,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from comm.dist import run_cli
+from comm.dist import _write_error_file, run_cli
 
 SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
 
@@ -88,7 +88,9 @@ def interfaces() -> dict[str, list[str]]:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for name in found:
             try:
-                packed = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name[:15].encode()))
+                packed = fcntl.ioctl(
+                    s.fileno(), SIOCGIFADDR, struct.pack("256s", name[:15].encode())
+                )
                 found[name].append(socket.inet_ntoa(packed[20:24]))
             except OSError:
                 pass  # no IPv4 address (down, or IPv6 only)
@@ -182,7 +184,9 @@ def locate(spans_nodes: bool) -> Place:
             local = s.getsockname()[0]
             route = (_owner(local, table), local)
         except OSError as e:
-            raise DoctorError(f"no route from {host} to MASTER_ADDR={master} ({master_ip}): {e}")
+            raise DoctorError(
+                f"no route from {host} to MASTER_ADDR={master} ({master_ip}): {e}"
+            ) from None
     return Place(host, bind, how, f"{master}:{port}", master_ip, route)
 
 
@@ -196,7 +200,9 @@ def _join(timeout: float, place: Place) -> None:
     except Exception as e:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Unable to find address for" in text:
-            raise DoctorError(f"gloo cannot bind the interface in GLOO_SOCKET_IFNAME: {text}")
+            raise DoctorError(
+                f"gloo cannot bind the interface in GLOO_SOCKET_IFNAME: {text}"
+            ) from None
         # The store's client raises DistNetworkError / DistStoreError; gloo's own connections
         # between the ranks raise RuntimeError.
         if isinstance(e, dist.DistNetworkError | dist.DistStoreError) or "TCPStore" in text:
@@ -287,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         # The causes found before the group forms are the same for every rank of a node
         # (same host, same environment): its first local rank says it, once.
         if os.environ.get("LOCAL_RANK", "0") == "0" or dist.is_initialized():
-            rank = os.environ.get("RANK", "0")
-            print(f"error: rank {rank} ({socket.gethostname()}): {e}", file=sys.stderr, flush=True)
+            line = f"error: rank {os.environ.get('RANK', '0')} ({socket.gethostname()}): {e}"
+            print(line, file=sys.stderr, flush=True)
+            _write_error_file(line)  # torchrun's failure report shows it as the root cause
         if dist.is_initialized():
             os._exit(1)  # peers may sit in a collective: leave without tearing the group down
         return 1

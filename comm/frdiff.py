@@ -149,7 +149,9 @@ def load_dump(path: Path, rank: int) -> Dump:
                 where=_site(e.get("frames")),
             )
         except (KeyError, IndexError, TypeError, ValueError) as err:
-            raise UsageError(f"{path}: entry {i} is malformed ({type(err).__name__}: {err})") from None
+            raise UsageError(
+                f"{path}: entry {i} is malformed ({type(err).__name__}: {err})"
+            ) from None
         slot = groups.setdefault(str(group), {"ranks": None, "entries": {}})
         slot["entries"][entry.seq] = entry
     for name, slot in groups.items():
@@ -175,7 +177,9 @@ def load_dir(folder: Path, prefix: str | None = None) -> list[Dump]:
         raise UsageError(f"{folder}: no dump files {wanted}")
     if len(found) > 1:
         names = ", ".join(sorted(found))
-        raise UsageError(f"{folder}: dumps with several prefixes ({names}): choose one with --prefix")
+        raise UsageError(
+            f"{folder}: dumps with several prefixes ({names}): choose one with --prefix"
+        )
     (files,) = found.values()
     return [load_dump(path, rank) for rank, path in sorted(files.items())]
 
@@ -223,7 +227,9 @@ def compare(dumps: list[Dump]) -> tuple[list[str], bool]:
         for r in sorted(have):
             seqs = have[r]
             last = seqs[max(seqs)]
-            lines.append(f"  rank {r}: {len(seqs)} collective(s), last #{last.seq} {last.describe()}")
+            lines.append(
+                f"  rank {r}: {len(seqs)} collective(s), last #{last.seq} {last.describe()}"
+            )
         if len(have) < 2:
             continue
         # The ring buffer keeps the newest N entries: compare the numbers every rank still has.
@@ -271,8 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--prefix",
         default=None,
-        help="file name before the rank number (default: the one prefix the folder's "
-        "dumps share)",
+        help="file name before the rank number (default: the one prefix the folder's dumps share)",
     )
     args = p.parse_args(argv)
     lines, problem = compare(load_dir(args.folder, args.prefix))

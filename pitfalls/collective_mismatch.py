@@ -59,7 +59,6 @@ from comm.dist import UsageError
 from pitfalls import common
 from training.processes import run_with_deadline
 
-ROOT = Path(__file__).resolve().parents[1]
 BUGS = ("shape", "one-rank")
 TOOLS = ("none", "detail", "monitored", "flight")
 STEPS = 3
@@ -110,11 +109,15 @@ def job(args: argparse.Namespace) -> int:
         if world < 2:
             raise UsageError("the job needs at least 2 ranks: run it under torchrun")
         odd = world - 1  # the rank with the bug
-        dump_prefix = os.environ.get("TORCH_FR_DUMP_TEMP_FILE") if args.diagnose == "flight" else None
+        dump_prefix = (
+            os.environ.get("TORCH_FR_DUMP_TEMP_FILE") if args.diagnose == "flight" else None
+        )
+        dumping = []  # set once this rank has started its dump
         if dump_prefix:
             # torchrun ends the other ranks with SIGTERM once one has died: dump first.
             def dump_and_exit(signum: int, frame: object) -> None:
-                write_dump(dump_prefix, rank)
+                if not dumping:
+                    write_dump(dump_prefix, rank)
                 os._exit(128 + signum)
 
             signal.signal(signal.SIGTERM, dump_and_exit)
@@ -134,6 +137,7 @@ def job(args: argparse.Namespace) -> int:
             message = str(e).strip()
             print(f"[rank {rank}] after {waited:.1f} s: {message}", flush=True)
             if dump_prefix:
+                dumping.append(True)
                 path = write_dump(dump_prefix, rank)
                 print(f"[rank {rank}] flight recorder dumped to {path}", flush=True)
             # Only rank 0 carries the verdict (as in every pitfall): a rank that exits non-zero
@@ -160,7 +164,11 @@ def job_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 def job_argv(args: argparse.Namespace) -> list[str]:
-    script = Path(__file__).resolve().relative_to(ROOT)
+    # This file as the reader would name it from here (the job runs in the current folder,
+    # where --dump-dir is too).
+    script = os.path.relpath(os.path.abspath(__file__))
+    if script.startswith(".."):
+        script = os.path.abspath(__file__)
     return [
         "torchrun", "--standalone", f"--nproc-per-node={args.ranks}", str(script), "--job",
         "--bug", args.bug, "--diagnose", args.diagnose, "--timeout", f"{args.timeout:g}",
@@ -191,10 +199,10 @@ def diagnosis(args: argparse.Namespace, output: str) -> tuple[list[str], dict]:
         lines.append(f"rank {r} was killed by {signal.Signals(s).name} (torchrun's report)")
     values["killed"] = ",".join(str(r) for r, _ in signalled) or "none"
     if args.diagnose == "detail":
-        for rank, mine, other, theirs, differ in re.findall(
+        for rank, mine, other, theirs in re.findall(
             r"Rank (\d+) is running collective: CollectiveFingerPrint\((.*?)\)\), "
             r"but Rank (\d+) is running collective: CollectiveFingerPrint\((.*?)\)\)\."
-            r"Collectives differ in the following aspects: *(.*?)(?=\[rank|\n|$)",
+            r"Collectives differ",
             output,
         ):
             lines.append(f"rank {rank} reports: rank {rank} runs {_fingerprint(mine)}, "
@@ -231,9 +239,10 @@ def _fingerprint(text: str) -> str:
     """'SequenceNumber=2, OpType=BROADCAST, TensorShape=[1], TensorDtypes=Float, ...' ->
     '#2 BROADCAST [1] Float'."""
     fields = dict(re.findall(r"(\w+)=(\[[^\]]*\]|[^,]+)", text))
-    return " ".join(
-        fields.get(k, "?") for k in ("OpType", "TensorShape", "TensorDtypes")
-    ) + f" (sequence number {fields.get('SequenceNumber', '?')})"
+    return (
+        " ".join(fields.get(k, "?") for k in ("OpType", "TensorShape", "TensorDtypes"))
+        + f" (sequence number {fields.get('SequenceNumber', '?')})"
+    )
 
 
 def _gist(text: str) -> str:
@@ -256,7 +265,9 @@ def lab(args: argparse.Namespace) -> int:
     base.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env)
     python_argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
     start = time.monotonic()
-    status, output, _ = run_with_deadline(python_argv, DEADLINE, base, ROOT, merge_stderr=True)
+    status, output, _ = run_with_deadline(
+        python_argv, DEADLINE, base, Path.cwd(), merge_stderr=True
+    )
     seconds = time.monotonic() - start
     print(shorten(output), end="" if output.endswith("\n") else "\n")
     if status is None:

@@ -299,7 +299,9 @@ def test_doctor_under_torchrun() -> None:
     assert ok.returncode == 0, ok.stderr
     for rank in range(2):
         assert re.search(rf"rank {rank}/2 \(local {rank}\) on .*: gloo binds \S+ \S+ ", ok.stdout)
-        assert re.search(rf"rank {rank} on .*\(sum 3, ok\), ring send/recv [\d.]+ ms \(ok\)", ok.stdout)
+        assert re.search(
+            rf"rank {rank} on .*\(sum 3, ok\), ring send/recv [\d.]+ ms \(ok\)", ok.stdout
+        )
     assert "doctor: ok (2 rank(s) on 1 host(s), checksum 3)" in ok.stdout
     for name, cause in (
         ("ifname", r"GLOO_SOCKET_IFNAME=eth-none: this host \(.*\) has no interface 'eth-none'"),
