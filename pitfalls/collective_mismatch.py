@@ -114,10 +114,12 @@ def job(args: argparse.Namespace) -> int:
         )
         dumping = []  # set once this rank has started its dump
         if dump_prefix:
-            # torchrun ends the other ranks with SIGTERM once one has died: dump first.
+            # torchrun ends the other ranks with SIGTERM once one has died: dump first. (If
+            # the dump is under way, let it finish; the rank ends right after it.)
             def dump_and_exit(signum: int, frame: object) -> None:
-                if not dumping:
-                    write_dump(dump_prefix, rank)
+                if dumping:
+                    return
+                write_dump(dump_prefix, rank)
                 os._exit(128 + signum)
 
             signal.signal(signal.SIGTERM, dump_and_exit)
@@ -237,7 +239,7 @@ def diagnosis(args: argparse.Namespace, output: str) -> tuple[list[str], dict]:
 
 def _fingerprint(text: str) -> str:
     """'SequenceNumber=2, OpType=BROADCAST, TensorShape=[1], TensorDtypes=Float, ...' ->
-    '#2 BROADCAST [1] Float'."""
+    'BROADCAST [1] Float (sequence number 2)'."""
     fields = dict(re.findall(r"(\w+)=(\[[^\]]*\]|[^,]+)", text))
     return (
         " ".join(fields.get(k, "?") for k in ("OpType", "TensorShape", "TensorDtypes"))
