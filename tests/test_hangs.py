@@ -183,6 +183,7 @@ def _doctor_checks(rank: int, world_size: int) -> dict:
     return checks(rank, world_size, mib=0.01)
 
 
+@pytest.mark.oracle
 def test_doctor_checks_against_closed_forms() -> None:
     results = run_world(_doctor_checks, 3, timeout=60, pg_timeout=10)
     for v in results:
