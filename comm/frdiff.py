@@ -224,6 +224,10 @@ def compare(dumps: list[Dump]) -> tuple[list[str], bool]:
             lines.append(
                 f"  {_ranks(missing)}: no dump (a rank that crashed or was killed leaves none)"
             )
+        silent = [r for r in members if r in by_rank and r not in have]
+        if silent:
+            problem = True
+            lines.append(f"  {_ranks(silent)}: no collective of this group recorded")
         for r in sorted(have):
             seqs = have[r]
             last = seqs[max(seqs)]
@@ -240,13 +244,16 @@ def compare(dumps: list[Dump]) -> tuple[list[str], bool]:
                 problem = True
                 step = last + 1
                 callers = [q for q in sorted(have) if step in have[q]]
-                lines.append(
-                    f"  rank {r} never reached collective #{step} (its last was #{last}); "
+                there = (
                     f"{_ranks(callers)} called {have[callers[0]][step].describe()}"
+                    if callers  # else the ring buffer has dropped it everywhere
+                    else f"others went on to #{top}"
                 )
-        first = max(min(s) for s in have.values())
+                lines.append(
+                    f"  rank {r} never reached collective #{step} (its last was #{last}); {there}"
+                )
         common = sorted(set.intersection(*(set(s) for s in have.values())))
-        for seq in (s for s in common if s >= first):
+        for seq in common:
             signatures = Counter(have[r][seq].signature() for r in have)
             if len(signatures) == 1:
                 continue
