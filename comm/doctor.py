@@ -52,7 +52,7 @@ class DoctorError(Exception):
     """A cause found: printed as one `error:` line, exit status 1."""
 
 
-def _seconds(text: str) -> float:
+def _positive(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
@@ -65,13 +65,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--timeout",
-        type=_seconds,
+        type=_positive,
         default=10.0,
         help="seconds the rendezvous and each collective may take (default 10)",
     )
     p.add_argument(
         "--mib",
-        type=_seconds,
+        type=_positive,
         default=4.0,
         help="size of the all-reduce and ring tensors in MiB (default 4)",
     )
@@ -147,12 +147,12 @@ def locate(spans_nodes: bool) -> Place:
                     f"GLOO_SOCKET_IFNAME={wanted}: this host ({host}) has no interface {name!r} "
                     f"(it has: {have})"
                 )
-            if not table[name]:
+            if not table[name] and sys.platform.startswith("linux"):  # addresses: Linux only
                 raise DoctorError(
                     f"GLOO_SOCKET_IFNAME={wanted}: interface {name} on {host} has no address "
                     "(is it down?)"
                 )
-            bind.append((name, table[name][0]))
+            bind.append((name, table[name][0] if table[name] else "?"))
         how = "GLOO_SOCKET_IFNAME"
     else:
         try:
