@@ -46,6 +46,9 @@ SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [  # the first match wins
     (r"comm\.collectives|comm\.indexing", "", (0,)),
     (r"comm\.model predict ", "", (0,)),
     (r"comm\.model extrapolate ", "--plot cost-model.png", (0,)),  # not over docs/
+    (r"pitfalls/collective_mismatch\.py", "", (0,)),  # ends after its 3 s timeout
+    (r"GLOO_SOCKET_IFNAME=eth9 .*comm\.doctor", "--timeout 3", (1,)),  # the error it shows
+    (r"comm\.doctor", "--mib 1", (0,)),
     (r"pitfalls/\S+\.py --wrong", "", (0, 1)),  # 1: the failure it demonstrates happened
     (r"pitfalls/\S+\.py --right", "", (0,)),
 ]  # fmt: skip
@@ -68,6 +71,11 @@ NOT_RUN = {
         "the tool named in a sentence; docs/ddp-to-fsdp.md shows it with its arguments",
     "python -m training.convert runs/x/checkpoints/step-00000012.dcp runs/x/full.pt":
         "needs the page's sharded run runs/x; tests/test_sharded_checkpoint.py converts one",
+    "python -m comm.frdiff runs/flight-recorder":
+        "reads the dumps of the lab's flight run before it; the lab runs it itself, and "
+        "tests/test_hangs.py checks its report",
+    "python -m torch.distributed.flight_recorder.fr_trace runs/flight-recorder":
+        "torch's analyser, shown crashing on the lab's gloo dumps; needs those dumps",
     "python train_dp.py --resume runs/x/full.pt ...":
         "continues the converted run above; tests/test_sharded_checkpoint.py resumes one",
     "python -m comm.model fit bench_out/model/w4/bench.csv":
