@@ -51,6 +51,7 @@ def test_sigkilled_worker_is_restarted_and_ends_like_an_uninterrupted_run(tmp_pa
         )
 
 
+@pytest.mark.slow  # ~30 s: the process group's timeout, then the hung rank's SIGTERM deadline
 def test_hung_peer_ends_the_job_through_the_timeout(tmp_path):
     start = time.monotonic()
     hung = torchrun(
@@ -61,6 +62,10 @@ def test_hung_peer_ends_the_job_through_the_timeout(tmp_path):
     assert hung.returncode != 0
     assert "Timed out waiting 5000ms" in hung.stderr, hung.stderr[-3000:]
     assert "train_ddp.py FAILED" in hung.stderr  # torchrun's report names the failed rank
+    # The hung rank catches torchrun's SIGTERM (preemption, training/preempt.py) and ends
+    # itself once its deadline passes, before torchrun's SIGKILL would.
+    assert "got SIGTERM 20 s ago and has not finished its step" in hung.stderr
+    assert "SIGKILL" not in hung.stderr, hung.stderr[-3000:]
     assert not (tmp_path / "summary.json").exists()
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3  # saved before the hang
     assert time.monotonic() - start < 100

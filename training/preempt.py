@@ -18,21 +18,34 @@ so a rank that stopped alone would leave its peers waiting in the next step's al
 It runs on the CPU: with gloo in the job's own group, with NCCL in a gloo group made for it,
 since reading a GPU result every step would make the CPU wait for the GPU's whole step and
 stop it from queueing the next one ahead.
+
+Catching SIGTERM has a cost: a rank that is stuck (a hang, a peer that died mid-collective)
+no longer dies of it, and torchrun, which SIGTERMs every rank when one fails, would wait its
+whole shutdown timeout (30 s) and then SIGKILL it. So a SIGTERM also starts a deadline: a
+rank that has not left its training loop STUCK_AFTER_S seconds later ends itself, with one
+line saying so, before torchrun's SIGKILL. The warning signals (USR1/USR2) start none:
+SLURM sends them minutes ahead of the end, and the save may take that long.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from types import FrameType
 
 import torch
 import torch.distributed as dist
 
-from comm.dist import DistEnv
+from comm.dist import DistEnv, _exit_without_teardown, _write_error_file
 
 # --preempt-signal's choices: the signals a scheduler sends as a warning (SLURM's --signal).
 EXTRA_SIGNALS = ("USR1", "USR2", "none")
+
+# After a SIGTERM, the seconds a rank has to finish its step, save and leave the loop before
+# it ends itself as stuck: under torchrun's default shutdown timeout (30 s), after which the
+# agent SIGKILLs, so that the rank's own line and exit status are what torchrun reports.
+STUCK_AFTER_S = 20.0
 
 
 class Preempted(Exception):
@@ -54,9 +67,30 @@ class Preemption:
         self.agreed: signal.Signals | None = None  # the signal that stops every rank
         self.stopped_at: int | None = None  # the step after which the run stopped
         self._previous: dict[int, object] = {}
+        self._rank = env.rank
+        # The deadline's thread is started with the block, not by the handler: a handler may
+        # run while the main thread holds a lock that starting a thread needs.
+        self._sigterm = threading.Event()
+        self._left = threading.Event()
+        self._deadline = threading.Thread(target=self._watch, name="preempt-deadline", daemon=True)
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signum  # nothing else: this may run in the middle of a save
+        self.received = signum  # and nothing that could disturb a save it interrupts
+        if signum == signal.SIGTERM:
+            self._sigterm.set()
+
+    def _watch(self) -> None:
+        self._sigterm.wait()
+        if self._left.wait(STUCK_AFTER_S):
+            return
+        line = (
+            f"error: rank {self._rank} got SIGTERM {STUCK_AFTER_S:.0f} s ago and has not "
+            "finished its step: it is stuck (a hang, or a collective whose peers are gone); "
+            "ending without a checkpoint"
+        )
+        print(line, flush=True, file=sys.stderr)
+        _write_error_file(line)
+        _exit_without_teardown(128 + signal.SIGTERM)
 
     def __enter__(self) -> Preemption:
         # Python runs handlers in the main thread only (and refuses to install them elsewhere);
@@ -64,9 +98,14 @@ class Preemption:
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handler)
+            self._deadline.start()
         return self
 
     def __exit__(self, kind, error, tb) -> bool:
+        self._left.set()
+        self._sigterm.set()  # wakes the deadline's thread, which sees that the loop is left
+        if self._deadline.is_alive():
+            self._deadline.join()
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
