@@ -59,6 +59,7 @@ from comm.communicate import (
     communicate_async,
     plan_buckets_like_ddp,
 )
+from comm.compress import Compressor
 from comm.dist import DistEnv, UsageError
 from training.cli import positive
 
@@ -209,14 +210,24 @@ def gradients(params: list[nn.Parameter]) -> list[torch.Tensor]:
 
 
 class AllReduceSync(GradientSync):
-    """Backward runs undisturbed; then one communicate() averages all gradients at once."""
+    """Backward runs undisturbed; then one communicate() averages all gradients at once (or
+    a compressor of comm/compress.py averages an approximation of them: --compress)."""
 
-    def __init__(self, model: nn.Module, bucket_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        bucket_bytes: int | None = None,
+        compressor: Compressor | None = None,
+    ) -> None:
         super().__init__(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.bucket_bytes = bucket_bytes
+        self.compressor = compressor
 
     def finish_backward(self) -> None:
+        if self.compressor is not None:
+            self.compressor.all_reduce_mean(gradients(self.params))
+            return
         communicate(
             gradients(self.params), dist.all_reduce, average=True, bucket_bytes=self.bucket_bytes
         )
@@ -408,18 +419,22 @@ def make_sync(
     *,
     sync_every: int | None = None,
     bucket_bytes: int | None = None,
+    compressor: Compressor | None = None,
 ) -> Sync:
     """The strategy for `--sync mode`, around `model` (for ddp and torch-zero1, a DDP model or
     a plain one to wrap). `sync_every` is local-sgd's K; `bucket_bytes` caps the gradient
-    buckets of ddp, allreduce and overlap (None: each mode's default)."""
+    buckets of ddp, allreduce and overlap (None: each mode's default); `compressor`
+    (comm/compress.py, allreduce only) replaces allreduce's plain average."""
     if mode not in SYNC_MODES:
         raise UsageError(f"unknown --sync {mode!r}; choose one of {', '.join(SYNC_MODES)}")
     if sync_every is not None and mode != "local-sgd":
         raise UsageError(f"--sync-every applies to --sync local-sgd only, not --sync {mode}")
+    if compressor is not None and mode != "allreduce":
+        raise UsageError(f"--compress is for --sync allreduce, not --sync {mode}")
     if mode == "ddp":
         return DDPSync(model, env, bucket_bytes)
     if mode == "allreduce":
-        return AllReduceSync(model, bucket_bytes)
+        return AllReduceSync(model, bucket_bytes, compressor)
     if mode in SHARDED_MODES:
         if bucket_bytes is not None:
             raise UsageError(f"--sync {mode} has no gradient buckets to size")
