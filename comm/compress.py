@@ -58,6 +58,7 @@ The settings fixed here, for both twins (torch's hook reads them from PowerSGDSt
 from __future__ import annotations
 
 import argparse
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -162,21 +163,24 @@ def as_matrix(t: torch.Tensor) -> torch.Tensor:
     return t.view(t.shape[0] if t.dim() else 1, -1)
 
 
-def worth_compressing(n: int, m: int, rank: int) -> bool:
-    """torch's `_should_compress` at min_compression_rate 2, with r = min(n, m, rank)."""
+def worth_compressing(
+    n: int, m: int, rank: int, min_compression_rate: float = MIN_COMPRESSION_RATE
+) -> bool:
+    """torch's `_should_compress`, with r = min(n, m, rank)."""
     r = min(n, m, rank)
-    return (n + m) * r * MIN_COMPRESSION_RATE < n * m
+    return (n + m) * r * min_compression_rate < n * m
 
 
-def powersgd_elements(shapes: list[torch.Size], rank: int) -> int:
+def powersgd_elements(
+    shapes: list[torch.Size], rank: int, min_compression_rate: float = MIN_COMPRESSION_RATE
+) -> int:
     """Elements one rank all-reduces in a compressed step: sum of (n + m) r over the
     compressed matrices plus every element of the others."""
     total = 0
     for shape in shapes:
-        n = shape[0]
-        m = int(np.prod(shape[1:], dtype=np.int64))
+        n, m = (shape[0], math.prod(shape[1:])) if len(shape) else (1, 1)
         r = min(n, m, rank)
-        total += (n + m) * r if worth_compressing(n, m, rank) else n * m
+        total += (n + m) * r if worth_compressing(n, m, rank, min_compression_rate) else n * m
     return total
 
 
@@ -233,15 +237,26 @@ def orthonormalise(m: torch.Tensor) -> None:
 
 
 class PowerSGDCompressor(Compressor):
-    """PowerSGD on the whole gradient list, as torch's hook runs it on one DDP bucket."""
+    """PowerSGD on the whole gradient list, as torch's hook runs it on one DDP bucket.
+    `min_compression_rate` is torch's rule; 0 compresses every gradient (a test's knob: at
+    full rank the rule would compress none)."""
 
-    def __init__(self, rank: int = 1, error_feedback: bool = True, seed: int = SEED) -> None:
+    def __init__(
+        self,
+        rank: int = 1,
+        error_feedback: bool = True,
+        seed: int = SEED,
+        min_compression_rate: float = MIN_COMPRESSION_RATE,
+    ) -> None:
         super().__init__(error_feedback)
         self.rank = rank
+        self.min_compression_rate = min_compression_rate
         self.rng = np.random.RandomState(seed)
         self.iter = 0  # synchronising steps so far (the hook's state.iter)
         self.qs: list[torch.Tensor] | None = None  # warm start: the previous step's Q
-        self.residuals: list[torch.Tensor] | None = None  # error feedback, per matrix
+        # Error feedback: one residual per gradient, in the caller's order; zeros for the
+        # gradients all-reduced uncompressed, which lose nothing.
+        self.residuals: list[torch.Tensor] | None = None
 
     def _first_qs(self, matrices: list[torch.Tensor]) -> list[torch.Tensor]:
         """Random Qs drawn as the hook draws them: one seed, then randn per matrix in the
@@ -261,21 +276,22 @@ class PowerSGDCompressor(Compressor):
 
     @torch.no_grad()
     def all_reduce_mean(self, grads: list[torch.Tensor]) -> None:
-        if self.iter < START_ITER:
-            self.iter += 1
+        self.iter += 1
+        if self.iter <= START_ITER:
             communicate(grads, dist.all_reduce, average=True)
             return
-        self.iter += 1
-        grads = grads[::-1]  # DDP's bucket order, so that the random Qs match the hook's
-        split = [worth_compressing(*as_matrix(g).shape, self.rank) for g in grads]
-        plain = [g for g, c in zip(grads, split, strict=True) if not c]
-        ms = [as_matrix(g) for g, c in zip(grads, split, strict=True) if c]
-        communicate(plain, dist.all_reduce, average=True)  # exact: nothing left behind
         if self.error_feedback:
             if self.residuals is None:
-                self.residuals = [torch.zeros_like(m) for m in ms]
-            for m, e in zip(ms, self.residuals, strict=True):
-                m += e
+                self.residuals = [torch.zeros_like(g) for g in grads]
+            torch._foreach_add_(grads, self.residuals)
+        # DDP's bucket order (reverse), so that the random Qs are drawn as the hook draws them.
+        order = range(len(grads) - 1, -1, -1)
+        rate = self.min_compression_rate
+        split = [worth_compressing(*as_matrix(grads[i]).shape, self.rank, rate) for i in order]
+        chosen = [i for i, c in zip(order, split, strict=True) if c]
+        plain = [grads[i] for i, c in zip(order, split, strict=True) if not c]
+        communicate(plain, dist.all_reduce, average=True)  # exact: nothing left behind
+        ms = [as_matrix(grads[i]) for i in chosen]
         if self.qs is None:
             self.qs = self._first_qs(ms)
         for q in self.qs:
@@ -286,8 +302,8 @@ class PowerSGDCompressor(Compressor):
             orthonormalise(p)
         own_qs = [m.T @ p for m, p in zip(ms, ps, strict=True)]
         if self.error_feedback:  # what this rank's own P Q^T leaves out of its M
-            for e, m, p, q in zip(self.residuals, ms, ps, own_qs, strict=True):
-                e.copy_(m - p @ q.T)
+            for i, m, p, q in zip(chosen, ms, ps, own_qs, strict=True):
+                as_matrix(self.residuals[i]).copy_(m - p @ q.T)
         self.qs = [q.clone() for q in own_qs]
         communicate(self.qs, dist.all_reduce, average=True)
         for m, p, q in zip(ms, ps, self.qs, strict=True):
