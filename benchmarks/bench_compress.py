@@ -55,6 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nproc", type=positive, default=2, help="ranks of every run")
     p.add_argument("--epochs", type=positive, default=1, help="epochs of every run")
     p.add_argument("--ranks", type=rank_list, default=[1, 4], help="PowerSGD ranks, e.g. 1,4")
+    p.add_argument(
+        "--modes",
+        type=lambda v: v.split(","),
+        default=None,
+        help="only these rows, e.g. ddp,allreduce+powersgd-r1 (default: all)",
+    )
     p.add_argument("--timeout", type=positive, default=600, help="seconds per run")
     p.add_argument("--out-dir", default="bench_out", help="where bench_compress.csv goes")
     p.add_argument(
@@ -65,22 +71,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.train_args = args.train_args[1:]
     if any(a.startswith(("--comm-hook", "--compress", "--sync")) for a in args.train_args):
         raise UsageError("the benchmark chooses --sync, --comm-hook and --compress itself")
+    unknown = set(args.modes or []) - set(modes(args.ranks))
+    if unknown:
+        raise UsageError(f"--modes: no row {', '.join(sorted(unknown))} (see --help)")
     return args
 
 
-def modes(ranks: list[int]) -> list[tuple[str, list[str]]]:
-    """(row name, train_ddp.py flags) of every run."""
-    rows = [("ddp", [])]
-    rows += [(f"ddp hook {h}", ["--comm-hook", h]) for h in ("fp16", "bf16")]
-    rows += [(f"ddp hook powersgd r{r}", ["--comm-hook", "powersgd", "--powersgd-rank", str(r)])
-             for r in ranks]  # fmt: skip
-    rows += [("allreduce", ["--sync", "allreduce"])]
-    rows += [(f"allreduce {c}", ["--sync", "allreduce", "--compress", c]) for c in ("fp16", "bf16")]
-    rows += [
-        (f"allreduce powersgd r{r}",
-         ["--sync", "allreduce", "--compress", "powersgd", "--powersgd-rank", str(r)])
-        for r in ranks
-    ]  # fmt: skip
+def modes(ranks: list[int]) -> dict[str, list[str]]:
+    """Row name -> train_ddp.py flags, for every run."""
+    rows: dict[str, list[str]] = {"ddp": []}
+    for kind in ("fp16", "bf16", *(f"powersgd-r{r}" for r in ranks)):
+        hook, _, r = kind.partition("-r")
+        rank = ["--powersgd-rank", r] if r else []
+        rows[f"ddp+{kind}"] = ["--comm-hook", hook, *rank]
+    rows["allreduce"] = ["--sync", "allreduce"]
+    for kind in ("fp16", "bf16", *(f"powersgd-r{r}" for r in ranks)):
+        made, _, r = kind.partition("-r")
+        rank = ["--powersgd-rank", r] if r else []
+        rows[f"allreduce+{kind}"] = ["--sync", "allreduce", "--compress", made, *rank]
     return rows
 
 
@@ -120,19 +128,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     extra = f", then {' '.join(args.train_args)}" if args.train_args else ""
     print(f"{args.nproc} ranks, gloo on CPU, 1 intra-op thread each; train_ddp.py defaults, "
           f"{args.epochs} epoch(s){extra}; one run after the other")  # fmt: skip
-    print(f"{'mode':26s} {'eval acc':>8s} {'bytes/step':>10s} {'vs fp32':>7s} "
+    print(f"{'mode':22s} {'eval acc':>8s} {'bytes/step':>10s} {'vs fp32':>7s} "
           f"{'step ms':>7s} {'comm ms':>7s}", flush=True)  # fmt: skip
     rows, failed = [], []
-    for name, flags in modes(args.ranks):
+    for name, flags in modes(args.ranks).items():
+        if args.modes and name not in args.modes:
+            continue
         result = one_run(args, flags)
         if isinstance(result, str):
             failed.append(name)
-            print(f"{name:26s} failed, {result}", flush=True)
+            print(f"{name:22s} failed, {result}", flush=True)
             continue
         r = row(name, result)
         rows.append(r)
         print(
-            f"{name:26s} {r['eval_acc']:8.4f} {r['bytes_per_step']:10.0f} {r['ratio']:7.3f} "
+            f"{name:22s} {r['eval_acc']:8.4f} {r['bytes_per_step']:10.0f} {r['ratio']:7.3f} "
             f"{r['step_ms']:7.1f} {r['comm_ms']:7.2f}",
             flush=True,
         )
