@@ -103,10 +103,17 @@ def add_compress_flags(group: argparse._ArgumentGroup) -> None:
     )
     group.add_argument(
         "--error-feedback",
-        action=argparse.BooleanOptionalAction,
+        dest="error_feedback",
+        action="store_true",
         default=None,
-        help="carry what compression left out into the next step (unset: on; torch's "
-        "fp16/bf16 hooks have none)",
+        help="carry what compression left out into the next step (the default for powersgd "
+        "and --compress; torch's fp16/bf16 hooks have none)",
+    )
+    group.add_argument(
+        "--no-error-feedback",
+        dest="error_feedback",
+        action="store_false",
+        help="drop what compression left out (by default it is kept, see --error-feedback)",
     )
 
 
