@@ -32,13 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from comm.compress import (
-    add_compress_flags,
-    check_compress_flags,
-    compressing,
-    make_compressor,
-    register_comm_hook,
-)
+from comm.compress import Compression
 from comm.dist import BACKENDS, DistEnv, UsageError, exit_on_error, rendezvous, resolve, run_cli
 from comm.sync import add_sync_flags, make_sync
 from data.datasets import build_datasets, download_once
@@ -81,7 +75,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="SyncBatchNorm: batch statistics over the global batch (CUDA only)",
     )
     add_sync_flags(g)  # --sync, --sync-every: the hand-made strategies of comm/sync.py
-    add_compress_flags(g)  # --comm-hook, --compress: gradient compression, comm/compress.py
     return parser.parse_args(argv)
 
 
@@ -111,7 +104,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -> dict:
     validate(args, env)
-    check_compress_flags(args)
     out_dir = Path(args.out_dir)
     run = RunLog(env, out_dir, args)  # threads, first log line; refuses a used --out-dir
     global_batch = args.batch_size * env.world_size * args.grad_accum
@@ -184,9 +176,8 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         # Broadcasts rank 0's parameters and buffers now; from here on every backward
         # all-reduces the gradients, bucket by bucket, while it is still computing.
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-        register_comm_hook(model, args)  # --comm-hook fp16/bf16/powersgd: compress the buckets
-    sync = make_sync(  # --sync: comm/sync.py; --compress: its hand-made all-reduce compresses
-        args.sync, model, env, sync_every=args.sync_every, compressor=make_compressor(args)
+    sync = make_sync(  # --sync: comm/sync.py; --comm-hook, --compress: comm/compress.py
+        args.sync, model, env, sync_every=args.sync_every, compression=Compression.from_args(args)
     )
     optimizer = make_optimizer(model, args, sync)  # the sharded --sync modes: this rank's shard
     scheduler = make_scheduler(optimizer, args, total_steps)
@@ -201,11 +192,6 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     step, start_epoch, skip_steps = at.step, at.epoch, at.step_in_epoch
     if (previous := run.finished(at.step, total_steps)) is not None:
         return previous  # re-run of a finished job: its summary.json stays as it is
-    if at.step and compressing(args):
-        raise UsageError(
-            "cannot resume a compressed run: the checkpoint does not hold the error-feedback "
-            "residuals and PowerSGD's Q, so it would not continue the same trajectory"
-        )
     fault = fault_hook(env.rank)  # test-only crash/hang injection, off unless TRAIN_FAULT is set
 
     def save(epoch: int, step_in_epoch: int) -> None:

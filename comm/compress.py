@@ -60,11 +60,11 @@ from __future__ import annotations
 import argparse
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -117,43 +117,70 @@ def add_compress_flags(group: argparse._ArgumentGroup) -> None:
     )
 
 
-def check_compress_flags(args: argparse.Namespace) -> None:
-    """The flags of add_compress_flags against each other and against --sync."""
-    hook, compress = args.comm_hook, args.compress
-    if hook != "none" and args.sync != "ddp":
-        raise UsageError(f"--comm-hook is for --sync ddp (DDP's reducer), not --sync {args.sync}")
-    if compress != "none" and args.sync != "allreduce":
-        raise UsageError(
-            f"--compress is for --sync allreduce, not --sync {args.sync} (use --comm-hook "
-            "with --sync ddp)"
-        )
-    used = compress if compress != "none" else hook
-    if args.powersgd_rank is not None and used != "powersgd":
-        raise UsageError("--powersgd-rank goes with --comm-hook powersgd or --compress powersgd")
-    if args.error_feedback is not None and used == "none":
-        raise UsageError("--error-feedback goes with --comm-hook powersgd or --compress")
-    if args.error_feedback and hook in CAST_DTYPES:
-        raise UsageError(f"--error-feedback: torch's {hook} hook has none (--compress has)")
+@dataclass(frozen=True)
+class Compression:
+    """--comm-hook, --compress, --powersgd-rank and --error-feedback, as parsed (None: unset)."""
+
+    comm_hook: str = "none"
+    compress: str = "none"
+    powersgd_rank: int | None = None
+    error_feedback: bool | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Compression:
+        return cls(args.comm_hook, args.compress, args.powersgd_rank, args.error_feedback)
+
+    @property
+    def active(self) -> bool:
+        return self.comm_hook != "none" or self.compress != "none"
+
+    def check(self, sync: str) -> None:
+        """The flags against each other and against `--sync sync`."""
+        hook, compress = self.comm_hook, self.compress
+        if hook != "none" and sync != "ddp":
+            raise UsageError(f"--comm-hook is for --sync ddp (DDP's reducer), not --sync {sync}")
+        if compress != "none" and sync != "allreduce":
+            raise UsageError(
+                f"--compress is for --sync allreduce, not --sync {sync} (use --comm-hook "
+                "with --sync ddp)"
+            )
+        used = compress if compress != "none" else hook
+        if self.powersgd_rank is not None and used != "powersgd":
+            raise UsageError(
+                "--powersgd-rank goes with --comm-hook powersgd or --compress powersgd"
+            )
+        if self.error_feedback is not None and used == "none":
+            raise UsageError("--error-feedback goes with --comm-hook powersgd or --compress")
+        if self.error_feedback and hook in CAST_DTYPES:
+            raise UsageError(f"--error-feedback: torch's {hook} hook has none (--compress has)")
+
+    def refuse_resume(self, step: int) -> None:
+        """Called when a run continues from a checkpoint after `step` optimizer steps."""
+        if step and self.active:
+            raise UsageError(
+                "cannot resume a compressed run: the checkpoint does not hold the "
+                "error-feedback residuals and PowerSGD's Q, so it would not continue the same "
+                "trajectory"
+            )
 
 
-def compressing(args: argparse.Namespace) -> bool:
-    return args.comm_hook != "none" or args.compress != "none"
+NO_COMPRESSION = Compression()
 
 
-def register_comm_hook(model: DDP, args: argparse.Namespace) -> powerSGD_hook.PowerSGDState | None:
+def register_comm_hook(model: DDP, c: Compression) -> powerSGD_hook.PowerSGDState | None:
     """Register `--comm-hook` on the DDP model (nothing for none); the PowerSGD state, if any."""
-    if args.comm_hook in CAST_DTYPES:
+    if c.comm_hook in CAST_DTYPES:
         hook = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}
-        model.register_comm_hook(None, hook[args.comm_hook])  # state: the process group
+        model.register_comm_hook(None, hook[c.comm_hook])  # state: the process group
         return None
-    if args.comm_hook != "powersgd":
+    if c.comm_hook != "powersgd":
         return None
     state = powerSGD_hook.PowerSGDState(
         process_group=None,
-        matrix_approximation_rank=args.powersgd_rank or 1,
+        matrix_approximation_rank=c.powersgd_rank or 1,
         start_powerSGD_iter=START_ITER,
         min_compression_rate=MIN_COMPRESSION_RATE,
-        use_error_feedback=args.error_feedback is not False,
+        use_error_feedback=c.error_feedback is not False,
         warm_start=True,
         orthogonalization_epsilon=0,
         random_seed=SEED,
@@ -317,16 +344,11 @@ class PowerSGDCompressor(Compressor):
             m.copy_(p @ q.T)
 
 
-def make_compressor(args: argparse.Namespace) -> Compressor | None:
+def make_compressor(c: Compression) -> Compressor | None:
     """The hand-made compressor of `--compress` (None for none)."""
-    error_feedback = args.error_feedback is not False
-    if args.compress in CAST_DTYPES:
-        return CastCompressor(CAST_DTYPES[args.compress], error_feedback)
-    if args.compress == "powersgd":
-        return PowerSGDCompressor(args.powersgd_rank or 1, error_feedback)
+    error_feedback = c.error_feedback is not False
+    if c.compress in CAST_DTYPES:
+        return CastCompressor(CAST_DTYPES[c.compress], error_feedback)
+    if c.compress == "powersgd":
+        return PowerSGDCompressor(c.powersgd_rank or 1, error_feedback)
     return None
-
-
-def model_shapes(model: nn.Module) -> list[torch.Size]:
-    """Shapes of the gradients a model's backward produces (for `powersgd_elements`)."""
-    return [p.shape for p in model.parameters() if p.requires_grad]

@@ -8,7 +8,6 @@ allreduce`'s hand-made compressor. Each step records the gradients both applied,
 the tracer saw, the hand-made error-feedback residuals and each rank's parameter checksum.
 """
 
-import argparse
 import hashlib
 
 import pytest
@@ -66,21 +65,19 @@ def checksum(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def flags(kind: str, rank: int | None, ef: bool | None, sync: str) -> argparse.Namespace:
+def flags(kind: str, rank: int | None, ef: bool | None, sync: str) -> compress.Compression:
     hook = kind if sync == "ddp" else "none"
     made = kind if sync == "allreduce" else "none"
-    return argparse.Namespace(
-        sync=sync, comm_hook=hook, compress=made, powersgd_rank=rank, error_feedback=ef
-    )
+    return compress.Compression(hook, made, rank, ef)
 
 
 def twin_run(kind: str, rank: int | None, ef: bool | None, dtype: torch.dtype) -> dict:
     """Hook and hand-made side by side; what each step sent and applied."""
     hooked = nn.parallel.DistributedDataParallel(tiny_net(dtype))
     compress.register_comm_hook(hooked, flags(kind, rank, ef, "ddp"))
-    compressor = compress.make_compressor(flags(kind, rank, ef, "allreduce"))
     made_model = tiny_net(dtype)
-    made = AllReduceSync(made_model, compressor=compressor)
+    made = AllReduceSync(made_model, compression=flags(kind, rank, ef, "allreduce"))
+    compressor = made.compressor
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (hooked, made_model)]
     params = list(made_model.parameters())
     steps = []
@@ -124,8 +121,8 @@ def full_rank_run() -> dict:
     """Hand-made PowerSGD at rank min(n, m) on every gradient (min_compression_rate 0: the
     rule would compress none at full rank) against the plain average of the same gradients."""
     model = tiny_net()
-    compressor = compress.PowerSGDCompressor(rank=64, min_compression_rate=0)
-    made = AllReduceSync(model, compressor=compressor)
+    made = AllReduceSync(model)
+    made.compressor = compressor = compress.PowerSGDCompressor(rank=64, min_compression_rate=0)
     out = []
     for step in range(STEPS):
         x, y = batch(dist.get_rank(), step)
@@ -276,22 +273,18 @@ def test_replicas_stay_identical(world):
 
 
 def test_flags_are_checked_against_sync():
-    def ns(**kw):
-        base = dict(sync="ddp", comm_hook="none", compress="none", powersgd_rank=None,
-                    error_feedback=None)  # fmt: skip
-        return argparse.Namespace(**{**base, **kw})
-
-    compress.check_compress_flags(ns(comm_hook="powersgd", powersgd_rank=4))
-    compress.check_compress_flags(ns(sync="allreduce", compress="bf16", error_feedback=True))
-    for bad, words in [
-        (ns(sync="allreduce", comm_hook="fp16"), "--comm-hook is for --sync ddp"),
-        (ns(compress="bf16"), "--compress is for --sync allreduce"),
-        (ns(comm_hook="bf16", powersgd_rank=2), "--powersgd-rank goes with"),
-        (ns(error_feedback=False), "--error-feedback goes with"),
-        (ns(comm_hook="fp16", error_feedback=True), "has none"),
+    C = compress.Compression
+    C("powersgd", powersgd_rank=4).check("ddp")
+    C(compress="bf16", error_feedback=True).check("allreduce")
+    for bad, sync, words in [
+        (C("fp16"), "allreduce", "--comm-hook is for --sync ddp"),
+        (C(compress="bf16"), "overlap", "--compress is for --sync allreduce"),
+        (C("bf16", powersgd_rank=2), "ddp", "--powersgd-rank goes with"),
+        (C(error_feedback=False), "ddp", "--error-feedback goes with"),
+        (C("fp16", error_feedback=True), "ddp", "has none"),
     ]:
         with pytest.raises(UsageError, match=words):
-            compress.check_compress_flags(bad)
+            bad.check(sync)
 
 
 # ---- slow: train_ddp.py end to end, twin against twin ----------------------------------------
