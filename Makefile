@@ -18,7 +18,7 @@ NPROC      ?= 2
 STAMP      := $(VENV)/.installed
 
 .PHONY: demo test test-slow test-all test-oracles test-fakegpu bench model bench-topology \
-  stress-exit lint clean
+  bench-compress stress-exit lint clean
 
 # Installs pyproject.toml's dependencies (and the dev extra) without installing the repo
 # itself: the scripts run from the checkout, as `python train_ddp.py` or `-m comm.bench`.
@@ -91,6 +91,11 @@ model: $(STAMP)
 # at 1, 10 and 100 Gbit/s (docs/topology.md): a table on stdout, bench_out/bench_topology.csv.
 bench-topology: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_topology --out-dir bench_out
+
+# docs/compression.md's table: one epoch of train_ddp.py per compression mode (torch's DDP comm
+# hooks and the hand-made --compress), NPROC ranks on CPU, one run after the other.
+bench-compress: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_compress --out-dir bench_out $(BENCH_NPROC)
 
 # Every torchrun script of the repository (the pitfalls in both modes, train_ddp.py in each
 # --sync mode) RUNS times, two at once so the machine is loaded: any abort at exit, wrong exit

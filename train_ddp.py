@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from comm.clip import GradClip
+from comm.compress import Compression
 from comm.dist import BACKENDS, DistEnv, UsageError, exit_on_error, rendezvous, resolve, run_cli
 from comm.sync import add_sync_flags, make_sync
 from comm.topology import topology_all_reduce
@@ -189,7 +190,14 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         # all-reduces the gradients, bucket by bucket, while it is still computing.
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     all_reduce = topology_all_reduce(args.topology, args.inter_node_gbps)  # None: dist's own
-    sync = make_sync(args.sync, model, env, sync_every=args.sync_every, all_reduce=all_reduce)
+    sync = make_sync(  # --sync: comm/sync.py; --comm-hook, --compress: comm/compress.py
+        args.sync,
+        model,
+        env,
+        sync_every=args.sync_every,
+        all_reduce=all_reduce,
+        compression=Compression.from_args(args),
+    )
     optimizer = make_optimizer(model, args, sync)  # the sharded --sync modes: this rank's shard
     scheduler = make_scheduler(optimizer, args, total_steps)
     amp_dtype = autocast_dtype(args.amp)

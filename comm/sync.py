@@ -61,6 +61,13 @@ from comm.communicate import (
     communicate_async,
     plan_buckets_like_ddp,
 )
+from comm.compress import (
+    NO_COMPRESSION,
+    Compression,
+    add_compress_flags,
+    make_compressor,
+    register_comm_hook,
+)
 from comm.dist import DistEnv, UsageError
 from comm.topology import add_topology_flags
 from training.cli import positive
@@ -158,9 +165,16 @@ class DDPSync(Sync):
     running, so communication overlaps computation.
 
     `model` is a DDP model (train_ddp.py wraps it in plain sight) or a plain module, which
-    is wrapped here (benchmarks, tests; `bucket_bytes` sets DDP's bucket cap then)."""
+    is wrapped here (benchmarks, tests; `bucket_bytes` sets DDP's bucket cap then).
+    `compression.comm_hook` registers one of torch's compression hooks (comm/compress.py)."""
 
-    def __init__(self, model: nn.Module, env: DistEnv, bucket_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        env: DistEnv,
+        bucket_bytes: int | None = None,
+        compression: Compression = NO_COMPRESSION,
+    ) -> None:
         if isinstance(model, DDP):
             if bucket_bytes is not None:
                 raise ValueError("bucket_bytes: the model is already wrapped, with its own cap")
@@ -169,6 +183,11 @@ class DDPSync(Sync):
             kwargs = {} if bucket_bytes is None else {"bucket_cap_mb": bucket_bytes / 2**20}
             model = DDP(model, device_ids=device_ids, **kwargs)
         super().__init__(model)
+        self.compression = compression
+        register_comm_hook(model, compression)
+
+    def load_rank_state(self, optimizer, state: dict | None, step: int) -> None:
+        self.compression.refuse_resume(step)
 
     def no_sync(self) -> AbstractContextManager:
         # Forward *and* backward must run inside no_sync(): DDP decides during forward
@@ -225,14 +244,28 @@ def gradients(params: list[nn.Parameter]) -> list[torch.Tensor]:
 
 
 class AllReduceSync(GradientSync):
-    """Backward runs undisturbed; then one communicate() averages all gradients at once."""
+    """Backward runs undisturbed; then one communicate() averages all gradients at once (or
+    a compressor of comm/compress.py averages an approximation of them: --compress)."""
 
-    def __init__(self, model: nn.Module, bucket_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        bucket_bytes: int | None = None,
+        compression: Compression = NO_COMPRESSION,
+    ) -> None:
         super().__init__(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.bucket_bytes = bucket_bytes
+        self.compression = compression
+        self.compressor = make_compressor(compression)
+
+    def load_rank_state(self, optimizer, state: dict | None, step: int) -> None:
+        self.compression.refuse_resume(step)
 
     def finish_backward(self) -> None:
+        if self.compressor is not None:
+            self.compressor.all_reduce_mean(gradients(self.params))
+            return
         communicate(
             gradients(self.params), self.all_reduce, average=True, bucket_bytes=self.bucket_bytes
         )
@@ -400,8 +433,9 @@ class LocalSGDSync(Sync):
 
 
 def add_sync_flags(group: argparse._ArgumentGroup) -> None:
-    """train_ddp.py's --sync and --sync-every: which strategy of this module is used (and
-    --topology: which all-reduce allreduce, overlap and local-sgd use)."""
+    """train_ddp.py's --sync and --sync-every: which strategy of this module is used; with
+    --topology (comm/topology.py: which all-reduce allreduce, overlap and local-sgd use) and
+    comm/compress.py's --comm-hook, --compress and their settings."""
     group.add_argument(
         "--sync",
         default="ddp",
@@ -417,6 +451,7 @@ def add_sync_flags(group: argparse._ArgumentGroup) -> None:
         f"(unset: {LOCAL_SGD_EVERY})",
     )
     add_topology_flags(group)  # --topology, --inter-node-gbps: comm/topology.py
+    add_compress_flags(group)  # --comm-hook, --compress, ...: comm/compress.py
 
 
 def make_sync(
@@ -427,12 +462,21 @@ def make_sync(
     sync_every: int | None = None,
     bucket_bytes: int | None = None,
     all_reduce: CommOp | None = None,
+    compression: Compression = NO_COMPRESSION,
 ) -> Sync:
     """The strategy for `--sync mode`, around `model` (for ddp and torch-zero1, a DDP model or
     a plain one to wrap). `sync_every` is local-sgd's K; `bucket_bytes` caps the gradient
     buckets of ddp, allreduce and overlap (None: each mode's default); `all_reduce` replaces
-    dist.all_reduce in allreduce, overlap and local-sgd (None: keep it)."""
-    sync = _make_sync(mode, model, env, sync_every=sync_every, bucket_bytes=bucket_bytes)
+    dist.all_reduce in allreduce, overlap and local-sgd (None: keep it); `compression` is
+    --comm-hook (ddp) or --compress (allreduce), comm/compress.py."""
+    if all_reduce is not None and compression.active:
+        raise UsageError(
+            "--topology and --compress/--comm-hook do not combine: the compressed all-reduces "
+            "of comm/compress.py run on the flat world"
+        )
+    sync = _make_sync(
+        mode, model, env, sync_every=sync_every, bucket_bytes=bucket_bytes, compression=compression
+    )
     sync.custom_all_reduce = all_reduce
     return sync
 
@@ -444,15 +488,17 @@ def _make_sync(
     *,
     sync_every: int | None,
     bucket_bytes: int | None,
+    compression: Compression,
 ) -> Sync:
     if mode not in SYNC_MODES:
         raise UsageError(f"unknown --sync {mode!r}; choose one of {', '.join(SYNC_MODES)}")
     if sync_every is not None and mode != "local-sgd":
         raise UsageError(f"--sync-every applies to --sync local-sgd only, not --sync {mode}")
+    compression.check(mode)
     if mode == "ddp":
-        return DDPSync(model, env, bucket_bytes)
+        return DDPSync(model, env, bucket_bytes, compression)
     if mode == "allreduce":
-        return AllReduceSync(model, bucket_bytes)
+        return AllReduceSync(model, bucket_bytes, compression)
     if mode in SHARDED_MODES:
         if bucket_bytes is not None:
             raise UsageError(f"--sync {mode} has no gradient buckets to size")
