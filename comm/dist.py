@@ -308,7 +308,8 @@ def rank0_logger(env: DistEnv, name: str = "ddp") -> logging.Logger:
 
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
-    """Call `main(argv)` as a script's entry point; return the exit status.
+    """Call `main(argv)` as a script's entry point; return the exit status: what main returned
+    if that is an int (a tool's own status), else 0.
 
     A UsageError becomes one `error: ...` line on stderr and exit status 2. Usage errors are
     the same on every rank (same flags, same files), so only global rank 0 prints the line;
@@ -333,9 +334,9 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
     the error deserved. Ending without the teardown keeps the status and the one-line error.
     """
 
-    def main_undoing_on_failure() -> None:
+    def main_undoing_on_failure() -> object:
         try:
-            main(argv)
+            return main(argv)
         except BaseException:
             for undo in _undo:
                 undo()
@@ -344,7 +345,7 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
     @record
     def entry() -> int:
         try:
-            main_undoing_on_failure()
+            result = main_undoing_on_failure()
         except UsageError as e:
             if e.every_rank or os.environ.get("RANK", "0") == "0":
                 _say(f"error: {e}")
@@ -354,7 +355,8 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
                 raise
             _say(f"error: {write_error_line(e)}")
             return 1
-        return 0
+        # A tool's main() may return its exit status; a training script returns its summary.
+        return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
     try:
         status = entry() or 0  # `record` turns SystemExit(0) into None

@@ -293,10 +293,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    status = 0
-
-    def _main(argv: list[str] | None) -> None:
-        global status
-        status = main(argv)
-
-    raise SystemExit(run_cli(_main) or status)
+    raise SystemExit(run_cli(main))

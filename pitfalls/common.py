@@ -98,10 +98,4 @@ def report(env: DistEnv, name: str, right: bool, values: dict) -> int:
 def cli(main: Callable[[list[str] | None], int]) -> int:
     """Exit status of a pitfall script: 2 for bad flags, 1 when the demonstrated failure
     happened, 0 otherwise."""
-    status = 0
-
-    def call(argv: list[str] | None) -> None:
-        nonlocal status
-        status = main(argv)
-
-    return run_cli(call) or status
+    return run_cli(main)  # main's int is the status
