@@ -210,6 +210,19 @@ def ddp_comm_seconds(grad_bytes: float, buckets: int, alpha: float, beta: float)
     return buckets * alpha + beta * grad_bytes
 
 
+# train_ddp.py's preemption check (training/preempt.py): one all-reduce of an int32 after
+# every optimizer step, the last collective of the step, which is no gradient communication.
+PREEMPT_CHECK_BYTES = 4
+
+
+def gradient_collectives(comm: list[dict]) -> list[dict]:
+    """A step's traced collectives without the preemption check that ends it."""
+    last = comm[-1] if comm else None
+    if last and last.get("name") == "all_reduce" and last["bytes"] == PREEMPT_CHECK_BYTES:
+        return comm[:-1]
+    return comm
+
+
 def traced_step_seconds(run_dir: Path) -> tuple[int, int, list[list[float]]]:
     """(gradient bytes, buckets, [seconds of each rank] per step) of the gradient
     communication of a `train_ddp.py --trace-comm` run, from its timeline: the steps whose
@@ -222,7 +235,7 @@ def traced_step_seconds(run_dir: Path) -> tuple[int, int, list[list[float]]]:
         ranks = [json.loads(f.read_text())["steps"] for f in files]
         steps, buckets = [], set()
         for i in range(1, min(len(r) for r in ranks) if ranks else 0):
-            comms = [r[i]["comm"] for r in ranks]
+            comms = [gradient_collectives(r[i]["comm"]) for r in ranks]
             if all(sum(c["bytes"] for c in comm) == grad_bytes for comm in comms):
                 steps.append([sum(c["seconds"] for c in comm) for comm in comms])
                 buckets.update(len(comm) for comm in comms)

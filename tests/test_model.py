@@ -149,8 +149,9 @@ def test_cli_errors_on_bad_flags_and_runs(tmp_path, capsys):
 
 def test_ddp_compares_the_traced_steps(tmp_path, capsys):
     """`ddp` reads the gradient-only steps of a timeline (not the first, not one with a
-    metric reduction) and divides their median by alpha + beta x bytes, over every rank and
-    for the last rank to arrive (the smallest time of each step)."""
+    metric reduction; without the preemption check that ends each step) and divides their
+    median by alpha + beta x bytes, over every rank and for the last rank to arrive (the
+    smallest time of each step)."""
     alpha, beta = 1e-3, 1e-9
     _write_bench(tmp_path / "b.csv", [("all_reduce", n, 2, alpha + beta * n) for n in SIZES])
     run = tmp_path / "run"
@@ -161,7 +162,8 @@ def test_ddp_compares_the_traced_steps(tmp_path, capsys):
     want = alpha + beta * grad
     for r, k in ((0, 2), (1, 3)):  # rank 1 waits longer: it arrived first
         steps = [{"comm": [{"bytes": grad, "seconds": 9.0}]}]  # warm-up, left out
-        steps += [{"comm": [{"bytes": grad, "seconds": k * want}]}] * 2
+        check = {"name": "all_reduce", "bytes": 4, "seconds": 5.0}  # preemption's, left out
+        steps += [{"comm": [{"bytes": grad, "seconds": k * want}, check]}] * 2
         steps += [{"comm": [{"bytes": grad, "seconds": 7.0}, {"bytes": 24, "seconds": 1.0}]}]
         (run / "timeline" / f"rank{r}.json").write_text(json.dumps({"steps": steps}))
     ratios = model.main(["ddp", str(tmp_path / "b.csv"), str(run)])
