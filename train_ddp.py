@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument(
         "--timeout",
-        type=bounded_int(1, 10**7, "--timeout"),  # about 4 months: a timedelta, then C++ ms
+        type=bounded_int(1, 10**7, "seconds"),  # about 4 months: a timedelta, then C++ ms
         default=600,
         help="seconds a collective may wait for its peers before the job fails",
     )

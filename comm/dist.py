@@ -277,17 +277,28 @@ def choose_threads(local_processes: int = 1, workers: int = 0, device: str = "cp
     return f"{threads} intra-op thread(s) per process ({why})"
 
 
-class _BarAwareHandler(logging.Handler):
+class StdoutHandler(logging.Handler):
     """Writes each record to stdout through `tqdm.write`, which clears any progress bar on
     the terminal first and redraws it after, so that a log line and a bar never share a
-    line. With no bar, it is a plain write to stdout (what a pipe or a log file gets)."""
+    line. With no bar, it is a plain write to stdout (what a pipe or a log file gets). A
+    reader that goes away (`| head`) silences the rest, without an error per line."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             tqdm.write(self.format(record), file=sys.stdout)
             sys.stdout.flush()
+        except BrokenPipeError:  # the reader is gone (`| head`): the run goes on, unheard
+            _silence_stdout()
         except Exception:
             self.handleError(record)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader has gone: later writes (and the flush at
+    exit) would raise BrokenPipeError again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def rank0_logger(env: DistEnv, name: str = "ddp") -> logging.Logger:
@@ -297,7 +308,7 @@ def rank0_logger(env: DistEnv, name: str = "ddp") -> logging.Logger:
     logger.handlers.clear()
     logger.propagate = False
     if env.is_main:
-        handler = _BarAwareHandler()
+        handler = StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -321,8 +332,9 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
     the UsageError handler (entry points must not carry `@record` themselves): a crash writes
     its traceback to torchrun's error file, so torchrun's report names the failing rank and
     shows the traceback, while a usage error never reaches `record` and leaves no traceback
-    anywhere. For a usage error, rank 0 writes the error line itself as its error file, so
-    torchrun's report names rank 0 as the root cause and shows that line.
+    anywhere. For a usage error, every rank writes the error line itself as its error file, so
+    torchrun's report shows that line whichever rank it names as the root cause (the first
+    to exit).
 
     After an error that left a process group alive (`exit_on_error` does not destroy it),
     the process ends here, through `os._exit`, once the error is reported and the output
@@ -349,7 +361,12 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
         except UsageError as e:
             if e.every_rank or os.environ.get("RANK", "0") == "0":
                 _say(f"error: {e}")
+            else:  # silent, but torchrun may name this rank first: its report shows the line
+                _write_error_file(f"error: {e}")
             return 2
+        except BrokenPipeError:  # `... | head`: the reader stopped reading; not an error here
+            _silence_stdout()
+            return 0
         except OSError as e:
             if e.errno not in WRITE_ERRORS:
                 raise

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from comm.dist import _write_error_file, run_cli
+from training.cli import Parser
 
 SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
 
@@ -60,9 +61,8 @@ def _positive(text: str) -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = Parser(formatter_class=argparse.RawDescriptionHelpFormatter)  # one-line errors
+    p.description = __doc__  # the whole docstring: its examples are the help
     p.add_argument(
         "--timeout",
         type=_positive,

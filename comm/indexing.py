@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from comm.dist import choose_threads, run_cli
+from comm.dist import StdoutHandler, choose_threads, run_cli
 from training.cli import Parser
 
 log = logging.getLogger("indexing")
@@ -281,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p = Parser(description=__doc__)
     p.add_argument("--only", choices=list(DEMOS), help="run this one demo")
     args = p.parse_args(argv)
-    handler = logging.StreamHandler(sys.stdout)
+    handler = StdoutHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)

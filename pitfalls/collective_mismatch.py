@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: t
 
 from comm.dist import UsageError
 from pitfalls import common
+from training.cli import Parser
 from training.processes import run_with_deadline
 
 BUGS = ("shape", "one-rank")
@@ -70,9 +71,8 @@ DEADLINE = 120.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = Parser(formatter_class=argparse.RawDescriptionHelpFormatter)  # one-line errors
+    p.description = __doc__  # the whole docstring: its examples are the help
     p.add_argument("--bug", choices=BUGS, default="shape", help="the bug the job has")
     p.add_argument("--diagnose", choices=TOOLS, default="none", help="the tool that looks at it")
     p.add_argument(

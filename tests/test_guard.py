@@ -59,7 +59,7 @@ def test_nonsense_hyperparameters_are_refused_at_parse_time(capsys, flags, says)
 
 def test_huge_timeout_is_refused_at_parse_time(capsys):
     line = one_error_line(capsys, run_cli(train_ddp.main, ["--timeout", str(10**15)]))
-    assert "argument --timeout: --timeout must be 1 to 10000000" in line
+    assert "argument --timeout: seconds must be 1 to 10000000" in line
 
 
 def test_rank_outside_the_world_says_so_on_that_rank(capsys, monkeypatch):

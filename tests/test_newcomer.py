@@ -95,7 +95,8 @@ def test_out_dir_reuse(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 def test_run_cli_error_file(tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture) -> None:
     """A usage error never reaches torchelastic's `record` (no traceback in the error file):
     rank 0 prints one line and leaves that line as its error file, in the format torchrun's
-    report reads; other ranks stay silent. A crash still gets record's traceback."""
+    report reads; other ranks stay silent but leave the same error file (torchrun may name
+    any of them as the root cause). A crash still gets record's traceback."""
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
     error_file = tmp_path / "error.json"
@@ -111,7 +112,9 @@ def test_run_cli_error_file(tmp_path: Path, monkeypatch, capsys: pytest.CaptureF
     error_file.unlink()
     monkeypatch.setenv("RANK", "1")
     assert run_cli(train_ddp.main, ["--batch-size", "0"]) == 2
-    assert capsys.readouterr().err == "" and not error_file.exists()
+    assert capsys.readouterr().err == ""
+    failure = ProcessFailure(local_rank=1, pid=1, exitcode=2, error_file=str(error_file))
+    assert failure.message["extraInfo"]["py_callstack"] == line
 
     def crash(argv):
         raise RuntimeError("boom")

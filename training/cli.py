@@ -63,8 +63,18 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+def _number(value: str, kind: type) -> int | float:
+    """`kind(value)`, or the refusal argparse shows as it is (else it would name the type
+    function: "invalid non_negative value")."""
+    try:
+        return kind(value)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+
+
 def positive(value: str) -> int:
-    n = int(value)
+    n = _number(value, int)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return n
@@ -77,38 +87,37 @@ def bounded_int(low: int, high: int, what: str) -> Callable[[str], int]:
     rather than overflowing somewhere later."""
 
     def parse(value: str) -> int:
-        n = int(value)
+        n = _number(value, int)
         if not low <= n <= high:
             raise argparse.ArgumentTypeError(f"{what} must be {low} to {high}, got {value}")
         return n
 
-    parse.__name__ = "integer"  # argparse names the type in "invalid integer value"
     return parse
 
 
 def non_negative(value: str) -> int:
-    n = int(value)
+    n = _number(value, int)
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return n
 
 
 def non_negative_float(value: str) -> float:
-    x = float(value)
+    x = _number(value, float)
     if not (x >= 0 and math.isfinite(x)):  # also refuses nan, for which every comparison fails
         raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {value}")
     return x
 
 
 def positive_float(value: str) -> float:
-    x = float(value)
+    x = _number(value, float)
     if not (x > 0 and math.isfinite(x)):
         raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {value}")
     return x
 
 
 def unit_float(value: str) -> float:
-    x = float(value)
+    x = _number(value, float)
     if not 0 <= x < 1:  # nan fails both comparisons
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return x
@@ -290,7 +299,8 @@ def make_parser(
         "--overwrite",
         action="store_true",
         help="start a new run in an --out-dir that holds another: delete its checkpoints, "
-        "summary.json, tb/ and profile/ first (without this flag, or --resume, such an "
+        "summary.json, tb/, profile/ and timeline* first (without this flag, or --resume, such "
+        "an "
         "--out-dir is refused)",
     )
     r.add_argument(

@@ -7,11 +7,10 @@ job's store, from a background thread, about once a second. Ranks move through t
 in lockstep, so while they all wait for one that has stopped, the stopped one's count is the
 lowest and stays put; the others are one point ahead of it. Global rank 0's thread watches
 all the counts: a rank whose count is behind another's and has not moved for --stall-timeout
-seconds is stalled. Rank 0 posts the verdict in the store; the stalled rank's own thread (alive
-while its main thread is stuck) prints one `error:` line naming itself and ends its process,
-so torchrun's report names it too, and rank 0 prints the same line in case the stalled
-process cannot (stopped, or its thread is stuck as well), then ends its own after a grace
-period.
+seconds is stalled. Rank 0 posts the verdict in the store and prints one `error:` line naming
+the stalled rank; every rank's thread (the stalled one's too, while it can: a stopped process
+cannot) writes that line as its torchrun error file and ends its process, so torchrun's
+report shows the line whichever rank it names as the root cause.
 
 What it does not watch: start-up before the loop (building the data and the model,
 resuming), evaluation and checkpoint writing (every rank is between the same two points
@@ -43,7 +42,6 @@ class Heartbeat:
     def __init__(self, env: DistEnv, timeout: float) -> None:
         self.env, self.timeout = env, timeout
         self.count, self.step = 0, 0
-        self._said = False
         self._stop = threading.Event()
         self._thread = None
         if env.world_size == 1 or timeout <= 0 or not dist.is_initialized():
@@ -75,7 +73,6 @@ class Heartbeat:
         published = None
         last: dict[int, tuple[int, float]] = {}  # rank -> (count, when it was first seen)
         keys = [self._key(r) for r in range(self.env.world_size)]
-        accused_at = None
         while not self._stop.wait(self.interval):
             try:
                 now = (self.count, self.step)
@@ -83,12 +80,7 @@ class Heartbeat:
                     self.store.set(self._key(self.env.rank), f"{now[0]} {now[1]}")
                     published = now
                 if self.store.check([VERDICT]):
-                    self._verdict(json.loads(self.store.get(VERDICT)))
-                    if accused_at is None:
-                        accused_at = time.monotonic()
-                    elif time.monotonic() - accused_at > 10 * self.interval + 5:
-                        _exit_without_teardown(1)  # the stalled rank did not end: end the job
-                    continue
+                    self._verdict(json.loads(self.store.get(VERDICT)))  # ends the process
                 if self.env.rank == 0 and self.store.check(keys):
                     self._watch(keys, last)
             except Exception:  # the store is gone: the job is ending, nothing to watch
@@ -126,10 +118,11 @@ class Heartbeat:
             f"rank(s) {', '.join(map(str, verdict['waiting']))} waited for it "
             f"(--stall-timeout {self.timeout:g})"
         )
-        if self.env.rank in stalled:
-            print(f"{line} (this process, pid {os.getpid()})", file=sys.stderr, flush=True)
-            _write_error_file(line)
-            _exit_without_teardown(1)
-        if self.env.rank == 0 and not self._said:
+        # Every rank ends now, each with the line as its torchrun error file: whichever rank
+        # torchrun names as the root cause (the first to exit; ranks that wait in a collective
+        # would otherwise fail with "Connection closed by peer" once the stalled one is gone),
+        # its report shows the line that names the stalled rank. Rank 0 prints it, once.
+        if self.env.rank == 0:
             print(line, file=sys.stderr, flush=True)
-            self._said = True
+        _write_error_file(line)
+        _exit_without_teardown(1)

@@ -25,7 +25,17 @@ from training.outdir_lock import lock_out_dir, unlock_out_dir
 
 # What a run writes into --out-dir (train_*.py, training/checkpoint/, training/sharded.py,
 # comm/tracer.py).
-RUN_FILES = ("checkpoint.pt", "checkpoint.dcp", "checkpoints", "summary.json", "tb", "profile")
+RUN_FILES = (
+    "checkpoint.pt",
+    "checkpoint.dcp",
+    "checkpoints",
+    "summary.json",
+    "tb",
+    "profile",
+    "timeline",  # --trace-comm's per-rank records (comm/tracer.py)
+    "timeline.json",  # and what `python -m comm.timeline` made of them
+    "timeline.png",
+)
 
 
 def previous_run(out_dir: Path) -> list[str]:

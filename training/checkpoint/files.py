@@ -116,6 +116,12 @@ def load_checkpoint(path: Path) -> dict:
     """Read and check a checkpoint; any problem is a CheckpointError naming the file."""
     path = Path(path)
     if path.is_dir():
+        if (path / ".metadata").is_file():  # torch.distributed.checkpoint's index
+            raise CheckpointError(
+                f"{path}: a sharded checkpoint (training/sharded.py); resume it with the "
+                "--sync mode that wrote it (zero1, zero2, zero3 or fsdp2), or convert it to "
+                "one file with `python -m training.convert`"
+            )
         raise CheckpointError(f"{path}: a directory; name a checkpoint file in it")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
