@@ -91,7 +91,7 @@ NOT_RUN = {
     "python -m comm.model ddp bench_out/model/w4/bench.csv bench_out/model/ddp-w4":
         "reads what `make model` measured; tests/test_model.py runs it on made-up data",
 }  # fmt: skip
-TWO_TERMINALS = "launch/multi_node.sh --epochs 1 --out-dir runs/node$RANDOM"
+TWO_TERMINALS = "launch/multi_node.sh --epochs 1 --out-dir runs/two-nodes --overwrite"
 
 
 def plan(cmd: str) -> tuple[str, tuple[int, ...]]:

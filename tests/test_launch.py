@@ -378,26 +378,25 @@ def test_multi_gpu_recipe_on_cpu_equals_single_node(single_node, tmp_path):
 def test_multi_gpu_failure_report_and_rank_filter(tmp_path):
     """A crash on rank 0 is named in torchrun's report with its traceback (@record), and
     --local-ranks-filter 0 keeps rank 1's output off the console but in LOG_DIR."""
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
     env = {
         "NPROC": "2",
         "BACKEND": "gloo",
         "LOG_DIR": str(tmp_path / "logs"),
         "PYTHONPROFILEIMPORTTIME": "1",  # every Python process writes "import time:" lines
+        "TRAIN_FAULT": "raise:0:1",  # rank 0 raises a RuntimeError after step 1: a crash
     }
-    result = launch("multi_gpu.sh", *SHORT, "--out-dir", str(blocker / "run"), env=env)
+    result = launch("multi_gpu.sh", *SHORT, "--out-dir", str(tmp_path / "run"), env=env)
     assert result.returncode != 0
     report = result.stderr[result.stderr.index("Root Cause") :]
     assert "rank      : 0 (local_rank: 0)" in report
-    assert "NotADirectoryError" in report and "error_file" in report
+    assert "rank 0 crashes after step 1" in report and "error_file" in report
     # Console: rank 0's stderr, prefixed by --tee; nothing of rank 1.
     assert "[default0]:import time:" in result.stderr
     assert "[default1]:" not in result.stderr
     (attempt,) = (tmp_path / "logs").glob("*/attempt_0")
     assert "import time:" in (attempt / "1" / "stderr.log").read_text()
     error = json.loads((attempt / "0" / "error.json").read_text())
-    assert "NotADirectoryError" in error["message"]["message"]
+    assert "RuntimeError: TRAIN_FAULT: rank 0 crashes after step 1" in error["message"]["message"]
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ then. Off unless the environment variable TRAIN_FAULT is set; never set it in re
 
     TRAIN_FAULT=kill:1:7      rank 1 SIGKILLs itself right after optimizer step 7
     TRAIN_FAULT=hang:1:7      rank 1 stops answering after step 7 (its peers time out)
+    TRAIN_FAULT=raise:0:7     rank 0 raises an exception after step 7 (a crash with a traceback)
     TRAIN_FAULT=kill:1:7:0    the same, in restart attempt 0 only (the default)
 
 A fault fires only in the attempt it names, read from TORCHELASTIC_RESTART_COUNT (set by
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from comm.dist import UsageError
 
 ENV = "TRAIN_FAULT"
-KINDS = ("kill", "hang")
+KINDS = ("kill", "hang", "raise")
 SLOW = "TRAIN_SLOW"
 SLOW_PLACES = ("step", "save")
 
@@ -62,7 +63,7 @@ def fault_hook(rank: int) -> Callable[[int], None]:
             raise ValueError
     except ValueError:
         raise UsageError(
-            f"{ENV}={spec!r}: expected KIND:RANK:STEP[:ATTEMPT], KIND kill or hang"
+            f"{ENV}={spec!r}: expected KIND:RANK:STEP[:ATTEMPT], KIND kill, hang or raise"
         ) from None
     this_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
     if rank != fault_rank or attempt != this_attempt:
@@ -74,6 +75,8 @@ def fault_hook(rank: int) -> Callable[[int], None]:
             return
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exit code: like an OOM kill
+        if kind == "raise":
+            raise RuntimeError(f"{ENV}: rank {rank} crashes after step {step}")
         while True:  # hang: alive but silent, until the launcher or a deadline kills us
             time.sleep(60)
 
