@@ -387,6 +387,7 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
 
 
 def _say(line: str) -> None:
+    """`line` on stderr and as torchrun's error file (its failure report shows it)."""
     print(line, file=sys.stderr, flush=True)
     _write_error_file(line)
 

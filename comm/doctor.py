@@ -43,7 +43,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from comm.dist import _write_error_file, run_cli
+from comm.dist import _say, run_cli
 from training.cli import Parser
 
 SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
@@ -294,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         # (same host, same environment): its first local rank says it, once.
         if os.environ.get("LOCAL_RANK", "0") == "0" or dist.is_initialized():
             line = f"error: rank {os.environ.get('RANK', '0')} ({socket.gethostname()}): {e}"
-            print(line, file=sys.stderr, flush=True)
-            _write_error_file(line)  # torchrun's failure report shows it as the root cause
+            _say(line)  # also torchrun's error file: its report shows it as the root cause
         if dist.is_initialized():
             os._exit(1)  # peers may sit in a collective: leave without tearing the group down
         return 1

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import time
 
 import torch.distributed as dist
 
-from comm.dist import DistEnv, _exit_without_teardown, _write_error_file
+from comm.dist import DistEnv, _exit_without_teardown, _say, _write_error_file
 
 # Keys of this restart attempt only: torchrun's shared store keeps a dead attempt's keys.
 PREFIX = f"heartbeat/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
@@ -123,6 +122,7 @@ class Heartbeat:
         # would otherwise fail with "Connection closed by peer" once the stalled one is gone),
         # its report shows the line that names the stalled rank. Rank 0 prints it, once.
         if self.env.rank == 0:
-            print(line, file=sys.stderr, flush=True)
-        _write_error_file(line)
+            _say(line)  # stderr and error file
+        else:
+            _write_error_file(line)
         _exit_without_teardown(1)

@@ -30,14 +30,13 @@ SLURM sends them minutes ahead of the end, and the save may take that long.
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from types import FrameType
 
 import torch
 import torch.distributed as dist
 
-from comm.dist import DistEnv, _exit_without_teardown, _write_error_file
+from comm.dist import DistEnv, _exit_without_teardown, _say
 
 # --preempt-signal's choices: the signals a scheduler sends as a warning (SLURM's --signal).
 EXTRA_SIGNALS = ("USR1", "USR2", "none")
@@ -88,8 +87,7 @@ class Preemption:
             "finished its step: it is stuck (a hang, or a collective whose peers are gone); "
             "ending without a checkpoint"
         )
-        print(line, flush=True, file=sys.stderr)
-        _write_error_file(line)
+        _say(line)
         _exit_without_teardown(128 + signal.SIGTERM)
 
     def __enter__(self) -> Preemption:
