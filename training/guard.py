@@ -90,6 +90,8 @@ class LossWatch:
 
     def see(self, loss: torch.Tensor, step: int) -> None:
         """`loss` was computed in optimizer step `step` (counted from 1)."""
+        if not self.enabled:  # fp16: check() would not look at it
+            return
         bad = ~torch.isfinite(loss.detach()) & (self.first < 0)
         self.first = torch.where(bad, step, self.first)
 
