@@ -21,7 +21,7 @@ STAMP      := $(VENV)/.installed
   bench-compress stress-exit lint clean
 
 # Installs pyproject.toml's dependencies (and the dev extra) without installing the repo
-# itself: the scripts run from the checkout, as `python train_ddp.py` or `-m comm.bench`.
+# itself: the scripts run from the checkout, as `python train_ddp.py` or `-m study.bench`.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(if $(and $(TORCH_INDEX),$(TORCH_PINS)),$(BIN)/python -m pip install \
@@ -57,13 +57,13 @@ test-fakegpu: $(STAMP)
 
 # Each writes a table to stdout and a CSV and a PNG plot to bench_out/. Timings on a shared
 # machine are noisy: read them as the ratios within one run. Each fits itself to the machine:
-# bench_sync and comm.bench run one NCCL rank per GPU with 2 or more GPUs, else 2 gloo ranks
+# bench_sync and study.bench run one NCCL rank per GPU with 2 or more GPUs, else 2 gloo ranks
 # on CPU; bench_dp_ddp uses every GPU, or 2 CPU workers. `make bench NPROC=4`: 4 of them.
 BENCH_NPROC := $(if $(filter file undefined,$(origin NPROC)),,--nproc $(NPROC))
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_sync --out-dir bench_out $(BENCH_NPROC)
 	$(BIN)/python -m benchmarks.bench_dp_ddp --out-dir bench_out $(BENCH_NPROC)
-	$(BIN)/python -m comm.bench --out-dir bench_out $(BENCH_NPROC)
+	$(BIN)/python -m study.bench --out-dir bench_out $(BENCH_NPROC)
 	$(BIN)/python -m benchmarks.bench_zero --out-dir bench_out $(BENCH_NPROC)
 	$(BIN)/python -m benchmarks.bench_goals --out-dir bench_out $(BENCH_NPROC)
 
@@ -78,14 +78,14 @@ MODEL_SWEEP := --min-bytes 1K --max-bytes 16M --step-factor 2 --warmup 5 --iters
 MODEL_TRAIN := train_ddp.py --sync allreduce --model mlp --epochs 1 --max-steps 40 --no-eval \
   --log-every 1000 --trace-comm --overwrite
 model: $(STAMP)
-	$(BIN)/python -m comm.bench --nproc 4 --ops $(MODEL_OPS) $(MODEL_SWEEP) --out-dir $(MODEL_OUT)/w4
-	$(BIN)/python -m comm.model fit $(MODEL_OUT)/w4/bench.csv
-	$(BIN)/python -m comm.model pick $(MODEL_OUT)/w4/bench.csv --world 4
-	$(BIN)/python -m comm.bench --nproc 2 --ops all_reduce $(MODEL_SWEEP) --out-dir $(MODEL_OUT)/w2
+	$(BIN)/python -m study.bench --nproc 4 --ops $(MODEL_OPS) $(MODEL_SWEEP) --out-dir $(MODEL_OUT)/w4
+	$(BIN)/python -m study.cost_model fit $(MODEL_OUT)/w4/bench.csv
+	$(BIN)/python -m study.cost_model pick $(MODEL_OUT)/w4/bench.csv --world 4
+	$(BIN)/python -m study.bench --nproc 2 --ops all_reduce $(MODEL_SWEEP) --out-dir $(MODEL_OUT)/w2
 	for w in 2 4; do OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node $$w \
 	  $(MODEL_TRAIN) --out-dir $(MODEL_OUT)/ddp-w$$w > $(MODEL_OUT)/ddp-w$$w.log || exit 1; \
-	  $(BIN)/python -m comm.model ddp $(MODEL_OUT)/w$$w/bench.csv $(MODEL_OUT)/ddp-w$$w || exit 1; done
-	$(BIN)/python -m comm.model extrapolate --plot $(MODEL_OUT)/cost-model.png
+	  $(BIN)/python -m study.cost_model ddp $(MODEL_OUT)/w$$w/bench.csv $(MODEL_OUT)/ddp-w$$w || exit 1; done
+	$(BIN)/python -m study.cost_model extrapolate --plot $(MODEL_OUT)/cost-model.png
 
 # Hierarchical vs flat all-reduce on 4 CPU ranks as 2 nodes x 2, the inter-node link emulated
 # at 1, 10 and 100 Gbit/s (docs/topology.md): a table on stdout, bench_out/bench_topology.csv.

@@ -32,15 +32,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from comm.clip import GradClip
-from comm.compress import Compression
-from comm.dist import BACKENDS, DistEnv, UsageError, exit_on_error, rendezvous, resolve, run_cli
-from comm.sync import add_sync_flags, make_sync
-from comm.topology import topology_all_reduce
+from core.cli import bounded_int, non_negative
+from core.dist import BACKENDS, DistEnv, rendezvous, resolve
+from core.errors import UsageError, exit_on_error, run_cli
 from data.datasets import build_datasets, download_once
 from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
+from parallel.clip import GradClip
+from parallel.factory import add_sync_flags, sync_from_args
 from training.checkpoint import CheckpointManager, param_checksum, unwrap
-from training.cli import bounded_int, make_parser, non_negative, validate
+from training.cli import make_parser, validate
 from training.faults import fault_hook
 from training.guard import LossWatch
 from training.heartbeat import Heartbeat
@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="SyncBatchNorm: batch statistics over the global batch (CUDA only)",
     )
-    add_sync_flags(g)  # --sync, --sync-every, --topology: the strategies of comm/sync.py
+    add_sync_flags(g)  # --sync, --sync-every, --topology: the strategies of parallel/
     return parser.parse_args(argv)
 
 
@@ -189,15 +189,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         # Broadcasts rank 0's parameters and buffers now; from here on every backward
         # all-reduces the gradients, bucket by bucket, while it is still computing.
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    all_reduce = topology_all_reduce(args.topology, args.inter_node_gbps)  # None: dist's own
-    sync = make_sync(  # --sync: comm/sync.py; --comm-hook, --compress: comm/compress.py
-        args.sync,
-        model,
-        env,
-        sync_every=args.sync_every,
-        all_reduce=all_reduce,
-        compression=Compression.from_args(args),
-    )
+    sync = sync_from_args(args, model, env)  # --sync: parallel/factory.py (ddp: hands DDP on)
     optimizer = make_optimizer(model, args, sync)  # the sharded --sync modes: this rank's shard
     scheduler = make_scheduler(optimizer, args, total_steps)
     amp_dtype = autocast_dtype(args.amp)

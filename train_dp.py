@@ -11,7 +11,7 @@
 One process holds the model on the first device. Every forward, DataParallel copies it to
 the other devices, splits the batch between the copies, runs them in one thread each and
 gathers their outputs on the first device; backward sends each copy's gradients back into
-the one set of parameters, where autograd sums them. training/scratch_dp.py does the same
+the one set of parameters, where autograd sums them. parallel/dataparallel.py does the same
 in a page of code; docs/dp-vs-ddp.md says where the time goes and why DDP is faster.
 
 --batch-size is the *global* batch: one optimizer step sees batch_size x grad_accum
@@ -33,10 +33,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from comm.clip import GradClip
-from comm.dist import DistEnv, UsageError, run_cli
+from core.dist import DistEnv
+from core.errors import UsageError, run_cli
 from data.datasets import build_datasets
 from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
+from parallel.clip import GradClip
 from training.checkpoint import CheckpointManager, param_checksum
 from training.cli import make_parser, validate
 from training.devices import gpu_list, pick_devices

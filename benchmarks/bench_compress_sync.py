@@ -24,10 +24,11 @@ import torch
 import torch.distributed as dist
 
 from comm import compress
-from comm.bench import add_world_flags, launch, rank_backend
-from comm.dist import DistEnv, distributed, rank0_logger, run_cli
 from comm.tracer import CommTracer
-from training.cli import Parser, positive
+from core.cli import Parser, positive
+from core.dist import DistEnv, distributed, rank0_logger
+from core.errors import run_cli
+from study.bench import add_world_flags, launch, rank_backend
 from training.models import MODELS, build_model
 
 

@@ -7,7 +7,7 @@ same global batch, on whatever this machine has.
 Every run starts with `plain` on one device and one thread: the speed-up column is against
 it. On CPU it then compares one process with N processes:
   plain       what train_dp.py runs without a GPU: one process, N intra-op threads
-  scratch-dp  DataParallel's mechanism (training/scratch_dp.py) over N CPU "devices": one
+  scratch-dp  DataParallel's mechanism (parallel/dataparallel.py) over N CPU "devices": one
               process, a replica per Python thread, one intra-op thread each
   ddp         N gloo processes with one thread each, batch / N per rank
 On GPUs: nn.DataParallel (and the scratch version) over N GPUs against one DDP process per
@@ -38,10 +38,11 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from comm.dist import UsageError, choose_threads, run_cli
-from training.cli import Parser, positive
+from core.cli import Parser, positive
+from core.dist import choose_threads
+from core.errors import UsageError, run_cli
+from parallel.dataparallel import ScratchDataParallel
 from training.models import MODELS, build_model
-from training.scratch_dp import ScratchDataParallel
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -40,12 +40,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks.bench_sync import NoSync, rounds_of, slowest
-from comm.bench import add_world_flags, launch_unless_ranked, rank_backend
 from comm.communicate import BucketViews, communicate, flatten, unflatten
-from comm.dist import DistEnv, distributed, rank0_logger, run_cli
 from comm.ring import SEGMENT_BYTES, ring_all_reduce
-from comm.sync import make_sync
-from training.cli import Parser, positive
+from core.cli import Parser, positive
+from core.dist import DistEnv, distributed, rank0_logger
+from core.errors import run_cli
+from parallel.factory import make_sync
+from study.bench import add_world_flags, launch_unless_ranked, rank_backend
 from training.models import MODELS, build_model
 
 RING_MIB = (4, 16, 64, 256)

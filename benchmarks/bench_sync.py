@@ -3,7 +3,7 @@
     python -m benchmarks.bench_sync              # starts its ranks itself, through torchrun
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m benchmarks.bench_sync
 
-Started without torchrun, it picks a world that fits the machine as comm/bench.py does: one
+Started without torchrun, it picks a world that fits the machine as study/bench.py does: one
 NCCL rank per GPU with two GPUs or more, else 2 gloo ranks on CPU; --backend and --nproc
 override that.
 
@@ -40,11 +40,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from comm.bench import add_world_flags, launch_unless_ranked, rank_backend
 from comm.communicate import communicate
-from comm.dist import DistEnv, choose_threads, distributed, rank0_logger, run_cli
-from comm.sync import SHARDED_MODES, SYNC_MODES, Sync, make_sync
-from training.cli import Parser, positive
+from core.cli import Parser, positive
+from core.dist import DistEnv, choose_threads, distributed, rank0_logger
+from core.errors import run_cli
+from parallel.base import Sync
+from parallel.factory import SHARDED_MODES, SYNC_MODES, make_sync
+from study.bench import add_world_flags, launch_unless_ranked, rank_backend
 from training.models import MODELS, build_model
 
 

@@ -25,7 +25,7 @@ longer on that link than its extra loopback cost:
     S* = (alpha_h - alpha_f) / ((x - z) / B - (beta_h - beta_f))
 
 The loopback fit is this machine's; the link term is the ring formula. The textbook cost
-model with per-step latencies (comm/model.py, another branch of this project) can replace
+model with per-step latencies (study/cost_model.py, another branch of this project) can replace
 the fit later without changing the measurement.
 
 Output on rank 0: the table on stdout, <out-dir>/bench_topology.csv.
@@ -44,8 +44,6 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.bench_sync import rounds_of
-from comm.bench import add_world_flags, launch, parse_size, rank_backend, sizes
-from comm.dist import DistEnv, UsageError, choose_threads, distributed, rank0_logger, run_cli
 from comm.topology import (
     Topology,
     build_topology,
@@ -54,7 +52,10 @@ from comm.topology import (
     inter_node_bytes_per_rank,
     parse_topology,
 )
-from training.cli import Parser, non_negative, positive
+from core.cli import Parser, non_negative, positive
+from core.dist import DistEnv, choose_threads, distributed, rank0_logger
+from core.errors import UsageError, run_cli
+from study.bench import add_world_flags, launch, parse_size, rank_backend, sizes
 
 ALGORITHMS = {"flat": flat_all_reduce, "hier": hierarchical_all_reduce}
 COLUMNS = (

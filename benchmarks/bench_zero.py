@@ -8,7 +8,7 @@ Every mode trains the same model with AdamW (2 state tensors per parameter) on a
 (ZeroRedundancyOptimizer) and `fsdp2` (fully_shard). For each:
 
 - memory: the bytes of parameters, gradients and optimizer state a rank holds right after
-  optimizer.step(), read from the tensors' storages (comm/memory.py), the largest over the
+  optimizer.step(), read from the tensors' storages (parallel/memory.py), the largest over the
   ranks, next to the prediction of docs/ddp-to-fsdp.md (flat buffers padded to W x S,
   S = ceil(P/W); zero3 per unit). torch-zero1 and fsdp2 have no exact prediction: they
   partition whole tensors (ZeRO) or pad each tensor (FSDP2);
@@ -36,13 +36,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks.bench_sync import rounds_of
-from comm.bench import add_world_flags, launch_unless_ranked, rank_backend
-from comm.dist import DistEnv, distributed, rank0_logger, run_cli
-from comm.memory import rank_memory
 from comm.ring import bus_factor
-from comm.sync import make_sync
 from comm.tracer import CommTracer
-from training.cli import Parser, positive
+from core.cli import Parser, positive
+from core.dist import DistEnv, distributed, rank0_logger
+from core.errors import run_cli
+from parallel.factory import make_sync
+from parallel.memory import rank_memory
+from study.bench import add_world_flags, launch_unless_ranked, rank_backend
 from training.models import MODELS, build_model
 
 MODES = ("ddp", "zero1", "zero2", "zero3", "torch-zero1", "fsdp2")
@@ -62,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def units(model: nn.Module) -> list[int]:
-    """Elements of each module that owns parameters: comm/zero3.py's units."""
+    """Elements of each module that owns parameters: parallel/zero3.py's units."""
     return [
         sum(p.numel() for p in m.parameters(recurse=False))
         for m in model.modules()

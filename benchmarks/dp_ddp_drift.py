@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from comm.dist import run_cli
+from core.cli import Parser, positive
+from core.errors import run_cli
 from training.checkpoint import load_checkpoint
-from training.cli import Parser, positive
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT_AT = (1, 5, 10, 20, 30, 40, 50, 60, 100, 200, 300, 400)

@@ -30,9 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from comm.dist import UsageError, run_cli
-from training.cli import Parser, positive
-from training.processes import run_with_deadline
+from core.cli import Parser, positive
+from core.errors import UsageError, run_cli
+from core.processes import run_with_deadline
 
 ROOT = Path(__file__).resolve().parent.parent
 

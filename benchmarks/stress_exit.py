@@ -7,7 +7,7 @@ A job is one script under `torchrun --standalone --nproc-per-node 2`: every pitf
 its modes, and a three-step `train_ddp.py` run in each --sync mode. Two jobs run at once by
 default (--parallel), so the machine is loaded, which is when an abort at exit used to show
 up (issue 19: a gloo thread still running while the interpreter shut down; see
-comm/dist.py). A run counts as
+core/dist.py). A run counts as
 
 - an abort when any process of it crashed (torchrun's report shows SIGABRT, SIGSEGV, ...)
   or printed "terminate called" or "Fatal Python error";
@@ -31,11 +31,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from comm.dist import UsageError, run_cli
-from comm.sync import SYNC_MODES
+from core.cli import Parser, positive
+from core.errors import UsageError, run_cli
+from core.processes import run_with_deadline
+from parallel.factory import SYNC_MODES
 from pitfalls import FAILS_WHEN_WRONG, SCRIPTS
-from training.cli import Parser, positive
-from training.processes import run_with_deadline
 
 ROOT = Path(__file__).resolve().parent.parent
 # A worker that crashed: torchrun's failure report names its signal ("exitcode  : -6 (pid:

@@ -2,7 +2,7 @@
 
 Both sum a tensor over the ranks in place with point-to-point messages only, and return this
 rank's `Traffic`, which `tree_bytes_sent_by_rank` / `rhd_bytes_sent_by_rank` predict exactly.
-Their costs in the alpha-beta model (comm/model.py, docs/cost-model.md) are those of Thakur,
+Their costs in the alpha-beta model (study/cost_model.py, docs/cost-model.md) are those of Thakur,
 Rabenseifner and Gropp, "Optimization of Collective Communication Operations in MPICH" (2005).
 
 Binomial tree (`tree_all_reduce`): reduce to rank 0, then broadcast from it.

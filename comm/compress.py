@@ -8,7 +8,7 @@ Two ways in, as for the rest of comm/: the library's and a hand-made twin of it.
   world size and all-reduce it (half the bytes); powersgd all-reduces two thin matrices per
   weight instead of the weight's gradient.
 - `--sync allreduce --compress {bf16,fp16,powersgd}`: the same mechanisms written out here
-  (`CastCompressor`, `PowerSGDCompressor`), called by comm/sync.py's AllReduceSync after
+  (`CastCompressor`, `PowerSGDCompressor`), called by parallel/compressed.py after
   backward in place of its plain all-reduce.
 
 PowerSGD (Vogels, Karimireddy and Jaggi, NeurIPS 2019, arXiv:1905.13727), as torch's
@@ -33,7 +33,7 @@ decompresses to. For a cast, that is its rounding error (times the world size, w
 message was divided by); for PowerSGD, the part of M outside P: M - P (M^T P)^T with this
 rank's own M^T P, before the Q all-reduce. Averaged over the ranks, the residual is exactly
 what the compression took from the averaged gradient (mean residual = mean(gradient + old
-residual) - the approximation that was applied; tests/test_compress.py checks it every
+residual) - the approximation that was applied; tests/test_comm_compress.py checks it every
 step). torch's hook keeps mean-approximation instead of own-approximation on each rank; the
 two differ by a term that sums to zero over the ranks, and since PowerSGD's result depends
 on the sum of the ranks' matrices only, both give the same training trajectory.
@@ -69,52 +69,13 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from comm.communicate import communicate, flatten, unflatten
-from comm.dist import UsageError
-from training.cli import positive
+from core.errors import UsageError
 
 COMPRESSIONS = ("none", "bf16", "fp16", "powersgd")
 CAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 START_ITER = 2  # PowerSGDState.start_powerSGD_iter: see the module docstring
 MIN_COMPRESSION_RATE = 2.0  # PowerSGDState's default
 SEED = 0  # PowerSGDState.random_seed
-
-
-def add_compress_flags(group: argparse._ArgumentGroup) -> None:
-    """train_ddp.py's --comm-hook, --compress, --powersgd-rank and --error-feedback."""
-    group.add_argument(
-        "--comm-hook",
-        default="none",
-        choices=COMPRESSIONS,
-        help="--sync ddp only: torch's DDP communication hook (fp16/bf16: cast the buckets; "
-        "powersgd: low-rank gradients, see docs/compression.md)",
-    )
-    group.add_argument(
-        "--compress",
-        default="none",
-        choices=COMPRESSIONS,
-        help="--sync allreduce only: the hand-made twins of --comm-hook (comm/compress.py)",
-    )
-    group.add_argument(
-        "--powersgd-rank",
-        type=positive,
-        default=None,
-        metavar="R",
-        help="rank of PowerSGD's factors (unset: 1); min(R, rows, columns) per matrix",
-    )
-    group.add_argument(
-        "--error-feedback",
-        dest="error_feedback",
-        action="store_true",
-        default=None,
-        help="carry what compression left out into the next step (the default for powersgd "
-        "and --compress; torch's fp16/bf16 hooks have none)",
-    )
-    group.add_argument(
-        "--no-error-feedback",
-        dest="error_feedback",
-        action="store_false",
-        help="drop what compression left out (by default it is kept, see --error-feedback)",
-    )
 
 
 @dataclass(frozen=True)

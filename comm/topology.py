@@ -41,8 +41,8 @@ import torch.distributed as dist
 
 from comm.communicate import CommOp
 from comm.compat import all_gather_single, reduce_scatter_single
-from comm.dist import UsageError
 from comm.ring import bus_factor
+from core.errors import UsageError
 
 INTRA, INTER = "intra-node", "inter-node"  # the groups' group_desc: the tracer's labels
 
@@ -102,7 +102,7 @@ def build_topology(text: str, inter_node_gbps: float | None = None) -> Topology:
     group, the ones it is not in too, in the same order, or the group ids disagree and the
     job hangs. So each rank walks the same lists and keeps the two groups it belongs to.
     (`torch.distributed.device_mesh.init_device_mesh("cpu", (N, G))` builds the same groups
-    as its two dimensions; tests/test_topology.py checks that the ranks agree.)"""
+    as its two dimensions; tests/test_comm_topology.py checks that the ranks agree.)"""
     nodes, per_node = check_layout(text, inter_node_gbps, dist.get_world_size())
     rank = dist.get_rank()
     mine = {}
@@ -162,7 +162,7 @@ def inter_node_bytes_per_rank(nbytes: int, nodes: int, per_node: int) -> dict[st
     }
 
 
-# The --sync modes whose averaging goes through Sync.all_reduce (comm/sync.py).
+# The --sync modes whose averaging goes through Sync.all_reduce (parallel/).
 TOPOLOGY_MODES = ("allreduce", "overlap", "local-sgd")
 
 

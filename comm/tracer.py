@@ -27,7 +27,7 @@ scalars split the traffic by group. comm/topology.py names its groups "intra-nod
 With `out_dir`, the tracer also keeps a timeline: each collective's start and end, and the
 phases of each step (forward and backward from module and gradient hooks, the optimizer step
 from torch.optim's global step hooks), all relative to the step's start, written on a clean
-exit to <out_dir>/timeline/rank<R>.json. `python -m comm.timeline <out_dir>` draws them and
+exit to <out_dir>/timeline/rank<R>.json. `python -m study.timeline <out_dir>` draws them and
 computes how much of the communication was hidden behind computation.
 
 Times are host wall time. With gloo a synchronous call returns when the data has moved; an

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from comm.dist import UsageError
+from core.errors import UsageError
 
 DATASETS = ("synthetic", "mnist", "fashion-mnist", "cifar10", "imagefolder")
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from comm.dist import UsageError
+from core.errors import UsageError
 
 
 class ResumableDistributedSampler(DistributedSampler):

@@ -46,7 +46,7 @@ fi
 # removed by this script at exit, so two simulations never clash), serves no store of its own
 # (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; see multi_node.sh for what it does on restarts), and
 # tells the workers MASTER_ADDR=127.0.0.1 (--local-addr) with a free port; rank 0 then opens
-# the workers' store on 127.0.0.1 only (comm/dist.py: loopback_store), and gloo talks over
+# the workers' store on 127.0.0.1 only (core/dist.py: loopback_store), and gloo talks over
 # GLOO_SOCKET_IFNAME (lo). docs/launching.md lists what listens where.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 rdzv_file=$(mktemp "${TMPDIR:-/tmp}/cpu_sim_rdzv.XXXXXX")  # mode 600; removed at exit

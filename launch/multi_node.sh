@@ -100,7 +100,7 @@ fi
 # failing restart after restart (3 of 6 kill trials in issue 18). With
 # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 the agents only publish MASTER_ADDR and a free
 # MASTER_PORT, and each attempt's rank 0 starts a fresh store there: nothing of a dead
-# attempt is read again (tests/test_restarts.py: kill trials end bit-identical).
+# attempt is read again (tests/test_launch_restarts.py: kill trials end bit-identical).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 # SIGUSR1 and SIGUSR2 are train_ddp.py's preemption warnings (--preempt-signal): SLURM sends

@@ -49,8 +49,9 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 import train_ddp  # noqa: E402
-from comm.dist import exit_on_error, resolve, run_cli, usable_cores  # noqa: E402
-from training.cli import Parser, positive  # noqa: E402
+from core.cli import Parser, positive  # noqa: E402
+from core.dist import resolve, usable_cores  # noqa: E402
+from core.errors import exit_on_error, run_cli
 
 
 def worker(local_rank: int, nproc: int, store_path: str, train_argv: list[str]) -> None:
@@ -71,7 +72,7 @@ def _train(store_path: str, argv: list[str]) -> None:
     env = resolve(args.backend)  # backend and device exactly as train_ddp.py picks them
     kwargs = {}
     if env.device.type == "cuda":
-        torch.cuda.set_device(env.device)  # before the group exists, as comm/dist.py does
+        torch.cuda.set_device(env.device)  # before the group exists, as core/dist.py does
         kwargs["device_id"] = env.device
     dist.init_process_group(
         env.backend,
@@ -81,7 +82,7 @@ def _train(store_path: str, argv: list[str]) -> None:
         timeout=timedelta(seconds=args.timeout),
         **kwargs,
     )
-    with exit_on_error(env):  # an error leaves the group alone, as comm/dist.py explains
+    with exit_on_error(env):  # an error leaves the group alone, as core/dist.py explains
         train_ddp.main(argv)
     dist.destroy_process_group()  # a clean exit: every rank gets here
 

@@ -5,7 +5,7 @@ runs the fix (`--right`). See pitfalls/README.md."""
 # dataloader_spawn, not a pitfall of its own). pitfalls/collective_mismatch.py is not listed:
 # it has no --wrong/--right, it starts its own torchrun job, and that job ends in a crash on
 # purpose (gloo aborts a rank), which benchmarks/stress_exit.py would count as an abort; its
-# variants are tested by tests/test_hangs.py.
+# variants are tested by tests/test_tools_hangs.py.
 SCRIPTS = (
     "batchnorm",
     "clip_grad",

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from comm.dist import DistEnv
+from core.dist import DistEnv
 from pitfalls import common
 
 PER_RANK_BATCH = 4

@@ -18,7 +18,7 @@ Neither raises anything: the loss still goes down, only not the way the one-proc
 does. The fix is one call in one place: after the last micro-batch's backward, once DDP has
 averaged the gradients (after `scaler.unscale_(optimizer)` with fp16), right before
 `optimizer.step()`; that is what `train_dp.py` and `train_ddp.py --clip-grad-norm X` do
-(comm/clip.py, also for the sharded modes, where the norm needs one all-reduce).
+(parallel/clip.py, also for the sharded modes, where the norm needs one all-reduce).
 
 The script takes one SGD step of a small float64 model on 2 micro-batches per rank, with
 X below the gradient's norm, and compares the parameters against one process clipping the

@@ -29,7 +29,7 @@ needs set, and prints the command, everything the job printed, then the diagnosi
 * `flight`: the flight recorder (`TORCH_FR_BUFFER_SIZE`) records every collective on every
   rank; gloo never dumps it, so each rank dumps it when its collective fails
   (`TORCH_FR_DUMP_TEMP_FILE` names the files), and the lab then runs the repository's reader,
-  `python -m comm.frdiff`, on the dumps: the first collective number at which the ranks
+  `python -m tools.frdiff`, on the dumps: the first collective number at which the ranks
   disagree, with each rank's op, shapes and source line. A rank that gloo aborted leaves no
   dump.
 
@@ -55,10 +55,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repo root
 
-from comm.dist import UsageError
+from core.cli import Parser
+from core.errors import UsageError
+from core.processes import run_with_deadline
 from pitfalls import common
-from training.cli import Parser
-from training.processes import run_with_deadline
 
 BUGS = ("shape", "one-rank")
 TOOLS = ("none", "detail", "monitored", "flight")
@@ -102,7 +102,7 @@ def job(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from comm.frdiff import write_dump
+    from tools.frdiff import write_dump
 
     with common.world(args) as env:
         rank, world = env.rank, env.world_size
@@ -220,13 +220,13 @@ def diagnosis(args: argparse.Namespace, output: str) -> tuple[list[str], dict]:
             lines.append("every rank passed each monitored_barrier: it checks presence, not shapes")
         values["named"] = ",".join(r.strip() for r in named) or "none"
     elif args.diagnose == "flight":
-        from comm.frdiff import compare, load_dir
+        from tools.frdiff import compare, load_dir
 
         try:
             report, problem = compare(load_dir(args.dump_dir, DUMP_PREFIX))
         except UsageError as e:
             report, problem = [f"no dumps to read: {e}"], True
-        lines.append(f"$ python -m comm.frdiff {args.dump_dir}")
+        lines.append(f"$ python -m tools.frdiff {args.dump_dir}")
         lines += report
         values["desync"] = problem
     else:

@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
-from comm.dist import DistEnv, choose_threads, distributed, rank0_logger, run_cli
+from core.dist import DistEnv, choose_threads, distributed, rank0_logger
+from core.errors import run_cli
 
 DEFAULT_TIMEOUT = 5.0
 

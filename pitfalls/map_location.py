@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.serialization
 
-from comm.dist import DistEnv
+from core.dist import DistEnv
 from pitfalls import common
 
 _recorded_location: str | None = None

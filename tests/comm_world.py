@@ -1,4 +1,4 @@
-"""One 4-rank world for test_communicate.py and test_sync.py together.
+"""One 4-rank world for test_comm_communicate.py and test_parallel_sync.py together.
 
 Starting ranks (each imports torch) is most of what these tests cost, so both files share a
 single spawn: the first test that asks for `results()` runs it, the others read what it
@@ -16,8 +16,8 @@ _cache: dict[str, object] = {}
 
 
 def _world(rank: int, world_size: int, out_root: str) -> dict:
-    from tests.test_communicate import communicate_checks
-    from tests.test_sync import sync_checks
+    from tests.test_comm_communicate import communicate_checks
+    from tests.test_parallel_sync import sync_checks
 
     return {
         "communicate": communicate_checks(rank, world_size),

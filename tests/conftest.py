@@ -18,7 +18,7 @@ from tests.multiproc import gpu_count, hide_gpus
 
 hide_gpus()
 # The scripts run in this process (train_dp.main(...)) choose their threads from this
-# (comm.dist.choose_threads) and so keep the one thread `one_thread` sets below.
+# (core.dist.choose_threads) and so keep the one thread `one_thread` sets below.
 os.environ["OMP_NUM_THREADS"] = "1"
 
 

@@ -1,5 +1,5 @@
 """Run one entry point in this process (one rank of a torchrun job) and report which native
-threads are still alive after it: a probe for tests/test_exit.py.
+threads are still alive after it: a probe for tests/test_core_exit.py.
 
     torchrun --standalone --nproc-per-node 2 tests/exit_probe.py train_ddp --epochs 1
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
 
-from comm.dist import run_cli  # noqa: E402
+from core.errors import run_cli  # noqa: E402
 
 
 def thread_names() -> list[str]:

@@ -1,5 +1,5 @@
 """An error while a collective's Python callback is still pending: the case that aborts a
-process whose interpreter shuts down beside a live process group. For tests/test_exit.py.
+process whose interpreter shuts down beside a live process group. For tests/test_core_exit.py.
 
 Rank 0 starts an all-reduce with a Python callback (`Future.then`) and fails at once with a
 usage error; rank 1 joins the all-reduce a moment later, so the gloo thread of rank 0
@@ -18,7 +18,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from comm.dist import UsageError, distributed
+from core.dist import distributed
+from core.errors import UsageError
 
 
 def main(argv: list[str] | None = None) -> None:

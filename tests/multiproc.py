@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 
-from training.processes import descendants, run_with_deadline
+from core.processes import descendants, run_with_deadline
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

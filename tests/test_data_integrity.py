@@ -13,7 +13,7 @@ import pytest
 import torchvision.datasets
 
 import train_dp
-from comm.dist import UsageError, run_cli
+from core.errors import UsageError, run_cli
 from data.datasets import build_datasets, load_cifar_pickle
 from tests.fake_datasets import write_cifar10
 

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from benchmarks.bench_dp_ddp import split_evenly
-from comm.bench import fitting_world
+from study.bench import fitting_world
 from tests import multiproc
 from tests.multiproc import PYTHON, ROOT, count_gpus, gpu_env, run_cmd
 
@@ -112,9 +112,9 @@ def test_benchmarks_pick_a_world_that_fits():
 
 @pytest.mark.slow
 def test_bench_on_a_one_gpu_host_runs_two_cpu_ranks(tmp_path):
-    """`make bench` on one GPU: comm.bench starts 2 gloo ranks, none touches the (fake) GPU."""
+    """`make bench` on one GPU: study.bench starts 2 gloo ranks, none touches the (fake) GPU."""
     env = {"FAKE_GPUS": "1", "PYTHONPATH": FAKEGPU, "CUDA_VISIBLE_DEVICES": "0"}
-    argv = [PYTHON, "-m", "comm.bench", "--max-bytes", "4K", "--warmup", "0", "--iters", "1"]
+    argv = [PYTHON, "-m", "study.bench", "--max-bytes", "4K", "--warmup", "0", "--iters", "1"]
     result = run_cmd([*argv, "--out-dir", str(tmp_path)], env=env, timeout=120, check=True)
     assert "1 GPU(s) visible, starting 2 gloo rank(s) on CPU" in result.stdout
     assert "2 ranks, backend gloo" in result.stdout

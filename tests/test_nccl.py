@@ -77,7 +77,8 @@ def test_one_gpu_nccl_run(tmp_path):
 # ulps of a gradient per step. The same comparison on CPU processes with gloo (this model,
 # these flags) ends 8e-8 apart after 12 steps. Now and then such a difference flips a max-pool
 # or a ReLU between two nearly equal inputs, which moves a weight by about lr x one sample's
-# gradient (6e-6 seen in the float32 CPU oracle of test_train_dp.py). TF32 (on by default for
+# gradient (6e-6 seen in the float32 CPU oracle of test_scripts_train_dp.py). TF32 (on by
+# default for
 # cuDNN convolutions) moved the runs 8.7e-4 apart: caught. Training moves the weights by 0.14.
 TOLERANCE = 1e-4
 

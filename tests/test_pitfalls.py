@@ -28,7 +28,7 @@ SHORT = timedelta(seconds=2)  # process-group timeout for the deadlock pitfalls
 
 
 def _lab(rank: int, world_size: int, tmp: str) -> dict:
-    from comm.dist import distributed
+    from core.dist import distributed
     from pitfalls import (
         batchnorm,
         clip_grad,

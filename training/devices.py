@@ -1,5 +1,5 @@
 """train_dp.py's --gpus: which GPUs DataParallel spreads each batch over (train_ddp.py's
-counterpart, one GPU per rank from LOCAL_RANK, is comm.dist.resolve)."""
+counterpart, one GPU per rank from LOCAL_RANK, is core.dist.resolve)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from comm.dist import UsageError
+from core.errors import UsageError
 
 
 def gpu_list(value: str) -> list[int] | None:

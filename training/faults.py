@@ -12,7 +12,7 @@ torchrun, 0 for the first attempt; a run without torchrun counts as attempt 0). 
 which is exactly a preempted or crashed worker followed by an elastic restart.
 
 A second variable slows a run down, so that a test can send a signal in the middle of a step
-or of a checkpoint write (tests/test_preempt.py):
+or of a checkpoint write (tests/test_training_preempt.py):
 
     TRAIN_SLOW=step:0.2           every rank sleeps 0.2 s after each optimizer step
     TRAIN_SLOW=step:0.2,save:1    ... and for 1 s halfway through each file write (checkpoints,
@@ -26,7 +26,7 @@ import signal
 import time
 from collections.abc import Callable
 
-from comm.dist import UsageError
+from core.errors import UsageError
 
 ENV = "TRAIN_FAULT"
 KINDS = ("kill", "hang", "raise")

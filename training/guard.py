@@ -20,7 +20,8 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from comm.dist import DistEnv, UsageError
+from core.dist import DistEnv
+from core.errors import UsageError
 
 # Flags that name this node's own resources: they may differ between nodes of one job.
 LOCAL_FLAGS = ("data_dir", "workers")

@@ -27,7 +27,8 @@ import time
 
 import torch.distributed as dist
 
-from comm.dist import DistEnv, _exit_without_teardown, _say, _write_error_file
+from core.dist import DistEnv
+from core.errors import exit_without_teardown, say, write_error_file
 
 # Keys of this restart attempt only: torchrun's shared store keeps a dead attempt's keys.
 PREFIX = f"heartbeat/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
@@ -122,7 +123,7 @@ class Heartbeat:
         # would otherwise fail with "Connection closed by peer" once the stalled one is gone),
         # its report shows the line that names the stalled rank. Rank 0 prints it, once.
         if self.env.rank == 0:
-            _say(line)  # stderr and error file
+            say(line)  # stderr and error file
         else:
-            _write_error_file(line)
-        _exit_without_teardown(1)
+            write_error_file(line)
+        exit_without_teardown(1)

@@ -12,7 +12,7 @@ import sys
 
 import torch.nn as nn
 
-from comm.dist import UsageError
+from core.errors import UsageError
 
 MODELS = ("mlp", "cnn", "resnet18")
 # What a factory named by --model package.module:function may ask for, by parameter name.

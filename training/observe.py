@@ -7,7 +7,7 @@ train_ddp.py enter alike around their training loop. Both flags off, it does not
     summary = {..., **observer.summary()}
 
 --trace-comm records every torch.distributed collective and DDP's gradient buckets
-(comm/tracer.py), with their timeline in <out-dir>/timeline/ (python -m comm.timeline);
+(comm/tracer.py), with their timeline in <out-dir>/timeline/ (python -m study.timeline);
 --profile writes a torch.profiler trace of steps 3-5 per rank.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from comm.dist import DistEnv
 from comm.tracer import CommTracer, make_profiler
+from core.dist import DistEnv
 
 
 class Observer:
@@ -29,7 +29,7 @@ class Observer:
     and closes the profiler, also when the run fails."""
 
     def __init__(self, args: argparse.Namespace, env: DistEnv, model: nn.Module, out_dir: Path):
-        # With out_dir, a clean exit also writes <out_dir>/timeline/rank<R>.json (comm/timeline.py)
+        # With out_dir, a clean exit also writes <out_dir>/timeline/rank<R>.json (study/timeline.py)
         self.tracer = CommTracer(enabled=args.trace_comm, out_dir=out_dir)
         self.profiler = make_profiler(out_dir, env.rank, args.profile)
         self.model = model

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-if TYPE_CHECKING:  # comm/sync.py imports training/cli.py, which imports this module
-    from comm.sync import Sync
+from parallel.base import Sync
 
 OPTIMIZERS = ("sgd", "adamw")
 

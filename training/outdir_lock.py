@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from comm.dist import undo_on_failure
+from core.errors import undo_on_failure
 
 LOCK_NAME = ".run.lock"
 
@@ -95,7 +95,7 @@ def unlock_out_dir(out_dir: Path) -> None:
 
 
 def release_all() -> None:
-    """Release every lock this process holds (its run failed: see comm.dist.run_cli)."""
+    """Release every lock this process holds (its run failed: see core.errors.run_cli)."""
     for key in list(_held):
         unlock_out_dir(key)
 

@@ -36,7 +36,8 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-from comm.dist import DistEnv, _exit_without_teardown, _say
+from core.dist import DistEnv
+from core.errors import exit_without_teardown, say
 
 # --preempt-signal's choices: the signals a scheduler sends as a warning (SLURM's --signal).
 EXTRA_SIGNALS = ("USR1", "USR2", "none")
@@ -87,8 +88,8 @@ class Preemption:
             "finished its step: it is stuck (a hang, or a collective whose peers are gone); "
             "ending without a checkpoint"
         )
-        _say(line)
-        _exit_without_teardown(128 + signal.SIGTERM)
+        say(line)
+        exit_without_teardown(128 + signal.SIGTERM)
 
     def __enter__(self) -> Preemption:
         # Python runs handlers in the main thread only (and refuses to install them elsewhere);

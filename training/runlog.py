@@ -18,7 +18,8 @@ from pathlib import Path
 import torch.distributed as dist
 from tqdm import tqdm
 
-from comm.dist import DistEnv, UsageError, choose_threads, rank0_logger
+from core.dist import DistEnv, choose_threads, rank0_logger
+from core.errors import UsageError
 from training.checkpoint.files import atomic_write
 from training.guard import strict_json
 from training.outdir_lock import lock_out_dir, unlock_out_dir
@@ -33,7 +34,7 @@ RUN_FILES = (
     "tb",
     "profile",
     "timeline",  # --trace-comm's per-rank records (comm/tracer.py)
-    "timeline.json",  # and what `python -m comm.timeline` made of them
+    "timeline.json",  # and what `python -m study.timeline` made of them
     "timeline.png",
 )
 
@@ -136,7 +137,7 @@ class RunLog:
 
     def progress(self, total: int, desc: str) -> tqdm:
         """A progress bar for people watching a terminal; silent in logs and CI (not a TTY).
-        Log lines go through tqdm.write (comm/dist.py), so they never land on the bar."""
+        Log lines go through tqdm.write (core/dist.py), so they never land on the bar."""
         return tqdm(
             total=total,
             desc=desc,

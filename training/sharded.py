@@ -31,7 +31,7 @@ The guarantees of the single-file checkpoint hold here too:
   training/checkpoint/resume.py).
 - resumable at another world size with the same samples per step; each rank takes its own
   RNG states when the world size is the same, else rank 0's.
-- convertible to the single-file format: `python -m training.convert` (training/convert.py).
+- convertible to the single-file format: `python -m tools.convert` (tools/convert.py).
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
-from comm.dist import DistEnv, UsageError
-from comm.torch_sharded import FSDP2Sync, TorchZero1Sync
+from core.dist import DistEnv
+from core.errors import UsageError
+from parallel.torch_twins import FSDP2Sync, TorchZero1Sync
 from training.checkpoint.contents import CheckpointError, rng_state, set_rng_state, unwrap
 from training.checkpoint.files import (
     _check_archive,
@@ -80,8 +81,8 @@ def _sha256(path: Path) -> str:
 
 
 def layout(model: nn.Module) -> dict:
-    """The model's parameter names and shapes in order, and the units of comm/zero3.py (each
-    module that owns parameters): what training/convert.py needs to cut flat vectors back
+    """The model's parameter names and shapes in order, and the units of parallel/zero3.py (each
+    module that owns parameters): what tools/convert.py needs to cut flat vectors back
     into named tensors, without building the model."""
     params = [[name, list(p.shape)] for name, p in model.named_parameters()]
     units = [
@@ -198,7 +199,7 @@ class ShardedCheckpoints:
         ranks = [None] * self.env.world_size if self.env.is_main else None
         dist.gather_object(mine, ranks, dst=0)
         if self.env.is_main:
-            # The hyper-parameters (lr, betas, ...), for training/convert.py.
+            # The hyper-parameters (lr, betas, ...), for tools/convert.py.
             group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
             state = {
                 "format": "sharded",
@@ -323,7 +324,7 @@ def load_sharded_state(path: Path) -> dict:
     if path.is_file():
         raise CheckpointError(
             f"{path}: a single-file checkpoint; the sharded --sync modes resume from a "
-            "checkpoint folder (step-N.dcp; training/convert.py goes the other way)"
+            "checkpoint folder (step-N.dcp; tools/convert.py goes the other way)"
         )
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from comm.dist import UsageError
+from core.errors import UsageError
 
 REQUIRED = ("model", "optimizer", "epoch", "step", "world_size", "args", "rng")
 WRAPPER_ATTRS = {"module", "_orig_mod"}  # DDP / DataParallel, and torch.compile
@@ -81,7 +81,7 @@ def param_checksum(model: nn.Module) -> str:
     for key, value in sorted(model_state(model).items()):
         h.update(key.encode())
         # A copy: .numpy() would pin the tensor's storage to its size for good, and
-        # comm/zero3.py frees parameter storage by resizing it to 0 bytes between uses.
+        # parallel/zero3.py frees parameter storage by resizing it to 0 bytes between uses.
         flat = value.detach().cpu().reshape(-1).clone()
         h.update(flat.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

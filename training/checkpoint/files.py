@@ -120,7 +120,7 @@ def load_checkpoint(path: Path) -> dict:
             raise CheckpointError(
                 f"{path}: a sharded checkpoint (training/sharded.py); resume it with the "
                 "--sync mode that wrote it (zero1, zero2, zero3 or fsdp2), or convert it to "
-                "one file with `python -m training.convert`"
+                "one file with `python -m tools.convert`"
             )
         raise CheckpointError(f"{path}: a directory; name a checkpoint file in it")
     if not path.is_file():

@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from comm.dist import DistEnv
-from comm.sync import LOCAL_SGD_EVERY, Sync
+from core.dist import DistEnv
+from parallel.base import Sync
+from parallel.local_sgd import LOCAL_SGD_EVERY
 from training.checkpoint.contents import CheckpointError, restore_training_state, training_state
 from training.checkpoint.files import load_checkpoint, point, pointed_to, write_checkpoint
 from training.checkpoint.schema import check_counters, check_position

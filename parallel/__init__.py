@@ -1,0 +1,1 @@
+"""The data-parallel mechanisms, one page each, and the `--sync` factory (factory.py)."""

@@ -1,0 +1,100 @@
+"""torch's own sharded data parallelism: the library twins of parallel/zero1.py and
+parallel/zero3.py.
+
+    train_ddp.py --sync torch-zero1 --optimizer adamw   # DDP + ZeroRedundancyOptimizer
+    train_ddp.py --sync fsdp2 --optimizer adamw         # fully_shard (FSDP2)
+
+- `torch-zero1`: `torch.distributed.optim.ZeroRedundancyOptimizer` wraps the optimizer of
+  a DDP model. DDP all-reduces the gradients; each rank steps the parameters it owns and
+  broadcasts them to the others. Unlike parallel/zero1.py it partitions whole parameter
+  tensors (greedily, by size), not a flat buffer, so the shards are as even as the
+  tensors allow: with the default CNN one rank owns the 65,536-element linear layer and
+  holds far more optimizer state than the other.
+- `fsdp2`: `torch.distributed.fsdp.fully_shard` on every module that owns parameters (the
+  same units as parallel/zero3.py), then on the root. Each parameter becomes a DTensor sharded
+  along its first dimension (padded per parameter, not per unit); forward and backward
+  all-gather each unit and free it after use; gradients are reduce-scattered.
+
+Both match `--sync ddp` in float64 (tests/test_parallel_zero.py) and run on CPU with gloo.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
+
+from parallel.base import Sync, broadcast_state
+from parallel.clip import clip_grad_norm_
+from parallel.ddp import DDPSync
+
+
+class TorchZero1Sync(DDPSync):
+    """DDP's gradients, ZeroRedundancyOptimizer's sharded step."""
+
+    sharded = True
+
+    def make_optimizer(self, cls: type[torch.optim.Optimizer], kwargs: dict):
+        return ZeroRedundancyOptimizer(self.model.parameters(), optimizer_class=cls, **kwargs)
+
+
+class FSDP2Sync(Sync):
+    """fully_shard on each module that owns parameters, then on the whole model."""
+
+    sharded = True
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        # DTensor gradients: torch's total norm is itself a DTensor, made whole once here.
+        return clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def __init__(self, model: nn.Module) -> None:
+        broadcast_state(model)  # fully_shard keeps each rank's own values: start from rank 0's
+        # A parameter-less copy on the meta device: consolidated() fills it with the full model.
+        self._template = copy.deepcopy(model).to("meta")
+        for module in model.modules():
+            if module is not model and any(True for _ in module.parameters(recurse=False)):
+                fully_shard(module)
+        fully_shard(model)
+        super().__init__(model)
+        self._device = next(model.parameters()).device
+        self._plain: nn.Module | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        """The sharded model; inside consolidated() a plain copy holding the full model."""
+        return self._plain if self._plain is not None else self._sharded
+
+    @model.setter
+    def model(self, value: nn.Module) -> None:
+        self._sharded = value
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        # Micro-steps keep their unsharded gradients and accumulate into them; the last
+        # micro-step's backward reduce-scatters the sum.
+        self._sharded.set_requires_gradient_sync(False)
+        try:
+            with super().no_sync():
+                yield
+        finally:
+            self._sharded.set_requires_gradient_sync(True)
+
+    @contextmanager
+    def consolidated(self, optimizer) -> Iterator[None]:
+        """Every rank gets a plain (unsharded) copy for the block: evaluation runs a
+        different number of batches on each rank, which a sharded forward, gathering each
+        unit from every rank, cannot."""
+        full = get_model_state_dict(self._sharded, options=StateDictOptions(full_state_dict=True))
+        plain = copy.deepcopy(self._template).to_empty(device=self._device)
+        plain.load_state_dict(full)
+        self._plain = plain
+        try:
+            yield
+        finally:
+            self._plain = None

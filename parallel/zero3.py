@@ -1,0 +1,179 @@
+"""ZeRO stage 3 by hand (FSDP's idea): parameters sharded too, gathered only while in use.
+
+    train_ddp.py --sync zero3 --optimizer adamw
+
+zero2 still keeps every parameter on every rank. zero3 keeps only a 1/W slice of each
+*unit* (here: each module that owns parameters directly, a Conv2d, a Linear) and rebuilds
+the whole unit just before it is needed:
+
+    forward   pre-hook:  all-gather the unit's slices into its flat buffer; compute
+              post-hook: free the flat buffer (storage resized to 0 bytes)
+    backward  when the gradient of the unit's output arrives, before the unit's backward:
+              all-gather again (the saved activations need the weights back)
+              when the last of its parameters' gradients is accumulated:
+              reduce-scatter the flat gradient into this rank's slice, free both
+    step      optimizer.step() on this rank's slices only; nothing to gather afterwards:
+              the next forward gathers each unit when it gets there
+
+So between steps a rank holds sum over units of ceil(P_u / W) parameter elements (the
+slices, padded per unit) and during forward and backward one unit more. Traffic per step:
+per unit, two all-gathers and one reduce-scatter of W x ceil(P_u / W) elements, (W-1)/W
+each: 3(W-1)/W x P when W divides every P_u, half as much again as DDP.
+
+The parameters stay the model's own nn.Parameter objects; only their storage comes and goes:
+each is a view into its unit's flat buffer, and freeing resizes that buffer's storage to zero
+bytes, so the views (and the tensors autograd saved for backward, which are the same views)
+see the gathered values again once it is refilled. This is how FSDP's first version did it;
+FSDP2 (`fully_shard`, the library twin, parallel/torch_twins.py) swaps DTensor parameters
+instead. Between steps nothing may read the parameters: `consolidated()` gathers every unit
+for evaluation and checkpoints. A unit whose module runs twice in one forward (weight
+sharing) is not supported.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from comm.communicate import flatten
+from comm.compat import all_gather_single, reduce_scatter_single
+from parallel.base import GradientSync, gradients
+from parallel.clip import clip_grad_norm_
+from parallel.zero1 import flat_views, shard_range
+
+
+class Unit:
+    """One module's parameters: a flat buffer that is gathered and freed, and this rank's
+    padded slice of it, which the optimizer steps (without the padding)."""
+
+    def __init__(self, module: nn.Module, world_size: int, rank: int) -> None:
+        self.module = module
+        self.params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        self.world_size = world_size
+        self.numel = sum(p.numel() for p in self.params)
+        self.size, start, owned = shard_range(self.numel, world_size, rank)
+        self.full = self.params[0].new_zeros(self.size * world_size)
+        flat_views(self.params, self.full)
+        self.padded = self.full[start : start + self.size].clone()  # kept: this rank's slice
+        self.shard = nn.Parameter(self.padded[:owned])  # what the optimizer steps
+        self.grad_shard = self.full.new_zeros(self.size)
+        self.ready = 0  # parameters whose gradient this backward has accumulated
+        self.reduced = False
+        self._bytes = self.full.untyped_storage().nbytes()
+        self.free()
+
+    @property
+    def gathered(self) -> bool:
+        return self.full.untyped_storage().nbytes() > 0
+
+    def gather(self) -> None:
+        if not self.gathered:
+            self.full.untyped_storage().resize_(self._bytes)
+            with torch.no_grad():
+                all_gather_single(self.full, self.padded)
+
+    def free(self) -> None:
+        self.full.untyped_storage().resize_(0)
+
+    def reduce(self) -> None:
+        """Average the unit's gradient across ranks, keep this rank's slice, free the rest."""
+        pad = self.full.new_zeros(self.size * self.world_size - self.numel)
+        flat_grad = flatten([*gradients(self.params), pad])
+        for p in self.params:
+            p.grad = None
+        reduce_scatter_single(self.grad_shard, flat_grad)
+        self.grad_shard.div_(self.world_size)
+        self.shard.grad = self.grad_shard[: self.shard.numel()]
+        self.reduced = True
+
+
+class Zero3Sync(GradientSync):
+    """Parameters, gradients and optimizer state sharded; units gathered while in use."""
+
+    sharded = True
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)  # every rank starts from rank 0's parameters
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+        self.units = [
+            Unit(m, world_size, rank)
+            for m in model.modules()
+            if any(p.requires_grad for p in m.parameters(recurse=False))
+        ]
+        self.held = False  # inside consolidated(): every unit stays gathered
+        self.on_gather = None  # test hook: called after each gather (the memory oracle)
+        for unit in self.units:
+            unit.module.register_forward_pre_hook(functools.partial(self._before, unit))
+            unit.module.register_forward_hook(functools.partial(self._after, unit))
+            for p in unit.params:
+                p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, unit))
+
+    def make_optimizer(self, cls: type[torch.optim.Optimizer], kwargs: dict):
+        return cls([unit.shard for unit in self.units], **kwargs)
+
+    def _gather(self, unit: Unit) -> None:
+        if not self.held:
+            unit.gather()
+            if self.on_gather:
+                self.on_gather()
+
+    def _before(self, unit: Unit, module: nn.Module, args) -> None:
+        self._gather(unit)
+
+    def _after(self, unit: Unit, module: nn.Module, args, output) -> None:
+        if self.held:
+            return
+        unit.free()
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            # Fires when the gradient of the output is complete: the unit's backward is next.
+            output.register_hook(lambda grad: self._gather(unit))
+
+    def _grad_ready(self, unit: Unit, param: nn.Parameter) -> None:
+        unit.ready += 1
+        if unit.ready < len(unit.params):
+            return
+        unit.ready = 0
+        if self.syncing:
+            unit.reduce()
+        if not self.held:
+            unit.free()
+
+    def finish_backward(self) -> None:
+        # A unit with a parameter that got no gradient in this backward is not reduced yet:
+        # reduce it now, with zeros for the missing gradients, as every rank must.
+        for unit in self.units:
+            if not unit.reduced:
+                unit.reduce()
+            unit.reduced, unit.ready = False, 0
+            if not self.held:
+                unit.free()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        # Each rank holds its slice of every unit's gradient: squared norms summed across ranks.
+        return clip_grad_norm_([unit.shard for unit in self.units], max_norm, sharded=True)
+
+    @contextmanager
+    def consolidated(self, optimizer) -> Iterator[None]:
+        """Every unit gathered for the block (evaluation, the checksum); freed after."""
+        for unit in self.units:
+            unit.gather()
+        self.held = True
+        try:
+            with super().consolidated(optimizer):
+                yield
+        finally:
+            self.held = False
+            for unit in self.units:
+                unit.free()
+
+    def flat_shards(self) -> dict[str, tuple[nn.Parameter, int]]:
+        """As Zero1Sync.flat_shards: one flat vector per unit."""
+        return {f"unit{i}": (unit.shard, unit.numel) for i, unit in enumerate(self.units)}
+
+    def after_load(self) -> None:
+        pass  # each unit is gathered from its (just loaded) slices when next used

@@ -1,0 +1,1 @@
+"""The communication study: programs run as `python -m study.NAME`."""

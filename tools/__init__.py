@@ -1,0 +1,2 @@
+"""Diagnosis and maintenance programs: `python -m tools.doctor`, `tools.frdiff`,
+`tools.convert`."""
