@@ -11,6 +11,7 @@ from comm.communicate import (
     CommOp,
 )
 from comm.compress import COMPRESSIONS, NO_COMPRESSION, Compression
+from comm.shm import ShmWorld
 from comm.topology import add_topology_flags, topology_all_reduce
 from core.cli import positive
 from core.dist import DistEnv
@@ -30,6 +31,9 @@ from parallel.zero3 import Zero3Sync
 # parallel/zero1.py, parallel/zero2.py, parallel/zero3.py, parallel/torch_twins.py.
 SHARDED_MODES = ("zero1", "zero2", "zero3", "torch-zero1", "fsdp2")
 SYNC_MODES = ("ddp", "allreduce", "overlap", "local-sgd", *SHARDED_MODES)
+# --transport: the process group's own all-reduce, or comm/shm.py's (one node, CPU tensors).
+TRANSPORTS = ("gloo", "shm")
+TRANSPORT_MODES = ("allreduce", "overlap", "local-sgd")
 
 
 def add_compress_flags(group: argparse._ArgumentGroup) -> None:
@@ -88,6 +92,14 @@ def add_sync_flags(group: argparse._ArgumentGroup) -> None:
         help=f"--sync local-sgd only: average the replicas every K optimizer steps "
         f"(unset: {LOCAL_SGD_EVERY})",
     )
+    group.add_argument(
+        "--transport",
+        default="gloo",
+        choices=TRANSPORTS,
+        help="--sync allreduce, overlap or local-sgd: the all-reduce the mode calls: the "
+        "process group's (gloo or nccl), or shm, comm/shm.py's through shared memory (every "
+        "rank on one node)",
+    )
     add_topology_flags(group)  # --topology, --inter-node-gbps: comm/topology.py
     add_compress_flags(group)  # --comm-hook, --compress, ...: parallel/compressed.py
 
@@ -109,8 +121,8 @@ def make_sync(
     --comm-hook (ddp) or --compress (allreduce), comm/compress.py."""
     if all_reduce is not None and compression.active:
         raise UsageError(
-            "--topology and --compress/--comm-hook do not combine: the compressed all-reduces "
-            "of comm/compress.py run on the flat world"
+            "--topology/--transport shm and --compress/--comm-hook do not combine: the "
+            "compressed all-reduces of comm/compress.py run on the process group"
         )
     if mode not in SYNC_MODES:
         raise UsageError(f"unknown --sync {mode!r}; choose one of {', '.join(SYNC_MODES)}")
@@ -151,6 +163,32 @@ def sync_from_args(
         env,
         sync_every=args.sync_every,
         bucket_bytes=bucket_bytes,
-        all_reduce=topology_all_reduce(args.topology, args.inter_node_gbps),
+        all_reduce=transport_all_reduce(args, env),
         compression=Compression.from_args(args),
     )
+
+
+def check_transport_flags(args: argparse.Namespace, env: DistEnv) -> None:
+    """--transport against --sync, --topology, compression and the device (training/cli.py's
+    validate, before anything is written)."""
+    transport = getattr(args, "transport", "gloo")
+    if transport == "gloo":
+        return
+    if args.sync not in TRANSPORT_MODES:
+        raise UsageError(
+            f"--transport {transport} applies to --sync {', '.join(TRANSPORT_MODES)}, "
+            f"not --sync {args.sync}"
+        )
+    if args.topology is not None:
+        raise UsageError("--transport shm and --topology do not combine: choose one all-reduce")
+    if env.device.type != "cpu":
+        raise UsageError("--transport shm reduces CPU tensors; on GPUs NCCL already does this")
+
+
+def transport_all_reduce(args: argparse.Namespace, env: DistEnv) -> CommOp | None:
+    """The all-reduce the hand-made modes average with: --topology's hierarchical one,
+    --transport shm's through shared memory, or None (dist.all_reduce on the process group)."""
+    check_transport_flags(args, env)
+    if getattr(args, "transport", "gloo") == "shm":
+        return ShmWorld().op()
+    return topology_all_reduce(args.topology, args.inter_node_gbps)

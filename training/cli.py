@@ -23,6 +23,7 @@ from core.cli import (
 from core.dist import DistEnv
 from core.errors import UsageError
 from data.datasets import DATASETS
+from parallel.factory import check_transport_flags
 from training.guard import check_same_flags
 from training.models import FACTORY_ARGS, MODELS, model_name
 from training.optim import OPTIMIZERS
@@ -266,6 +267,7 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
         raise UsageError(f"--download: there is nothing to download for --dataset {args.dataset}")
     if hasattr(args, "topology"):  # train_ddp.py's --topology, --inter-node-gbps
         check_topology_flags(args.topology, args.inter_node_gbps, args.sync, env.world_size)
+        check_transport_flags(args, env)  # --transport shm: parallel/factory.py
     if args.download and args.trust_data_dir:
         raise UsageError(
             "--download fetches the official files and --trust-data-dir is for a copy that is "
