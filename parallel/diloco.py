@@ -94,7 +94,9 @@ class DiLoCoSync(Sync):
     @torch.no_grad()
     def _outer_step(self, f: int) -> None:
         local, outer = self.groups[f], self.outer[f]
-        deltas = [(o - p).to(self.outer_dtype or o.dtype) for o, p in zip(outer, local, strict=True)]
+        deltas = [
+            (o - p).to(self.outer_dtype or o.dtype) for o, p in zip(outer, local, strict=True)
+        ]
         flat = torch.cat([d.reshape(-1) for d in deltas])
         dist.all_reduce(flat)  # the pseudo-gradients of every rank: the only communication
         flat = flat.to(outer[0].dtype) / dist.get_world_size()

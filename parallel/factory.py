@@ -118,8 +118,7 @@ def add_sync_flags(group: argparse._ArgumentGroup) -> None:
         "--outer-dtype",
         default="same",
         choices=OUTER_DTYPES,
-        help="--sync diloco: the dtype of the pseudo-gradients' all-reduce (same: the "
-        "parameters')",
+        help="--sync diloco: the dtype of the pseudo-gradients' all-reduce (same: the parameters')",
     )
     group.add_argument(
         "--transport",

@@ -70,7 +70,8 @@ def _checks(rank: int, world_size: int, out_root: str) -> dict:
     mine = net()
     plain = {"outer_lr": 1.0, "outer_momentum": 0.0}
     train(make_sync("diloco", mine, env, sync_every=1, diloco=plain), mine, STEPS)
-    out["h1"] = max((a - b).abs().max().item() for a, b in zip(ref.parameters(), mine.parameters()))
+    pairs = zip(ref.parameters(), mine.parameters(), strict=True)
+    out["h1"] = max((a - b).abs().max().item() for a, b in pairs)
     # 2. the outer step is torch's SGD(nesterov) on the averaged pseudo-gradient
     model = net()
     sync = DiLoCoSync(model, sync_every=2, outer_lr=0.7, outer_momentum=0.9)
@@ -82,7 +83,8 @@ def _checks(rank: int, world_size: int, out_root: str) -> dict:
         opt.step()
         if (step + 1) % 2 == 0:  # the outer step comes in after_step: do it by hand first
             outer = [o.clone() for o in sync.outer[0]]
-            delta = torch.cat([(o - p).reshape(-1) for o, p in zip(outer, model.parameters())])
+            pairs = zip(outer, model.parameters(), strict=True)
+            delta = torch.cat([(o - p).reshape(-1) for o, p in pairs])
             dist.all_reduce(delta)
             delta /= world_size
             twin = [o.clone().requires_grad_() for o in outer]
@@ -96,7 +98,8 @@ def _checks(rank: int, world_size: int, out_root: str) -> dict:
         sync.after_step(opt)
         opt.zero_grad(set_to_none=True)
         if (step + 1) % 2 == 0:
-            errors.append(max((t - p).abs().max().item() for t, p in zip(twin, model.parameters())))
+            pairs = zip(twin, model.parameters(), strict=True)
+            errors.append(max((t - p).abs().max().item() for t, p in pairs))
     out["nesterov"] = errors
     # 3. bytes against --sync allreduce over the same 4 steps
     traced = {}
@@ -142,8 +145,8 @@ def _checks(rank: int, world_size: int, out_root: str) -> dict:
         b = load_checkpoint(root / "resumed" / "checkpoint.pt")
         out["resume_ranks_equal"] = all(
             torch.equal(x, y)
-            for ra, rb in zip(a["ranks"], b["ranks"])
-            for x, y in zip(ra["diloco"]["replica"], rb["diloco"]["replica"])
+            for ra, rb in zip(a["ranks"], b["ranks"], strict=True)
+            for x, y in zip(ra["diloco"]["replica"], rb["diloco"]["replica"], strict=True)
         )
     dist.barrier()
     return out
