@@ -125,7 +125,7 @@ class TrainLoop:
         fault: Callable[[int], None],
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        scheduler,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
         scaler: torch.amp.GradScaler,
     ) -> None:
         self.args, self.env, self.run, self.steps, self.at = args, env, run, steps, at
@@ -148,11 +148,14 @@ class TrainLoop:
         self.observer = Observer(args, env, model, Path(args.out_dir))
         self.plan: EpochPlan | None = None
         self.done = 0  # steps taken of the plan's part of the epoch
+        self.bar = None  # the epoch's progress bar, from batches()
         self._stack = ExitStack()
 
     def __enter__(self) -> TrainLoop:
-        self._stack.enter_context(self.observer)
-        self._stack.enter_context(self.preempt)  # swallows the exception stop() raises
+        with ExitStack() as stack:  # if the second fails to enter, the first is left again
+            stack.enter_context(self.observer)
+            stack.enter_context(self.preempt)  # swallows the exception stop() raises
+            self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc) -> bool:
