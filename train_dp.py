@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise UsageError("train_dp.py is one process for all GPUs; under torchrun use train_ddp.py")
     devices = pick_devices(args.gpus)  # --gpus, or every visible GPU; [cpu] without one
-    # One process is the whole job: a world of one, whose device is where batches arrive.
-    env = DistEnv(
+    env = DistEnv(  # one process is the whole job: a world of one, on the batches' device
         rank=0, local_rank=0, world_size=1, local_world_size=1, backend="none", device=devices[0]
     )
     return train(args, env, devices)
