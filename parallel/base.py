@@ -35,6 +35,14 @@ The modes, from the library's to the most hand-made:
   twins `torch-zero1` (ZeroRedundancyOptimizer) and `fsdp2` (fully_shard). The optimizer
   comes from `sync.make_optimizer()`, since each rank steps only its own shard.
 
+A parameter that gets no gradient keeps `grad is None` semantics in every mode, as in one
+process and under DDP with find_unused_parameters=True (`--find-unused-parameters`): one that
+no rank gave a gradient is not stepped and its optimizer state does not move; one that only
+some ranks gave a gradient is averaged as DDP averages it, zeros from the others, divided by
+the world size. The hand-made modes send zeros for the missing gradients, so that every rank
+hands the collective the same tensors, and agree which parameters had one anywhere with one
+small all-reduce per step (`used_anywhere`).
+
 Every mode starts from rank 0's parameters and buffers (DDP broadcasts them when it wraps
 the model; the others call `broadcast_state`), so replicas are equal even if a rank's
 initialisation differed. `consolidated()` gives every rank the same model for evaluation
@@ -170,8 +178,8 @@ def used_anywhere(params: list[nn.Parameter], present: list[bool] | None = None)
     """Which of `params` got a gradient on at least one rank; `present`: which got one here
     (None: those whose .grad is not None).
 
-    One all-reduce of an int32 per parameter tensor per optimizer step (4 bytes each: 48
-    bytes for the default cnn's 12 tensors, nothing under no_sync), DDP's own price for the
+    One all-reduce of an int32 per parameter tensor per optimizer step (4 bytes each: 32
+    bytes for the default cnn's 8 tensors; nothing under no_sync), DDP's own price for the
     same question: with find_unused_parameters=True its reducer all-reduces a `local_used_map`
     of the same shape. No rank can skip it, even one whose every parameter got a gradient:
     it cannot know that its peers' did too. The sum counts the ranks that had a gradient; a

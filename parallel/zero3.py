@@ -28,6 +28,12 @@ FSDP2 (`fully_shard`, the library twin, parallel/torch_twins.py) swaps DTensor p
 instead. Between steps nothing may read the parameters: `consolidated()` gathers every unit
 for evaluation and checkpoints. A unit whose module runs twice in one forward (weight
 sharing) is not supported.
+
+Gathering a unit is a collective, so every rank must run the same modules in the same order
+(FSDP requires the same): a branch that some ranks take and others skip hangs in its
+all-gather. A module that every rank skips, or a parameter frozen mid-run, is fine: its unit
+is reduced at finish_backward with zeros, the used map (parallel/base.used_anywhere) says no
+rank had a gradient, and its pieces keep `grad is None`, so the optimizer does not step them.
 """
 
 from __future__ import annotations
