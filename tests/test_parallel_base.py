@@ -23,13 +23,16 @@ parameters it has a gradient for).
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from core.dist import DistEnv
-from parallel.factory import make_sync
+from core.errors import UsageError
+from parallel.factory import add_sync_flags, ddp_kwargs, make_sync
 from tests.multiproc import run_world
 from training.checkpoint import unwrap
 
@@ -56,8 +59,10 @@ def users(step: int, world_size: int, ragged: bool = True) -> set[int]:
 
 # zero3 and fsdp2 gather each unit's parameters with a collective when its module runs (and
 # again in its backward): every rank must run the same modules in the same order, as FSDP
-# requires, so a branch that some ranks take and others skip hangs in that all-gather. They
-# are held to the same oracle with the branch taken by every rank or by none.
+# requires, so a branch that some ranks take and others skip hangs in that all-gather (with
+# the table below at W = 2 both stop at the first step: zero3 a gloo timeout, fsdp2 a
+# connection reset). They are held to the same oracle with the branch taken by every rank or
+# by none.
 RAGGED = {mode: mode not in ("zero3", "fsdp2") for mode in MODES}
 
 
@@ -215,9 +220,11 @@ def max_diff(a: dict, b: dict) -> float:
 # elementwise, and AdamW's m / sqrt(v) carries a relative gradient error through about 1:1.
 # No gradient element is near zero by cancellation in one run and exactly zero in the other:
 # a missing gradient is an exact zero (or None) on both sides. Over 5 steps with lr <= 0.1
-# the parameters agree to a few 1e-16 (the largest difference measured over every mode,
-# optimizer and W = 2, 3 is written beside test_every_mode_is_one_process); 1e-10 leaves
-# 10^5 of headroom, while the bug this guards against moves a parameter by 1e-4 to 1e-1.
+# the parameters agree to a few 1e-16: the largest difference over every mode, optimizer
+# and W measured 6.7e-17 (W = 2) and 1.7e-16 (W = 3), under ATEN_CPU_CAPABILITY=default
+# 5.6e-17 and 2.4e-16 (the test prints it with -s). 1e-10 leaves 10^5 of headroom, while
+# the bug guarded against lands far above it: zeros kept for the gradient no rank had
+# (allreduce, or zero1's pieces all stepped) move the parameters 8.6e-2 from one process.
 TOLERANCE = 1e-10
 
 
@@ -283,3 +290,17 @@ def test_unused_parameter_is_untouched_and_has_no_state(ranks):
                 assert mine["none"] == one["none"], f"W={world_size} {mode} {optimizer} rank {r}"
         owned = set().union(*(rank["torch-zero1", optimizer]["state"] for rank in results))
         assert owned == set(one["state"]), f"torch-zero1 {optimizer}"
+
+
+def test_find_unused_parameters_is_ddps_option_only():
+    parser = argparse.ArgumentParser()
+    add_sync_flags(parser.add_argument_group())
+    assert ddp_kwargs(parser.parse_args(["--find-unused-parameters"])) == {
+        "find_unused_parameters": True
+    }
+    assert ddp_kwargs(parser.parse_args([])) == {}
+    env = DistEnv(0, 0, 1, 1, "gloo", torch.device("cpu"))
+    for mode in ("allreduce", "overlap", "local-sgd", "zero1", "zero2", "zero3", "fsdp2"):
+        # Refused before anything is built or communicated: no process group needed.
+        with pytest.raises(UsageError, match="--find-unused-parameters is DDP's option"):
+            make_sync(mode, fresh(), env, find_unused_parameters=True)
