@@ -221,7 +221,7 @@ def max_diff(a: dict, b: dict) -> float:
 # No gradient element is near zero by cancellation in one run and exactly zero in the other:
 # a missing gradient is an exact zero (or None) on both sides. Over 5 steps with lr <= 0.1
 # the parameters agree to a few 1e-16: the largest difference over every mode, optimizer
-# and W measured 6.7e-17 (W = 2) and 1.7e-16 (W = 3), under ATEN_CPU_CAPABILITY=default
+# and W measured 6.7e-17 (W = 2) and 1.7e-16 (W = 3) under avx2 and avx512, under default
 # 5.6e-17 and 2.4e-16 (the test prints it with -s). 1e-10 leaves 10^5 of headroom, while
 # the bug guarded against lands far above it: zeros kept for the gradient no rank had
 # (allreduce, or zero1's pieces all stepped) move the parameters 8.6e-2 from one process.
