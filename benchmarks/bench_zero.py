@@ -71,22 +71,27 @@ def units(model: nn.Module) -> list[int]:
     ]
 
 
-def predicted(mode: str, sizes: list[int], w: int, element: int) -> dict[str, float | None]:
-    """Bytes per rank (the largest rank) and bytes sent per step, from the formulas."""
+def predicted(
+    mode: str, sizes: list[int], w: int, element: int, tensors: int
+) -> dict[str, float | None]:
+    """Bytes per rank (the largest rank) and bytes sent per step, from the formulas; the
+    hand-made modes add their used map, an int32 per parameter tensor (parallel/base.py)."""
     p, s = sum(sizes), math.ceil(sum(sizes) / w)
     slices = sum(math.ceil(u / w) for u in sizes)
     allreduce = bus_factor("all_reduce", w) * p * element
+    used_map = bus_factor("all_reduce", w) * 4 * tensors / element
     if mode == "ddp":
         return dict(params=p, grads=p, optimizer=2 * p, sent=allreduce / element) | {
             "element": element
         }
     if mode == "zero1":
-        sent = allreduce / element + (w - 1) * s
+        sent = allreduce / element + (w - 1) * s + used_map
         return dict(params=w * s, grads=w * s, optimizer=2 * s, sent=sent, element=element)
     if mode == "zero2":
-        return dict(params=w * s, grads=s, optimizer=2 * s, sent=2 * (w - 1) * s, element=element)
+        sent = 2 * (w - 1) * s + used_map
+        return dict(params=w * s, grads=s, optimizer=2 * s, sent=sent, element=element)
     if mode == "zero3":
-        sent = 3 * (w - 1) * slices
+        sent = 3 * (w - 1) * slices + used_map
         return dict(params=slices, grads=slices, optimizer=2 * slices, sent=sent, element=element)
     return dict(params=None, grads=None, optimizer=None, sent=None, element=element)
 
@@ -123,7 +128,9 @@ def measure(args: argparse.Namespace, env: DistEnv) -> list[dict]:
         largest = [None] * env.world_size
         dist.all_gather_object(largest, held)
         row = {k: max(r[k] for r in largest) for k in KINDS}
-        row.update(mode=mode, sent=sent, predicted=predicted(mode, sizes, env.world_size, 4))
+        tensors = sum(1 for _ in model.parameters())
+        expected = predicted(mode, sizes, env.world_size, 4, tensors)
+        row.update(mode=mode, sent=sent, predicted=expected)
         rows.append(row)
         steps[mode] = step
     times = rounds_of(steps, args.rounds, args.steps, env)

@@ -10,7 +10,7 @@ from comm.communicate import (
     CommOp,
     communicate,
 )
-from parallel.base import GradientSync, gradients
+from parallel.base import GradientSync, drop_unused, gradients, used_anywhere
 
 
 class AllReduceSync(GradientSync):
@@ -29,9 +29,11 @@ class AllReduceSync(GradientSync):
         self.bucket_bytes = bucket_bytes
 
     def finish_backward(self) -> None:
+        used = used_anywhere(self.params)
         communicate(
             gradients(self.params),
             self.collective or dist.all_reduce,  # looked up now: comm/tracer.py patches it
             average=True,
             bucket_bytes=self.bucket_bytes,
         )
+        drop_unused(self.params, used)  # None again where no rank had a gradient

@@ -35,6 +35,14 @@ The modes, from the library's to the most hand-made:
   twins `torch-zero1` (ZeroRedundancyOptimizer) and `fsdp2` (fully_shard). The optimizer
   comes from `sync.make_optimizer()`, since each rank steps only its own shard.
 
+A parameter that gets no gradient keeps `grad is None` semantics in every mode, as in one
+process and under DDP with find_unused_parameters=True (`--find-unused-parameters`): one that
+no rank gave a gradient is not stepped and its optimizer state does not move; one that only
+some ranks gave a gradient is averaged as DDP averages it, zeros from the others, divided by
+the world size. The hand-made modes send zeros for the missing gradients, so that every rank
+hands the collective the same tensors, and agree which parameters had one anywhere with one
+small all-reduce per step (`used_anywhere`).
+
 Every mode starts from rank 0's parameters and buffers (DDP broadcasts them when it wraps
 the model; the others call `broadcast_state`), so replicas are equal even if a rank's
 initialisation differed. `consolidated()` gives every rank the same model for evaluation
@@ -157,8 +165,40 @@ class GradientSync(Sync):
 
 def gradients(params: list[nn.Parameter]) -> list[torch.Tensor]:
     """The parameters' gradients; a parameter that got none gets zeros, so that every rank
-    hands the collective the same list of tensors."""
+    hands the collective the same list of tensors (DDP's bucket holds zeros for it too).
+    Call `used_anywhere` first and `drop_unused` after the collective, so that a parameter
+    no rank produced a gradient for ends with None again."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     return [p.grad for p in params]
+
+
+def used_anywhere(params: list[nn.Parameter], present: list[bool] | None = None) -> list[bool]:
+    """Which of `params` got a gradient on at least one rank; `present`: which got one here
+    (None: those whose .grad is not None).
+
+    One all-reduce of an int32 per parameter tensor per optimizer step (4 bytes each: 32
+    bytes for the default cnn's 8 tensors; nothing under no_sync), DDP's own price for the
+    same question: with find_unused_parameters=True its reducer all-reduces a `local_used_map`
+    of the same shape. No rank can skip it, even one whose every parameter got a gradient:
+    it cannot know that its peers' did too. The sum counts the ranks that had a gradient; a
+    parameter at 0 had none anywhere and is not stepped, as in one process. One used on some
+    ranks only is averaged as DDP averages it: the sum over the ranks that have it, plus
+    zeros, divided by the world size."""
+    if present is None:
+        present = [p.grad is not None for p in params]
+    if not params:
+        return []
+    counts = torch.tensor(present, dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(counts)
+    return [bool(c) for c in counts.tolist()]
+
+
+def drop_unused(params: list[nn.Parameter], used: list[bool]) -> None:
+    """After the collective: the zeros `gradients` wrote for a parameter that no rank had a
+    gradient for become None again, so the optimizer skips it (no weight decay, no momentum,
+    no Adam moments or step count), as DDP and one process do."""
+    for p, u in zip(params, used, strict=True):
+        if not u:
+            p.grad = None

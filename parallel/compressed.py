@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch.nn as nn
 
 from comm.compress import Compression, make_compressor, register_comm_hook
-from parallel.base import GradientSync, gradients
+from parallel.base import GradientSync, drop_unused, gradients, used_anywhere
 from parallel.ddp import DDPSync
 
 if TYPE_CHECKING:  # annotations only
@@ -26,8 +26,14 @@ if TYPE_CHECKING:  # annotations only
 class CompressedDDPSync(DDPSync):
     """DDP with one of torch's compression hooks in place of its plain bucket all-reduce."""
 
-    def __init__(self, model: nn.Module, env: DistEnv, compression: Compression) -> None:
-        super().__init__(model, env)
+    def __init__(
+        self,
+        model: nn.Module,
+        env: DistEnv,
+        compression: Compression,
+        find_unused_parameters: bool = False,
+    ) -> None:
+        super().__init__(model, env, find_unused_parameters=find_unused_parameters)
         self.compression = compression
         self.hook_state = register_comm_hook(self.model, compression)
 
@@ -48,4 +54,6 @@ class CompressedAllReduceSync(GradientSync):
         self.compression.refuse_resume(step)
 
     def finish_backward(self) -> None:
+        used = used_anywhere(self.params)
         self.compressor.all_reduce_mean(gradients(self.params))
+        drop_unused(self.params, used)  # None again where no rank had a gradient

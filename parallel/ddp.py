@@ -23,20 +23,36 @@ class DDPSync(Sync):
 
     `model` is a DDP model (train_ddp.py wraps it in plain sight) or a plain module, which
     is wrapped here (benchmarks, tests; `bucket_bytes` sets DDP's bucket cap then).
-    parallel/compressed.py adds torch's compression hooks (--comm-hook)."""
+    parallel/compressed.py adds torch's compression hooks (--comm-hook).
+
+    `find_unused_parameters` (--find-unused-parameters) is DDP's option for models where a
+    parameter may get no gradient (a branch skipped by an `if`, a frozen layer): after every
+    forward DDP walks the autograd graph from the outputs and marks what it cannot reach as
+    ready, and all-reduces a per-parameter "used" map, so that such a parameter keeps
+    `grad is None` and is not stepped. Without it DDP stops at the next forward with
+    "Expected to have finished reduction in the prior iteration" (pitfalls/unused_parameters.py).
+    """
 
     def __init__(
         self,
         model: nn.Module,
         env: DistEnv,
         bucket_bytes: int | None = None,
+        find_unused_parameters: bool = False,
     ) -> None:
         if isinstance(model, DDP):
             if bucket_bytes is not None:
                 raise ValueError("bucket_bytes: the model is already wrapped, with its own cap")
+            if model.find_unused_parameters != find_unused_parameters:
+                raise ValueError(
+                    "find_unused_parameters: the model is already wrapped without it; "
+                    "wrap it with parallel.factory.ddp_kwargs(args)"
+                )
         else:
             device_ids = [env.device.index] if env.device.type == "cuda" else None
             kwargs = {} if bucket_bytes is None else {"bucket_cap_mb": bucket_bytes / 2**20}
+            if find_unused_parameters:
+                kwargs["find_unused_parameters"] = True
             model = DDP(model, device_ids=device_ids, **kwargs)
         super().__init__(model)
 

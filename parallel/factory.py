@@ -33,6 +33,7 @@ from parallel.zero3 import Zero3Sync
 # parallel/zero1.py, parallel/zero2.py, parallel/zero3.py, parallel/torch_twins.py.
 SHARDED_MODES = ("zero1", "zero2", "zero3", "torch-zero1", "fsdp2")
 SYNC_MODES = ("ddp", "allreduce", "overlap", "local-sgd", "diloco", *SHARDED_MODES)
+DDP_MODES = ("ddp", "torch-zero1")  # train_ddp.py wraps the model in DDP for these
 # --transport: the process group's own all-reduce, or comm/shm.py's (one node, CPU tensors).
 TRANSPORTS = ("gloo", "shm")
 TRANSPORT_MODES = ("allreduce", "overlap", "local-sgd")
@@ -128,6 +129,14 @@ def add_sync_flags(group: argparse._ArgumentGroup) -> None:
         "process group's (gloo or nccl), or shm, comm/shm.py's through shared memory (every "
         "rank on one node)",
     )
+    group.add_argument(
+        "--find-unused-parameters",
+        action="store_true",
+        help="--sync ddp and torch-zero1 only: DDP's find_unused_parameters=True, for models "
+        "where a parameter may get no gradient (a branch skipped by an `if`, a layer frozen "
+        "mid-run); costs a graph walk and an all-reduce of a per-parameter map every step. "
+        "The other modes always handle such parameters",
+    )
     add_topology_flags(group)  # --topology, --inter-node-gbps: comm/topology.py
     add_compress_flags(group)  # --comm-hook, --compress, ...: parallel/compressed.py
 
@@ -142,12 +151,14 @@ def make_sync(
     all_reduce: CommOp | None = None,
     compression: Compression = NO_COMPRESSION,
     diloco: dict | None = None,
+    find_unused_parameters: bool = False,
 ) -> Sync:
     """The strategy for `--sync mode`, around `model` (for ddp and torch-zero1, a DDP model or
     a plain one to wrap). `sync_every` is local-sgd's K; `bucket_bytes` caps the gradient
     buckets of ddp, allreduce and overlap (None: each mode's default); `all_reduce` replaces
     dist.all_reduce in allreduce, overlap and local-sgd (None: keep it); `compression` is
-    --comm-hook (ddp) or --compress (allreduce), comm/compress.py."""
+    --comm-hook (ddp) or --compress (allreduce), comm/compress.py; `find_unused_parameters`
+    is DDP's option (ddp, torch-zero1: a model to wrap is wrapped with it)."""
     if all_reduce is not None and compression.active:
         raise UsageError(
             "--topology/--transport shm and --compress/--comm-hook do not combine: the "
@@ -164,11 +175,17 @@ def make_sync(
         )
     if bucket_bytes is not None and mode in SHARDED_MODES:
         raise UsageError(f"--sync {mode} has no gradient buckets to size")
+    if find_unused_parameters and mode not in DDP_MODES:
+        raise UsageError(
+            f"--find-unused-parameters is DDP's option (--sync ddp, torch-zero1); --sync {mode} "
+            "always leaves a parameter that no rank gave a gradient unstepped"
+        )
     compression.check(mode)
+    unused = {"find_unused_parameters": find_unused_parameters}
     if mode == "ddp" and compression.active:
-        return CompressedDDPSync(model, env, compression)
+        return CompressedDDPSync(model, env, compression, **unused)
     if mode == "ddp":
-        return DDPSync(model, env, bucket_bytes)
+        return DDPSync(model, env, bucket_bytes, **unused)
     if mode == "allreduce" and compression.active:
         return CompressedAllReduceSync(model, compression)
     if mode == "allreduce":
@@ -182,7 +199,7 @@ def make_sync(
     if mode == "diloco":
         return DiLoCoSync(model, sync_every or DILOCO_EVERY, **(diloco or {}))
     if mode == "torch-zero1":
-        return TorchZero1Sync(model, env)
+        return TorchZero1Sync(model, env, **unused)
     sharded = {"zero1": Zero1Sync, "zero2": Zero2Sync, "zero3": Zero3Sync, "fsdp2": FSDP2Sync}
     return sharded[mode](model)
 
@@ -202,7 +219,14 @@ def sync_from_args(
         all_reduce=transport_all_reduce(args, env),
         compression=Compression.from_args(args),
         diloco=diloco_settings(args),
+        find_unused_parameters=args.find_unused_parameters,
     )
+
+
+def ddp_kwargs(args: argparse.Namespace) -> dict:
+    """DDP's options that train_ddp.py's flags set, for `DDP(model, ..., **ddp_kwargs(args))`
+    (--sync ddp and torch-zero1): --find-unused-parameters."""
+    return {"find_unused_parameters": True} if args.find_unused_parameters else {}
 
 
 def diloco_settings(args: argparse.Namespace) -> dict:

@@ -29,21 +29,39 @@ class LocalSGDSync(Sync):
         self.steps = 0  # optimizer steps taken in the run (also before a resume)
         broadcast_state(model)
 
-    def replica_state(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    def replica_state(
+        self, optimizer: torch.optim.Optimizer, stateful: list[bool] | None = None
+    ) -> list[torch.Tensor]:
         """What makes up a replica: parameters, floating-point buffers and the optimizer's
         per-parameter tensors (SGD's momentum buffer, Adam's moments). Integer buffers
-        (BatchNorm's batch counter) and scalar state (Adam's step) are the same on every rank.
+        (BatchNorm's batch counter) and scalar state (Adam's step) are the same on every rank
+        as long as every rank steps every parameter. `stateful`: whose optimizer state to take
+        (None: every parameter's that has some here).
         """
-        tensors = [*self.model.parameters()]
+        params = list(self.model.parameters())
+        tensors = [*params]
         tensors += [b for b in self.model.buffers() if b.is_floating_point()]
-        for p in self.model.parameters():
+        for i, p in enumerate(params):
+            if stateful is not None and not stateful[i]:
+                continue
             for value in optimizer.state.get(p, {}).values():
                 if torch.is_tensor(value) and value.is_floating_point() and value.shape == p.shape:
                     tensors.append(value)
         return tensors
 
     def _average(self, optimizer: torch.optim.Optimizer) -> None:
-        communicate(self.replica_state(optimizer), self.collective or dist.all_reduce, average=True)
+        # A parameter with no gradient on a rank is not stepped there, and before its first
+        # step it has no optimizer state: the ranks may then hold state for different
+        # parameters. Only the state every rank holds is averaged (one all-reduce of an int32
+        # per parameter tensor, every K steps); the rest stays each rank's own. With a
+        # parameter that only some ranks step, local SGD is not the one-process run anyway.
+        params = list(self.model.parameters())
+        held = [bool(optimizer.state.get(p)) for p in params]
+        held = torch.tensor(held, dtype=torch.int32, device=params[0].device)
+        dist.all_reduce(held)
+        stateful = [h == dist.get_world_size() for h in held.tolist()]
+        tensors = self.replica_state(optimizer, stateful)
+        communicate(tensors, self.collective or dist.all_reduce, average=True)
 
     def _replicas_equal(self) -> bool:
         """True when the replicas are equal: no step alone since the last average."""

@@ -13,7 +13,7 @@ from comm.communicate import (
     communicate_async,
     plan_buckets_like_ddp,
 )
-from parallel.base import GradientSync, gradients
+from parallel.base import GradientSync, drop_unused, gradients, used_anywhere
 
 # DDP's default bucket sizes: 25 MiB buckets, and a 1 MiB first one (the gradients that
 # backward produces first), so that the first all-reduce can start early.
@@ -97,13 +97,17 @@ class OverlapSync(GradientSync):
         self._ready_order = None
 
     def finish_backward(self) -> None:
-        # Buckets holding a parameter that got no gradient in this backward are still
-        # waiting: send them now (with zeros for the missing gradients).
+        # Which parameters got a gradient here, read before the buckets still waiting (those
+        # holding a parameter that got none in this backward) are sent now with zeros for
+        # the missing gradients.
+        present = [p.grad is not None for p in self.params]
         for index in range(len(self._launched), len(self.buckets)):
             self._launch(index)
+        used = used_anywhere(self.params, present)
         for pending in self._launched:
             pending.wait()
         self._launched = []
+        drop_unused(self.params, used)  # None again where no rank had a gradient
         if self._ready_order is not None and self.params:
             self._rebuild()
         self._ready = [0] * len(self.buckets)

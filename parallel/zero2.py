@@ -40,6 +40,7 @@ class Zero2Sync(Zero1Sync):
         self.grad_shard = self.flat.new_zeros(self.size)  # this rank's averaged slice
 
     def finish_backward(self) -> None:
+        used = self._used()  # which parameters some rank gave a gradient
         pad = self.size * self.world_size - self.numel
         flat_grad = flatten([*gradients(self.params), self.flat.new_zeros(pad)])
         for p in self.params:
@@ -47,7 +48,7 @@ class Zero2Sync(Zero1Sync):
         reduce_scatter_single(self.grad_shard, flat_grad)
         del flat_grad
         self.grad_shard.div_(self.world_size)
-        self.shard.grad = self.grad_shard[: self.owned]  # the padding's gradient is dropped
+        self._step_pieces(self.grad_shard, used)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         # Each rank holds its slice of the gradient: the squared norms are summed across ranks.

@@ -28,6 +28,12 @@ FSDP2 (`fully_shard`, the library twin, parallel/torch_twins.py) swaps DTensor p
 instead. Between steps nothing may read the parameters: `consolidated()` gathers every unit
 for evaluation and checkpoints. A unit whose module runs twice in one forward (weight
 sharing) is not supported.
+
+Gathering a unit is a collective, so every rank must run the same modules in the same order
+(FSDP requires the same): a branch that some ranks take and others skip hangs in its
+all-gather. A module that every rank skips, or a parameter frozen mid-run, is fine: its unit
+is reduced at finish_backward with zeros, the used map (parallel/base.used_anywhere) says no
+rank had a gradient, and its pieces keep `grad is None`, so the optimizer does not step them.
 """
 
 from __future__ import annotations
@@ -42,9 +48,15 @@ import torch.nn as nn
 
 from comm.communicate import flatten
 from comm.compat import all_gather_single, reduce_scatter_single
-from parallel.base import GradientSync, gradients
+from parallel.base import GradientSync, gradients, used_anywhere
 from parallel.clip import clip_grad_norm_
-from parallel.zero1 import flat_views, shard_range
+from parallel.zero1 import (
+    ShardOptimizer,
+    flat_views,
+    grads_to_pieces,
+    pieces_of,
+    shard_range,
+)
 
 
 class Unit:
@@ -60,7 +72,9 @@ class Unit:
         self.full = self.params[0].new_zeros(self.size * world_size)
         flat_views(self.params, self.full)
         self.padded = self.full[start : start + self.size].clone()  # kept: this rank's slice
-        self.shard = nn.Parameter(self.padded[:owned])  # what the optimizer steps
+        self.shard = nn.Parameter(self.padded[:owned])  # this rank's real elements
+        self.pieces = pieces_of(self.params, self.shard, start)  # what the optimizer steps
+        self.present = [False] * len(self.params)  # which got a gradient here (at reduce)
         self.grad_shard = self.full.new_zeros(self.size)
         self.ready = 0  # parameters whose gradient this backward has accumulated
         self.reduced = False
@@ -82,6 +96,7 @@ class Unit:
 
     def reduce(self) -> None:
         """Average the unit's gradient across ranks, keep this rank's slice, free the rest."""
+        self.present = [p.grad is not None for p in self.params]  # before the zeros
         pad = self.full.new_zeros(self.size * self.world_size - self.numel)
         flat_grad = flatten([*gradients(self.params), pad])
         for p in self.params:
@@ -107,6 +122,7 @@ class Zero3Sync(GradientSync):
         ]
         self.held = False  # inside consolidated(): every unit stays gathered
         self.on_gather = None  # test hook: called after each gather (the memory oracle)
+        self.optimizer: ShardOptimizer | None = None
         for unit in self.units:
             unit.module.register_forward_pre_hook(functools.partial(self._before, unit))
             unit.module.register_forward_hook(functools.partial(self._after, unit))
@@ -114,7 +130,8 @@ class Zero3Sync(GradientSync):
                 p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, unit))
 
     def make_optimizer(self, cls: type[torch.optim.Optimizer], kwargs: dict):
-        return cls([unit.shard for unit in self.units], **kwargs)
+        self.optimizer = ShardOptimizer([(u.shard, u.pieces) for u in self.units], cls, kwargs)
+        return self.optimizer
 
     def _gather(self, unit: Unit) -> None:
         if not self.held:
@@ -152,6 +169,19 @@ class Zero3Sync(GradientSync):
             unit.reduced, unit.ready = False, 0
             if not self.held:
                 unit.free()
+        # Which parameters some rank had a gradient for: one all-reduce for every unit.
+        params = [p for unit in self.units for p in unit.params]
+        used = used_anywhere(params, [x for unit in self.units for x in unit.present])
+        for unit in self.units:
+            mine, used = used[: len(unit.params)], used[len(unit.params) :]
+            grads_to_pieces(unit.pieces, unit.grad_shard, mine)
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        with super().no_sync():
+            yield
+        for unit in self.units:  # count the next backward's gradients from zero
+            unit.ready = 0
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         # Each rank holds its slice of every unit's gradient: squared norms summed across ranks.
@@ -176,4 +206,6 @@ class Zero3Sync(GradientSync):
         return {f"unit{i}": (unit.shard, unit.numel) for i, unit in enumerate(self.units)}
 
     def after_load(self) -> None:
-        pass  # each unit is gathered from its (just loaded) slices when next used
+        # Each unit is gathered from its (just loaded) slices when next used.
+        if self.optimizer is not None:
+            self.optimizer.after_load()

@@ -18,6 +18,12 @@ Fixes, each with a price:
   the set never changing (same code path every step). Pays the traversal once.
 - Best, when possible: remove the unused parameter from the model DDP wraps.
 
+In train_ddp.py the first fix is `--find-unused-parameters` (--sync ddp, torch-zero1). The
+hand-made --sync modes (parallel/) need no flag: they all-reduce which parameters got a
+gradient (parallel/base.used_anywhere), so one that no rank gave a gradient keeps `grad is
+None` and is not stepped, as under DDP with the flag and in one process
+(tests/test_parallel_base.py).
+
 The right run trains with both flags and with a model that simply has no unused head, checks
 that all three end with the same parameters, and prints milliseconds per step of each
 (noisy on a busy CPU: compare them within one run, not across machines).

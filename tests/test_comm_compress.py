@@ -167,7 +167,12 @@ def test_bytes_per_step_from_the_tracer(world):
                     want = size * compress.powersgd_elements(r[name]["shapes"], rank)
                 else:
                     want = full
-                assert s["hook_bytes"] == s["made_bytes"] == want, (name, step, s)
+                # The hand-made side also all-reduces its used map: an int32 per parameter
+                # tensor (parallel/base.used_anywhere; DDP sends one only with
+                # find_unused_parameters=True).
+                used_map = 4 * len(r[name]["shapes"])
+                assert s["hook_bytes"] == want, (name, step, s)
+                assert s["made_bytes"] == want + used_map, (name, step, s)
 
 
 def mean_over_ranks(per_rank: list[list[torch.Tensor]]) -> list[torch.Tensor]:

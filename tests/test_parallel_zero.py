@@ -12,7 +12,8 @@ from the tensors' storages) and the collectives of one step (comm/tracer.py). Th
 - zero3: between steps the parameter storage is the per-unit slices, at most ceil(P/W) + one
   element per unit, and while training at most one gathered unit more;
 - traffic: the collectives of one step and their payloads, exactly; the bytes each rank
-  sends (the tracer's ring model) equal the formulas of docs/ddp-to-fsdp.md.
+  sends (the tracer's ring model) equal the formulas of docs/ddp-to-fsdp.md, plus the
+  hand-made modes' used map (an int32 per parameter tensor, parallel/base.used_anywhere).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def small_model() -> nn.Module:
 
 UNITS = [140, 1267, 32]
 P = sum(UNITS)
+# The used map (parallel/base.used_anywhere): one int32 per parameter tensor, 6 of them.
+USED_MAP = ("all_reduce", 6 * 4)
 
 
 def batch(rank: int, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,25 +220,34 @@ def test_traffic_per_step_is_the_formula(ranks):
         assert [kind for kind, _ in ddp["events"]] == ["all_reduce"]  # one bucket: P < 25 MiB
         assert ddp["events"][0][1] == ddp_bytes
         assert math.isclose(ddp["sent"], 2 * (w - 1) / w * ddp_bytes, rel_tol=1e-12)
+        used_map = bus_factor("all_reduce", w) * USED_MAP[1]
         zero1 = rank["zero1", "adamw", 1]
-        assert zero1["events"] == [("all_reduce", ddp_bytes), ("all_gather", w * s * ELEMENT)]
-        sent = bus_factor("all_reduce", w) * ddp_bytes + (w - 1) * s * ELEMENT
+        assert zero1["events"] == [
+            ("all_reduce", ddp_bytes),
+            USED_MAP,
+            ("all_gather", w * s * ELEMENT),
+        ]
+        sent = bus_factor("all_reduce", w) * ddp_bytes + (w - 1) * s * ELEMENT + used_map
         assert math.isclose(zero1["sent"], sent, rel_tol=1e-12)
         zero2 = rank["zero2", "adamw", 1]
         assert zero2["events"] == [
+            USED_MAP,
             ("reduce_scatter", w * s * ELEMENT),
             ("all_gather", w * s * ELEMENT),
         ]
-        assert math.isclose(zero2["sent"], 2 * (w - 1) * s * ELEMENT, rel_tol=1e-12)
+        sent = 2 * (w - 1) * s * ELEMENT + used_map
+        assert math.isclose(zero2["sent"], sent, rel_tol=1e-12)
         zero3 = rank["zero3", "adamw", 1]
         units = [w * math.ceil(u / w) * ELEMENT for u in UNITS]
         forward = [("all_gather", b) for b in units]
         assert zero3["events"][: len(UNITS)] == forward
-        backward = sorted(zero3["events"][len(UNITS) :])
+        assert zero3["events"][-1] == USED_MAP  # after the last unit's reduce-scatter
+        backward = sorted(zero3["events"][len(UNITS) : -1])
         assert backward == sorted(
             [("all_gather", b) for b in units] + [("reduce_scatter", b) for b in units]
         )
-        assert math.isclose(zero3["sent"], 3 * (w - 1) / w * sum(units), rel_tol=1e-12)
+        sent = 3 * (w - 1) / w * sum(units) + used_map
+        assert math.isclose(zero3["sent"], sent, rel_tol=1e-12)
 
 
 @pytest.mark.slow
