@@ -31,7 +31,7 @@ from core.errors import UsageError, exit_on_error, run_cli
 from data.datasets import build_datasets, download_once
 from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
 from parallel.clip import GradClip
-from parallel.factory import sync_from_args
+from parallel.factory import ddp_kwargs, sync_from_args
 from training.checkpoint import param_checksum, unwrap
 from training.cli import add_extension_flags, make_parser, validate
 from training.faults import fault_hook
@@ -146,7 +146,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     model = model.to(env.device, dtype)
     if args.sync in ("ddp", "torch-zero1"):  # torch-zero1: DDP, ZeroRedundancyOptimizer's step
         # Broadcasts rank 0's weights now; then backward all-reduces gradient buckets as they fill
-        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        model = DDP(model, device_ids=env.device_ids, **ddp_kwargs(args))  # this rank's GPU
     sync = sync_from_args(args, model, env)  # --sync: parallel/factory.py (ddp: hands DDP on)
     optimizer = make_optimizer(model, args, sync)  # the sharded --sync modes: this rank's shard
     scheduler = make_scheduler(optimizer, args, steps.total)

@@ -61,6 +61,11 @@ class DistEnv:
         which exists once per node."""
         return self.rank == 0
 
+    @property
+    def device_ids(self) -> list[int] | None:
+        """DDP's `device_ids`: this rank's one GPU, or None on the CPU."""
+        return [self.device.index] if self.device.type == "cuda" else None
+
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
