@@ -75,25 +75,30 @@ def expected_bytes(mode: str, model: torch.nn.Module, world: int, element: int) 
 
     Flat shards (zero1/2, one buffer for the model; zero3, one per unit) are padded to W x S
     with S = ceil(n / W); rank 0's slice is never short. FSDP2 shards each tensor along its
-    first dimension, padded to a multiple of W rows. The hand-made modes broadcast rank 0's
+    first dimension, padded to a multiple of W rows. The hand-made modes extra rank 0's
     buffers (BatchNorm statistics) before each training forward, as DDP does (DDP's own
-    broadcast runs in C++, where the tracer does not see it: not counted for ddp)."""
+    extra runs in C++, where the tracer does not see it: not counted for ddp), and
+    all-reduce which parameters got a gradient."""
     units = _units(model)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    broadcast = 0 if mode in ("ddp", "fsdp2") else buffers  # a broadcast sends its payload
+    extra = 0 if mode in ("ddp", "fsdp2") else buffers  # a broadcast sends its payload
+    # The hand-made modes agree which parameters got a gradient: one int32 per tensor,
+    # all-reduced once per step (parallel/base.py's used_anywhere).
+    if mode not in ("ddp", "fsdp2"):
+        extra += 2 * (world - 1) * 4 * sum(len(u) for u in units) / world
     p = sum(t.numel() for u in units for t in u)
     s = -(-p // world)
     all_reduce = 2 * (world - 1) * p * element / world
     if mode in ("ddp", "allreduce"):
         return dict(params=p * element, grads=p * element, optimizer=2 * p * element,
-                    sent=all_reduce + broadcast)  # fmt: skip
+                    sent=all_reduce + extra)  # fmt: skip
     if mode == "zero1":  # all-reduce the gradients, step a slice, all-gather the parameters
-        sent = all_reduce + (world - 1) * s * element + broadcast
+        sent = all_reduce + (world - 1) * s * element + extra
         return dict(params=world * s * element, grads=world * s * element,
                     optimizer=2 * s * element, sent=sent)  # fmt: skip
     if mode == "zero2":  # reduce-scatter the gradients instead: only the slice is kept
         return dict(params=world * s * element, grads=s * element, optimizer=2 * s * element,
-                    sent=2 * (world - 1) * s * element + broadcast)  # fmt: skip
+                    sent=2 * (world - 1) * s * element + extra)  # fmt: skip
     if mode == "zero3":  # per unit: all-gather in forward and backward, reduce-scatter
         slices = sum(-(-sum(t.numel() for t in u) // world) for u in units)
     elif mode == "fsdp2":  # the same three collectives, per tensor row-padded shards
@@ -102,4 +107,4 @@ def expected_bytes(mode: str, model: torch.nn.Module, world: int, element: int) 
     else:
         raise ValueError(f"no formula for --sync {mode}")
     return dict(params=slices * element, grads=slices * element, optimizer=2 * slices * element,
-                sent=3 * (world - 1) * slices * element + broadcast)  # fmt: skip
+                sent=3 * (world - 1) * slices * element + extra)  # fmt: skip
