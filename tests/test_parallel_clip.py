@@ -43,13 +43,17 @@ from training.checkpoint import load_checkpoint, unwrap
 WORLD = 3
 MAX_NORM = 0.05  # below every norm here (global 0.55 and 0.69, per rank 0.79 to 1.25)
 LR = 0.5
+# The modes with no gradient sync clip each rank's own gradient.
+LOCAL_MODES = ("local-sgd", "diloco")
 # Where the gradient is sharded, the global norm takes one all-reduce; elsewhere none.
 REDUCED = {"zero2", "zero3", "fsdp2"}
 
 
 def one_step(rank: int, world_size: int, mode: str, accum: int) -> dict:
     env = DistEnv(rank, rank, world_size, world_size, "gloo", torch.device("cpu"))
-    sync = make_sync(mode, small_model(), env)
+    # diloco with H = 1, outer lr 1 and no outer momentum: local SGD averaging every step
+    plain = {"sync_every": 1, "diloco": {"outer_lr": 1.0, "outer_momentum": 0.0}}
+    sync = make_sync(mode, small_model(), env, **(plain if mode == "diloco" else {}))
     optimizer = sync.make_optimizer(torch.optim.SGD, {"lr": LR})
     for micro in range(accum):
         x, y = batch(rank, 0, micro)
@@ -125,7 +129,7 @@ def test_every_mode_clips_the_global_norm_once(steps, accum):
     assert global_norms[0] > MAX_NORM and min(local_norms) > MAX_NORM  # clipping is active
     assert max_diff(global_params, local_params) > 1e-3  # the two oracles differ: test power
     for mode in SYNC_MODES:
-        local = mode == "local-sgd"
+        local = mode in LOCAL_MODES
         norms, params = (local_norms, local_params) if local else (global_norms, global_params)
         for rank, result in enumerate(r[mode, accum] for r in steps):
             norm = norms[rank] if local else norms[0]
@@ -266,7 +270,7 @@ def test_train_dp_and_ddp_clip_alike(reference, tmp_path):
     check_e2e(reference, per_rank, tmp_path, runs)
 
 
-OTHER_MODES = [m for m in SYNC_MODES if m not in ("ddp", "local-sgd")]
+OTHER_MODES = [m for m in SYNC_MODES if m not in ("ddp", *LOCAL_MODES)]
 SWEEP = [(f"{mode}{suffix}", ["--sync", mode, *flags])
          for mode in OTHER_MODES for suffix, flags in (("", PLAIN), ("-accum", ACCUM))]  # fmt: skip
 SWEEP.append(("local-sgd", ["--sync", "local-sgd", "--sync-every", "1", *PLAIN]))
