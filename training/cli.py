@@ -259,6 +259,13 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
         )
     if args.amp == "fp16" and not cuda:
         raise UsageError("--amp fp16 needs CUDA (use --amp bf16 on CPU)")
+    if args.amp == "fp16" and getattr(args, "sync", None) == "local-sgd":  # train_ddp.py's
+        # Each rank's GradScaler sees only its own gradients between averages, so the ranks
+        # skip different steps and scale by different factors: the replicas drift apart.
+        raise UsageError(
+            "--sync local-sgd cannot use --amp fp16 (each rank's loss scaler would "
+            "skip other steps); use --amp bf16, which needs no scaler"
+        )
     if args.amp != "none" and args.dtype != "float32":
         raise UsageError(f"--amp {args.amp} goes with --dtype float32, not {args.dtype}")
     if args.dataset != "synthetic" and not args.data_dir:
