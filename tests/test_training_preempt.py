@@ -14,6 +14,7 @@ import random
 import re
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -137,15 +138,22 @@ def test_one_process_stops_on_sigusr1_and_restores_the_handlers(tmp_path, capsys
 def test_a_rank_that_got_no_signal_stops_with_the_one_that_did(tmp_path):
     """Preemption.requested() is the ranks' agreement: only rank 1 is signalled, both see it
     after the same step (the all-reduce of the signal number). Also through the gloo group
-    that an NCCL job makes for it (the job's backend is named nccl here; the group is gloo)."""
-    results = run_world(_agree, 2, timeout=60)
-    assert results == [[[False, False, True, True]] * 2] * 2
+    that an NCCL job makes for it (the job's backend is named nccl here; the group is gloo),
+    which has the job's timeout: a peer that stops calling requested() fails it after the
+    job's PG_TIMEOUT seconds, not after gloo's default 30 minutes."""
+    results = run_world(_agree, 2, str(tmp_path / "store"), timeout=90, pg_timeout=PG_TIMEOUT)
+    assert [runs for runs, _ in results] == [[[False, False, True, True]] * 2] * 2
+    waited = results[0][1]
+    assert PG_TIMEOUT - 0.5 < waited < PG_TIMEOUT + 10, waited  # 10: a loaded machine
 
 
-def _agree(rank: int, world_size: int) -> list[list[bool]]:
+PG_TIMEOUT = 6.0
+
+
+def _agree(rank: int, world_size: int, store_path: str) -> tuple[list[list[bool]], float]:
     from core.dist import resolve
 
-    runs = []
+    runs, waited = [], 0.0
     for env in (resolve(), dataclasses.replace(resolve(), backend="nccl")):
         seen = []
         with Preemption("USR1", env) as preempt:
@@ -156,7 +164,18 @@ def _agree(rank: int, world_size: int) -> list[list[bool]]:
                 seen.append(preempt.requested())
         assert preempt.agreed == signal.SIGUSR1
         runs.append(seen)
-    return runs
+    # Rank 1 stays alive (a closed socket would fail rank 0 at once) but calls nothing.
+    store = torch.distributed.FileStore(store_path, world_size)
+    with Preemption("none", dataclasses.replace(resolve(), backend="nccl")) as preempt:
+        if rank == 0:
+            start = time.monotonic()
+            with pytest.raises(RuntimeError):
+                preempt.requested()
+            waited = time.monotonic() - start
+            store.set("rank 0 timed out", "1")
+        else:
+            store.wait(["rank 0 timed out"], timedelta(seconds=60))
+    return runs, waited
 
 
 # ------------------------------------------------------------------ the random trials
