@@ -13,6 +13,8 @@ import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +27,7 @@ import train_dp
 from core.errors import run_cli
 from core.processes import descendants
 from tests.multiproc import PYTHON, Live, run_world
+from tests.test_launch_scripts import LOOPBACK, UNSET, free_port
 from training.checkpoint import load_checkpoint
 from training.preempt import Preemption
 
@@ -239,3 +242,56 @@ def test_ten_random_preemptions_lose_nothing(tmp_path):
         assert _assert_whole_checkpoints(Path(out_dir)), what
         _assert_same_parameters(Path(out_dir), straight, what)
     print("\n".join(what for _, _, what in trials))
+
+
+# ------------------------------------------- SIGUSR1 the documented way (docs/launching.md)
+
+LAUNCHERS = {
+    # launch/*.sh: signal the script, or its process group (which holds the agent, not the
+    # ranks: torchrun starts each rank in a session of its own); it passes USR1 to the ranks.
+    "multi_node.sh, its process group": (
+        ["bash", "launch/multi_node.sh"],
+        lambda job: os.killpg(job.proc.pid, signal.SIGUSR1),
+    ),
+    "cpu_sim.sh, the script": (
+        ["bash", "launch/cpu_sim.sh", "2"],
+        lambda job: os.kill(job.proc.pid, signal.SIGUSR1),
+    ),
+    # Plain torchrun: the ranks, the agent's children (USR1 to torchrun itself would end it).
+    "torchrun, pkill -USR1 -P <torchrun>": (
+        [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "train_ddp.py",
+        ],  # fmt: skip
+        lambda job: subprocess.run(["pkill", "-USR1", "-P", str(job.proc.pid)], check=True),
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over the loopback interface 'lo'")
+@pytest.mark.parametrize("way", LAUNCHERS)
+def test_sigusr1_sent_the_documented_way_stops_every_rank(tmp_path, way):
+    """Every rank stops after the same step (the job exits 0, which it cannot while one rank
+    trains on) with the preemption line and a checkpoint of that step."""
+    argv, send = LAUNCHERS[way]
+    env = {
+        **UNSET, "PYTHON": PYTHON, "TRAIN_SLOW": "step:0.1", "NNODES": "1", "NPROC": "2",
+        "BACKEND": "gloo", "GLOO_SOCKET_IFNAME": LOOPBACK, "LOCAL_ADDR": "127.0.0.1",
+        "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+    }  # fmt: skip
+    deadline = time.monotonic() + 120
+    job = Live([*argv, *FLAGS, "--out-dir", str(tmp_path)], env)
+    assert job.wait_for(r"^step 3 ", deadline), job.output()
+    send(job)
+    status = job.finish(deadline)
+    out = job.output()
+    assert status == 0, out
+    (stop,) = STOPPED.findall(out)
+    assert stop[0] == "SIGUSR1" and 3 <= int(stop[1]) < STEPS, out
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == int(stop[1])
+    assert not (tmp_path / "summary.json").exists()
