@@ -14,10 +14,11 @@ from training.cli import validate
 ON_A_GPU = DistEnv(0, 0, 1, 1, "nccl", torch.device("cuda", 0))
 
 
-def test_local_sgd_refuses_fp16_autocast_and_other_modes_take_it():
-    """Per-rank loss scalers would skip different steps between local-SGD's averages."""
+def test_local_sgd_and_diloco_refuse_fp16_autocast_and_other_modes_take_it():
+    """Per-rank loss scalers would skip different steps between the averages."""
     validate(train_ddp.parse_args(["--sync", "allreduce", "--amp", "fp16"]), ON_A_GPU)
     validate(train_ddp.parse_args(["--sync", "local-sgd", "--amp", "bf16"]), ON_A_GPU)
-    args = train_ddp.parse_args(["--sync", "local-sgd", "--amp", "fp16"])
-    with pytest.raises(UsageError, match="--sync local-sgd cannot use --amp fp16"):
-        validate(args, ON_A_GPU)
+    for mode in ("local-sgd", "diloco"):
+        args = train_ddp.parse_args(["--sync", mode, "--amp", "fp16"])
+        with pytest.raises(UsageError, match=f"--sync {mode} cannot use --amp fp16"):
+            validate(args, ON_A_GPU)

@@ -259,11 +259,12 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
         )
     if args.amp == "fp16" and not cuda:
         raise UsageError("--amp fp16 needs CUDA (use --amp bf16 on CPU)")
-    if args.amp == "fp16" and getattr(args, "sync", None) == "local-sgd":  # train_ddp.py's
-        # Each rank's GradScaler sees only its own gradients between averages, so the ranks
-        # skip different steps and scale by different factors: the replicas drift apart.
+    if args.amp == "fp16" and getattr(args, "sync", None) in ("local-sgd", "diloco"):
+        # train_ddp.py's modes whose ranks step alone between averages: each rank's GradScaler
+        # sees only its own gradients, so the ranks skip different steps and scale by
+        # different factors, and a checkpoint keeps rank 0's scaler only.
         raise UsageError(
-            "--sync local-sgd cannot use --amp fp16 (each rank's loss scaler would "
+            f"--sync {args.sync} cannot use --amp fp16 (each rank's loss scaler would "
             "skip other steps); use --amp bf16, which needs no scaler"
         )
     if args.amp != "none" and args.dtype != "float32":
