@@ -413,7 +413,13 @@ class CommTracer:
                     "tracer_seconds": self.steps[len(steps)]["comm/seconds"],
                 }
             )
-        return {"rank": self.rank, "world_size": self.world_size, "steps": steps}
+        backend = dist.get_backend() if dist.is_initialized() else None  # nccl: launch times
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "backend": backend,
+            "steps": steps,
+        }
 
     def write_timeline(self, path: Path) -> None:
         """`timeline()` as JSON, written atomically (a reader never sees half a file)."""

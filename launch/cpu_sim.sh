@@ -51,14 +51,10 @@ fi
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 rdzv_file=$(mktemp "${TMPDIR:-/tmp}/cpu_sim_rdzv.XXXXXX")  # mode 600; removed at exit
 trap 'rm -f "$rdzv_file"' EXIT
-"$PYTHON" -m torch.distributed.run --nnodes 1 --nproc-per-node "$nproc" \
+# Not exec'd: the file must be removed after it, and signals must be passed on (run_agent.sh:
+# TERM, INT, HUP to torchrun, which stops the ranks; USR1, USR2 to the ranks themselves).
+# shellcheck source=launch/run_agent.sh
+source "$root/launch/run_agent.sh"
+run_agent "$PYTHON" -m torch.distributed.run --nnodes 1 --nproc-per-node "$nproc" \
   --rdzv-backend c10d --rdzv-endpoint "$rdzv_file" --rdzv-conf store_type=file \
-  --local-addr 127.0.0.1 "$root/train_ddp.py" --backend gloo "$@" &
-torchrun=$!
-# Not exec'd (the file must be removed after it), so pass a stop on to torchrun, which
-# stops the ranks; `wait` returns early on a signal, so wait until torchrun has ended.
-trap 'kill -TERM "$torchrun" 2>/dev/null || true' TERM INT HUP
-status=0
-wait "$torchrun" || status=$?
-while kill -0 "$torchrun" 2>/dev/null; do wait "$torchrun" || status=$?; done
-exit "$status"
+  --local-addr 127.0.0.1 "$root/train_ddp.py" --backend gloo "$@"

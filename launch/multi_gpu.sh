@@ -42,5 +42,9 @@ if [[ -n ${LOG_DIR:-} ]]; then
 fi
 
 # --standalone: a private rendezvous on a free localhost port, no port to collide with.
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$nproc" "${logs[@]}" \
-  "$root/train_ddp.py" --backend "${BACKEND:-nccl}" "$@"
+# run_agent.sh passes signals on: TERM, INT, HUP to torchrun, which stops the ranks; USR1,
+# USR2 (preemption warnings) to the ranks themselves, which save and stop.
+# shellcheck source=launch/run_agent.sh
+source "$root/launch/run_agent.sh"
+run_agent "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$nproc" \
+  "${logs[@]}" "$root/train_ddp.py" --backend "${BACKEND:-nccl}" "$@"

@@ -103,12 +103,13 @@ fi
 # attempt is read again (tests/test_launch_restarts.py: kill trials end bit-identical).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
-# SIGUSR1 and SIGUSR2 are train_ddp.py's preemption warnings (--preempt-signal): SLURM sends
-# them to every process of the job step, the ranks save and stop, and the agent must not die
-# of them (torchrun does not handle them: their default action ends a process). Ignored here,
-# they are ignored by the agent; the ranks install their own handler.
-trap '' USR1 USR2
-exec "$PYTHON" -m torch.distributed.run \
+# Signals are passed on (run_agent.sh): TERM, INT, HUP to torchrun, which stops the ranks;
+# SIGUSR1 and SIGUSR2, train_ddp.py's preemption warnings (--preempt-signal), to the ranks
+# themselves, which save and stop. torchrun ignores those two: under SLURM, which sends them
+# to every process of the job step, the agent must not die of them.
+# shellcheck source=launch/run_agent.sh
+source "$root/launch/run_agent.sh"
+run_agent "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --nproc-per-node "$nproc" \
   "${rdzv[@]}" --max-restarts "${MAX_RESTARTS:-0}" "${logs[@]}" \
   "$root/train_ddp.py" --backend "${BACKEND:-nccl}" "$@"

@@ -25,8 +25,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -57,12 +59,16 @@ class FSDP2Sync(Sync):
         broadcast_state(model)  # fully_shard keeps each rank's own values: start from rank 0's
         # A parameter-less copy on the meta device: consolidated() fills it with the full model.
         self._template = copy.deepcopy(model).to("meta")
+        # The mesh of the device the model is on, not fully_shard's default: that one is on
+        # torch's accelerator, a GPU wherever one exists, and moves the parameters there,
+        # while --backend gloo computes (and feeds its batches) on the CPU.
+        self._device = next(model.parameters()).device
+        mesh = init_device_mesh(self._device.type, (dist.get_world_size(),))
         for module in model.modules():
             if module is not model and any(True for _ in module.parameters(recurse=False)):
-                fully_shard(module)
-        fully_shard(model)
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         super().__init__(model)
-        self._device = next(model.parameters()).device
         self._plain: nn.Module | None = None
 
     @property

@@ -25,6 +25,11 @@ after the first backward, and the first step of any run pays for warm-up.
 On a CPU box the "hidden" collectives still take CPU time from the computation they overlap
 (gloo works in its own threads on the same cores): the fraction says how much communication
 the step did not *wait* for, not that it was free.
+
+The times are the host's clock, which sees gloo's transfers but only NCCL's launches: an NCCL
+call returns (and its future completes) once its kernel is queued on the GPU, so every
+collective would look instant and hidden. Timelines of NCCL runs are refused;
+`train_ddp.py --profile` records the GPU's own times (kernels and NCCL transfers per stream).
 """
 
 from __future__ import annotations
@@ -115,6 +120,11 @@ def load(out_dir: Path) -> list[dict]:
             ranks.append(json.loads(f.read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise UsageError(f"cannot read {f}: {e}") from None
+        if isinstance(ranks[-1], dict) and ranks[-1].get("backend") == "nccl":
+            raise UsageError(
+                f"{f} is from an NCCL run, whose collectives the host's clock sees only being "
+                "queued (every one would look hidden): use train_ddp.py --profile for GPU times"
+            )
     return ranks
 
 

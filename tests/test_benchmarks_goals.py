@@ -2,10 +2,31 @@
 times every goal once, about a minute on a loaded 2-core box)."""
 
 import csv
+import types
 
 import pytest
+import torch
 
+from benchmarks import bench_goals
+from core.dist import DistEnv
 from tests.multiproc import PYTHON, run_cmd
+
+
+def test_rank_local_timings_wait_for_the_gpu(monkeypatch):
+    """fastest() on a (pretend) GPU: each round starts on an idle device and its clock is
+    read after the last kernel, not after the last launch; on the CPU nothing waits."""
+    seen: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: seen.append("sync"))
+    clock = types.SimpleNamespace(perf_counter=lambda: seen.append("clock") or 0.0)
+    monkeypatch.setattr(bench_goals, "time", clock)
+    monkeypatch.setattr(bench_goals, "slowest", lambda seconds, device: seconds)  # one rank
+    gpu = DistEnv(0, 0, 1, 1, "nccl", torch.device("cuda", 0))
+    bench_goals.fastest(lambda: seen.append("launch"), 2, gpu)
+    assert seen == ["sync", "clock", "launch", "launch", "sync", "clock"] * 5
+    seen.clear()
+    cpu = DistEnv(0, 0, 1, 1, "gloo", torch.device("cpu"))
+    bench_goals.fastest(lambda: seen.append("launch"), 2, cpu)
+    assert seen == ["clock", "launch", "launch", "clock"] * 5
 
 
 @pytest.mark.slow

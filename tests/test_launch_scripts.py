@@ -107,11 +107,13 @@ def single_node(tmp_path_factory) -> Iterator[Future[Path]]:
 
 
 def test_every_launch_script_is_tested_and_parses():
-    # A new recipe in launch/ must get a test here (spawn.py is run by its own test).
+    # A new recipe in launch/ must get a test here (spawn.py is run by its own test; the
+    # scripts source run_agent.sh, and tests/test_training_preempt.py signals it).
     found = sorted(p.name for p in LAUNCH.iterdir() if p.name != "__pycache__")
-    assert found == sorted([*SCRIPTS, "spawn.py"])
+    assert found == sorted([*SCRIPTS, "spawn.py", "run_agent.sh"])
     for name in SCRIPTS:
         assert os.access(LAUNCH / name, os.X_OK), f"launch/{name} is not executable"
+    for name in [*SCRIPTS, "run_agent.sh"]:
         check = subprocess.run(["bash", "-n", str(LAUNCH / name)], capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
 
@@ -119,7 +121,10 @@ def test_every_launch_script_is_tested_and_parses():
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shellcheck():
     check = subprocess.run(
-        ["shellcheck", *(str(LAUNCH / name) for name in SCRIPTS)], capture_output=True, text=True
+        ["shellcheck", "-x", *(str(LAUNCH / name) for name in SCRIPTS)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,  # -x: follow `source` lines, whose paths are relative to the checkout
     )
     assert check.returncode == 0, check.stdout + check.stderr
 

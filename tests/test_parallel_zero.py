@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import math
 from contextlib import nullcontext
+from unittest import mock
 
 import pytest
 import torch
@@ -111,6 +112,10 @@ def world(rank: int, world_size: int, configs: list[tuple[str, int]]) -> dict:
     for optimizer, accum in configs:
         for mode in MODES:
             results[mode, optimizer, accum] = train(rank, world_size, mode, optimizer, accum)
+    # On a host where torch's accelerator is CUDA, gloo ranks still compute fsdp2 on the CPU,
+    # where the model and the batches are (fully_shard's default mesh would be CUDA's).
+    with mock.patch("torch._C._get_accelerator", lambda: torch.device("cuda")):
+        results["fsdp2 on a GPU host", *configs[0]] = train(rank, world_size, "fsdp2", *configs[0])
     dist.barrier()
     return results
 
@@ -166,6 +171,15 @@ def test_every_sharded_mode_reaches_ddps_parameters(ranks):
 
 
 @pytest.mark.oracle
+def test_fsdp2_computes_where_the_model_is_on_a_gpu_host(ranks):
+    """The same run as on a CPU host, bit for bit: nothing moved to the (pretend) GPU."""
+    _, results = ranks
+    for rank in results:
+        (key,) = [key for key in rank if key[0] == "fsdp2 on a GPU host"]
+        got, want = rank[key]["params"], rank["fsdp2", *key[1:]]["params"]
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_optimizer_state_is_sharded_exactly(ranks):
     world_size, results = ranks
     configs = {(optimizer, accum) for _, optimizer, accum in results[0]}

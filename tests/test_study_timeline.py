@@ -15,6 +15,7 @@ is why the batch is large and the layers narrow); the bound is 0.3.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import pytest
@@ -85,8 +86,6 @@ def test_numbers_are_consistent_with_the_tracer(runs):
 
 
 def test_buckets_and_phases_of_every_step(runs):
-    import json
-
     # allreduce: communicate() with a 64 KiB cap, in definition order: each weight, each bias
     # alone. overlap: DDP's rule in gradient-ready order, a bias with its weight.
     buckets = {
@@ -95,7 +94,7 @@ def test_buckets_and_phases_of_every_step(runs):
     }
     for mode, (_, out_dir) in runs.items():
         rank0 = json.loads((out_dir / "timeline" / "rank0.json").read_text())
-        assert len(rank0["steps"]) == STEPS
+        assert len(rank0["steps"]) == STEPS and rank0["backend"] == "gloo"
         for step in rank0["steps"][1:]:
             assert [p[0] for p in step["phases"]] == ["forward", "backward", "optimizer"]
             assert [c["bytes"] for c in step["comm"]] == buckets[mode]
@@ -116,6 +115,15 @@ def test_interval_arithmetic():
 
 def test_refuses_a_directory_without_a_timeline(tmp_path):
     with pytest.raises(UsageError, match="no timeline"):
+        timeline.main([str(tmp_path)])
+
+
+def test_refuses_the_timeline_of_an_nccl_run(tmp_path):
+    """Host times of NCCL calls are launch times: the overlap they show would be false."""
+    (tmp_path / "timeline").mkdir()
+    rank0 = {"rank": 0, "world_size": 1, "backend": "nccl", "steps": []}
+    (tmp_path / "timeline" / "rank0.json").write_text(json.dumps(rank0))
+    with pytest.raises(UsageError, match="from an NCCL run.*--profile"):
         timeline.main([str(tmp_path)])
 
 

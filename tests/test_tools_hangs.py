@@ -177,18 +177,60 @@ def test_monitored_barrier_names_the_missing_rank() -> None:
 # ---------------------------------------------------------------------------- doctor
 
 
-def _doctor_checks(rank: int, world_size: int) -> dict:
+def _doctor_checks(rank: int, world_size: int) -> list[dict]:
+    import torch.distributed as dist
+
     from tools.doctor import checks
 
-    return checks(rank, world_size, mib=0.01)
+    # In the job's group, and in a gloo group of its own (what the doctor adds under NCCL).
+    side = dist.new_group(backend="gloo")
+    return [checks(rank, world_size, mib=0.01), checks(rank, world_size, mib=0.01, group=side)]
 
 
 @pytest.mark.oracle
 def test_doctor_checks_against_closed_forms() -> None:
     results = run_world(_doctor_checks, 3, timeout=60, pg_timeout=10)
-    for v in results:
+    for v in (v for rank in results for v in rank):
         assert v["checksum"] == 6.0 and v["checksum_ok"]  # 1 + 2 + 3 = W(W+1)/2, exact
         assert v["ring_ok"] and v["barrier_s"] >= 0 and v["ring_s"] > 0
+
+
+def test_doctor_times_a_gpu_from_idle_to_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a (pretend) GPU the clock is read only after torch.cuda.synchronize: the work
+    queued before is not counted, the kernels launched are. On the CPU nothing waits."""
+    import types
+
+    import torch
+
+    from tools import doctor
+
+    seen: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: seen.append("sync"))
+    clock = types.SimpleNamespace(perf_counter=lambda: seen.append("clock") or 0.0)
+    monkeypatch.setattr(doctor, "time", clock)
+    doctor._timed(lambda: seen.append("launch"), torch.device("cuda", 0))
+    assert seen == ["sync", "clock", "launch", "sync", "clock"]
+    seen.clear()
+    doctor._timed(lambda: seen.append("launch"), torch.device("cpu"))
+    assert seen == ["clock", "launch", "clock"]
+
+
+@pytest.mark.gpu(2)
+def test_doctor_checks_nccl_and_its_gloo_side_group_on_two_gpus() -> None:
+    result = torchrun(["-m", "tools.doctor", "--mib", "1"], timeout=180, gpus=True, check=True)
+    for rank in range(2):
+        for backend in ("nccl", "gloo"):
+            assert re.search(
+                rf"rank {rank} on .*, {backend}: .*\(sum 3, ok\).*\(ok\)", result.stdout
+            )
+    assert "doctor: ok (2 rank(s) on 1 host(s), nccl and gloo, checksum 3)" in result.stdout
+
+
+def test_doctor_backend_defaults_to_what_the_host_has() -> None:
+    from tools.doctor import parse_args
+
+    assert parse_args([]).backend is None  # run(): core.dist.default_backend()
+    assert parse_args(["--backend", "nccl"]).backend == "nccl"
 
 
 def test_doctor_names_a_wrong_interface(monkeypatch: pytest.MonkeyPatch) -> None:

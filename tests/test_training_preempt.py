@@ -13,7 +13,10 @@ import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ import train_dp
 from core.errors import run_cli
 from core.processes import descendants
 from tests.multiproc import PYTHON, Live, run_world
+from tests.test_launch_scripts import LOOPBACK, UNSET, free_port
 from training.checkpoint import load_checkpoint
 from training.preempt import Preemption
 
@@ -137,15 +141,22 @@ def test_one_process_stops_on_sigusr1_and_restores_the_handlers(tmp_path, capsys
 def test_a_rank_that_got_no_signal_stops_with_the_one_that_did(tmp_path):
     """Preemption.requested() is the ranks' agreement: only rank 1 is signalled, both see it
     after the same step (the all-reduce of the signal number). Also through the gloo group
-    that an NCCL job makes for it (the job's backend is named nccl here; the group is gloo)."""
-    results = run_world(_agree, 2, timeout=60)
-    assert results == [[[False, False, True, True]] * 2] * 2
+    that an NCCL job makes for it (the job's backend is named nccl here; the group is gloo),
+    which has the job's timeout: a peer that stops calling requested() fails it after the
+    job's PG_TIMEOUT seconds, not after gloo's default 30 minutes."""
+    results = run_world(_agree, 2, str(tmp_path / "store"), timeout=90, pg_timeout=PG_TIMEOUT)
+    assert [runs for runs, _ in results] == [[[False, False, True, True]] * 2] * 2
+    waited = results[0][1]
+    assert PG_TIMEOUT - 0.5 < waited < PG_TIMEOUT + 10, waited  # 10: a loaded machine
 
 
-def _agree(rank: int, world_size: int) -> list[list[bool]]:
+PG_TIMEOUT = 6.0
+
+
+def _agree(rank: int, world_size: int, store_path: str) -> tuple[list[list[bool]], float]:
     from core.dist import resolve
 
-    runs = []
+    runs, waited = [], 0.0
     for env in (resolve(), dataclasses.replace(resolve(), backend="nccl")):
         seen = []
         with Preemption("USR1", env) as preempt:
@@ -156,7 +167,18 @@ def _agree(rank: int, world_size: int) -> list[list[bool]]:
                 seen.append(preempt.requested())
         assert preempt.agreed == signal.SIGUSR1
         runs.append(seen)
-    return runs
+    # Rank 1 stays alive (a closed socket would fail rank 0 at once) but calls nothing.
+    store = torch.distributed.FileStore(store_path, world_size)
+    with Preemption("none", dataclasses.replace(resolve(), backend="nccl")) as preempt:
+        if rank == 0:
+            start = time.monotonic()
+            with pytest.raises(RuntimeError):
+                preempt.requested()
+            waited = time.monotonic() - start
+            store.set("rank 0 timed out", "1")
+        else:
+            store.wait(["rank 0 timed out"], timedelta(seconds=60))
+    return runs, waited
 
 
 # ------------------------------------------------------------------ the random trials
@@ -220,3 +242,56 @@ def test_ten_random_preemptions_lose_nothing(tmp_path):
         assert _assert_whole_checkpoints(Path(out_dir)), what
         _assert_same_parameters(Path(out_dir), straight, what)
     print("\n".join(what for _, _, what in trials))
+
+
+# ------------------------------------------- SIGUSR1 the documented way (docs/launching.md)
+
+LAUNCHERS = {
+    # launch/*.sh: signal the script, or its process group (which holds the agent, not the
+    # ranks: torchrun starts each rank in a session of its own); it passes USR1 to the ranks.
+    "multi_node.sh, its process group": (
+        ["bash", "launch/multi_node.sh"],
+        lambda job: os.killpg(job.proc.pid, signal.SIGUSR1),
+    ),
+    "cpu_sim.sh, the script": (
+        ["bash", "launch/cpu_sim.sh", "2"],
+        lambda job: os.kill(job.proc.pid, signal.SIGUSR1),
+    ),
+    # Plain torchrun: the ranks, the agent's children (USR1 to torchrun itself would end it).
+    "torchrun, pkill -USR1 -P <torchrun>": (
+        [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "train_ddp.py",
+        ],  # fmt: skip
+        lambda job: subprocess.run(["pkill", "-USR1", "-P", str(job.proc.pid)], check=True),
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over the loopback interface 'lo'")
+@pytest.mark.parametrize("way", LAUNCHERS)
+def test_sigusr1_sent_the_documented_way_stops_every_rank(tmp_path, way):
+    """Every rank stops after the same step (the job exits 0, which it cannot while one rank
+    trains on) with the preemption line and a checkpoint of that step."""
+    argv, send = LAUNCHERS[way]
+    env = {
+        **UNSET, "PYTHON": PYTHON, "TRAIN_SLOW": "step:0.1", "NNODES": "1", "NPROC": "2",
+        "BACKEND": "gloo", "GLOO_SOCKET_IFNAME": LOOPBACK, "LOCAL_ADDR": "127.0.0.1",
+        "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+    }  # fmt: skip
+    deadline = time.monotonic() + 120
+    job = Live([*argv, *FLAGS, "--out-dir", str(tmp_path)], env)
+    assert job.wait_for(r"^step 3 ", deadline), job.output()
+    send(job)
+    status = job.finish(deadline)
+    out = job.output()
+    assert status == 0, out
+    (stop,) = STOPPED.findall(out)
+    assert stop[0] == "SIGUSR1" and 3 <= int(stop[1]) < STEPS, out
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == int(stop[1])
+    assert not (tmp_path / "summary.json").exists()

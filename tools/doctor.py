@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc-per-node 2 -m tools.doctor
     GLOO_SOCKET_IFNAME=eth9 torchrun --standalone --nproc-per-node 2 -m tools.doctor
+    torchrun --standalone --nproc-per-node gpu -m tools.doctor --backend nccl
 
 Run it with the same launcher, nodes and environment as the job. Each rank first prints, before
 it joins the process group, where it runs and what it will use:
@@ -14,10 +15,14 @@ it joins the process group, where it runs and what it will use:
   and the local interface and address the kernel routes it through.
 
 Then, with a process group whose timeout is `--timeout` (default 10 s, not torch's ten
-minutes): a barrier; an all-reduce checksum (rank r contributes r + 1 in every element, so
-every element of the sum is exactly W(W+1)/2); a send/recv ring (each rank sends to the next
-and receives from the previous, and checks whom it got); each with its time. Global rank 0
-prints the results of every rank and `doctor: ok` at the end.
+minutes) on `--backend` (default: nccl where CUDA GPUs are, one per local rank, else gloo): a
+barrier; an all-reduce checksum (rank r contributes r + 1 in every element, so every element
+of the sum is exactly W(W+1)/2); a send/recv ring (each rank sends to the next and receives
+from the previous, and checks whom it got); each with its time, read after the GPU has
+finished (NCCL calls return once their kernels are queued). With NCCL the same checks run
+once more in a gloo group on the CPU: the training script agrees on preemption over one
+(training/preempt.py), and gloo needs its own reachable address (GLOO_SOCKET_IFNAME). Global
+rank 0 prints the results of every rank and `doctor: ok` at the end.
 
 What goes wrong ends with one `error:` line per node that names the cause, exit status 1:
 an interface `GLOO_SOCKET_IFNAME` names but this host does not have (or that has no address),
@@ -44,9 +49,11 @@ import torch
 import torch.distributed as dist
 
 from core.cli import Parser
+from core.dist import BACKENDS, default_backend
 from core.errors import run_cli, say
 
 SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
+CPU = torch.device("cpu")
 
 
 class DoctorError(Exception):
@@ -68,6 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=_positive,
         default=10.0,
         help="seconds the rendezvous and each collective may take (default 10)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="backend of the checks (default: nccl where CUDA GPUs are, else gloo)",
     )
     p.add_argument(
         "--mib",
@@ -193,10 +206,14 @@ def locate(spans_nodes: bool) -> Place:
 # ------------------------------------------------------------------------- the checks
 
 
-def _join(timeout: float, place: Place) -> None:
+def _join(timeout: float, place: Place, backend: str, device: torch.device) -> None:
     """init_process_group, its failures turned into a cause."""
     try:
-        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+        dist.init_process_group(
+            backend,
+            timeout=timedelta(seconds=timeout),
+            device_id=device if device.type == "cuda" else None,
+        )
     except Exception as e:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Unable to find address for" in text:
@@ -217,31 +234,50 @@ def _join(timeout: float, place: Place) -> None:
         ) from None
 
 
-def _timed(fn) -> float:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device) -> float:
+    """Seconds from the call to the end of its work: on a GPU a call returns once its
+    kernels are queued, so the GPU is waited for before each reading of the clock."""
+    _synchronize(device)
     start = time.perf_counter()
     fn()
+    _synchronize(device)
     return time.perf_counter() - start
 
 
-def checks(rank: int, world: int, mib: float) -> dict:
-    """Barrier, all-reduce checksum, send/recv ring on this rank: times and verdicts."""
+def checks(
+    rank: int,
+    world: int,
+    mib: float,
+    device: torch.device = CPU,
+    group: dist.ProcessGroup | None = None,
+) -> dict:
+    """Barrier, all-reduce checksum, send/recv ring on this rank (global ranks, `group` of
+    every rank): times and verdicts."""
     numel = max(1, int(mib * 2**20 / 4))
-    out: dict = {"barrier_s": _timed(dist.barrier)}
-    x = torch.full((numel,), float(rank + 1))
-    out["all_reduce_s"] = _timed(lambda: dist.all_reduce(x))
+    out: dict = {"barrier_s": _timed(lambda: dist.barrier(group), device)}
+    x = torch.full((numel,), float(rank + 1), device=device)
+    out["all_reduce_s"] = _timed(lambda: dist.all_reduce(x, group=group), device)
     expected = world * (world + 1) / 2  # small integers: exact in float32
     out["checksum_ok"] = bool((x == expected).all())
     out["checksum"] = x[0].item()
     right, left = (rank + 1) % world, (rank - 1) % world
-    send = torch.full((numel,), float(rank))
-    recv = torch.empty(numel)
+    send = torch.full((numel,), float(rank), device=device)
+    recv = torch.empty(numel, device=device)
 
     def ring() -> None:
-        ops = [dist.P2POp(dist.isend, send, right), dist.P2POp(dist.irecv, recv, left)]
+        ops = [
+            dist.P2POp(dist.isend, send, right, group),
+            dist.P2POp(dist.irecv, recv, left, group),
+        ]
         for work in dist.batch_isend_irecv(ops):
             work.wait()
 
-    out["ring_s"] = _timed(ring)
+    out["ring_s"] = _timed(ring, device)
     out["ring_ok"] = bool((recv == float(left)).all())
     return out
 
@@ -252,11 +288,25 @@ def run(args: argparse.Namespace) -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     torch.set_num_threads(1)
+    backend = args.backend or default_backend()
+    device = CPU
+    if backend == "nccl":
+        if local_rank >= torch.cuda.device_count():
+            raise DoctorError(
+                f"--backend nccl: local rank {local_rank} has no GPU of its own "
+                f"({torch.cuda.device_count()} visible); start one rank per GPU"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     place = locate(spans_nodes=world > local_world)
     print(place.line(rank, world, local_rank), flush=True)
-    _join(args.timeout, place)
+    _join(args.timeout, place, backend, device)
+    mine = {}
     try:
-        mine = checks(rank, world, args.mib)
+        mine[backend] = checks(rank, world, args.mib, device)
+        if backend != "gloo":  # the side group the training script makes (training/preempt.py)
+            gloo = dist.new_group(backend="gloo", timeout=timedelta(seconds=args.timeout))
+            mine["gloo"] = checks(rank, world, args.mib, group=gloo)
     except RuntimeError as e:
         raise DoctorError(
             f"a collective failed after the group was formed ({str(e).strip().splitlines()[0]})"
@@ -267,22 +317,31 @@ def run(args: argparse.Namespace) -> None:
     if rank != 0:
         return
     mb = args.mib * 2**20 / 1e6
-    for r, v in enumerate(everyone):
-        print(
-            f"rank {r} on {v['host']}: barrier {v['barrier_s'] * 1e3:.1f} ms, "
-            f"all-reduce {mb:.1f} MB {v['all_reduce_s'] * 1e3:.1f} ms "
-            f"(sum {v['checksum']:g}, {'ok' if v['checksum_ok'] else 'WRONG'}), "
-            f"ring send/recv {v['ring_s'] * 1e3:.1f} ms ({'ok' if v['ring_ok'] else 'WRONG'})"
-        )
-    bad = [r for r, v in enumerate(everyone) if not (v["checksum_ok"] and v["ring_ok"])]
+    bad = set()
+    for name in mine:
+        label = f", {name}" if len(mine) > 1 else ""  # NCCL, then its gloo side group
+        for r, everything in enumerate(everyone):
+            v = everything[name]
+            print(
+                f"rank {r} on {everything['host']}{label}: barrier {v['barrier_s'] * 1e3:.1f} "
+                f"ms, all-reduce {mb:.1f} MB {v['all_reduce_s'] * 1e3:.1f} ms "
+                f"(sum {v['checksum']:g}, {'ok' if v['checksum_ok'] else 'WRONG'}), ring "
+                f"send/recv {v['ring_s'] * 1e3:.1f} ms ({'ok' if v['ring_ok'] else 'WRONG'})"
+            )
+            if not (v["checksum_ok"] and v["ring_ok"]):
+                bad.add(r)
     if bad:
         raise DoctorError(
-            f"wrong results on rank(s) {','.join(map(str, bad))}: every element of the sum "
+            f"wrong results on rank(s) {','.join(map(str, sorted(bad)))}: every element of the sum "
             f"should be {world * (world + 1) / 2:g}, and each rank should receive its left "
             "neighbour's rank"
         )
     hosts = len({v["host"] for v in everyone})
-    print(f"doctor: ok ({world} rank(s) on {hosts} host(s), checksum {world * (world + 1) // 2})")
+    print(
+        f"doctor: ok ({world} rank(s) on {hosts} host(s), "
+        + (f"{' and '.join(mine)}, " if len(mine) > 1 else "")
+        + f"checksum {world * (world + 1) // 2})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -261,6 +261,14 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
         raise UsageError("--sync-bn needs CUDA: torch's SyncBatchNorm does not run on CPU")
     if args.amp == "fp16" and not cuda:
         raise UsageError("--amp fp16 needs CUDA (use --amp bf16 on CPU)")
+    if args.amp == "fp16" and getattr(args, "sync", None) in ("local-sgd", "diloco"):
+        # train_ddp.py's modes whose ranks step alone between averages: each rank's GradScaler
+        # sees only its own gradients, so the ranks skip different steps and scale by
+        # different factors, and a checkpoint keeps rank 0's scaler only.
+        raise UsageError(
+            f"--sync {args.sync} cannot use --amp fp16 (each rank's loss scaler would "
+            "skip other steps); use --amp bf16, which needs no scaler"
+        )
     if args.amp != "none" and args.dtype != "float32":
         raise UsageError(f"--amp {args.amp} goes with --dtype float32, not {args.dtype}")
     if args.dataset != "synthetic" and not args.data_dir:

@@ -9,7 +9,10 @@ import importlib
 import inspect
 import os
 import sys
+from collections.abc import Sequence
+from typing import Any
 
+import torch
 import torch.nn as nn
 
 from core.errors import UsageError
@@ -106,3 +109,41 @@ def build_model(name: str, in_channels: int, image_size: int, num_classes: int) 
 
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+class _UnderAutocast:
+    """A replica called under the caller's autocast (device type and dtype), in whichever
+    thread calls it."""
+
+    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype) -> None:
+        self.module, self.device_type, self.dtype = module, device_type, dtype
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.module(*args, **kwargs)
+
+
+def under_callers_autocast(replicas: Sequence[nn.Module], device_type: str) -> list:
+    """The replicas, each made to compute under the autocast that the calling thread has
+    on for `device_type`, dtype included; unchanged where it has none. Call it in the
+    thread that entered autocast."""
+    if not torch.is_autocast_enabled(device_type):
+        return list(replicas)
+    dtype = torch.get_autocast_dtype(device_type)
+    return [_UnderAutocast(replica, device_type, dtype) for replica in replicas]
+
+
+class DataParallel(nn.DataParallel):
+    """nn.DataParallel whose replicas compute in the autocast dtype of the caller.
+
+    torch's parallel_apply (torch/nn/parallel/parallel_apply.py, 2.11 to 2.14) runs each
+    replica in a thread of its own and re-enters autocast there with `enabled` only; the
+    dtype is per thread, so every replica falls back to the device's default, float16 on
+    CUDA: under `--amp bf16` the replicas would compute in float16, with no loss scaler
+    (GradScaler is on for fp16 only). Here each replica enters autocast again, inside the
+    worker's, with the dtype the caller chose. The module, its state_dict and its
+    checkpoints are nn.DataParallel's."""
+
+    def parallel_apply(self, replicas, inputs, kwargs):  # noqa: ANN001, ANN201 (torch's)
+        replicas = under_callers_autocast(replicas, self.src_device_obj.type)
+        return super().parallel_apply(replicas, inputs, kwargs)

@@ -17,7 +17,11 @@ so a rank that stopped alone would leave its peers waiting in the next step's al
 0 for none): every rank sees the same answer after the same step. --trace-comm counts it.
 It runs on the CPU: with gloo in the job's own group, with NCCL in a gloo group made for it,
 since reading a GPU result every step would make the CPU wait for the GPU's whole step and
-stop it from queueing the next one ahead.
+stop it from queueing the next one ahead (an all-reduce of 4 bytes over gloo costs a network
+round trip, which the CPU spends while the GPU is still busy). That group has the job's
+timeout (--timeout), and, like every gloo group, it needs an address that the other nodes can
+reach: on several nodes set GLOO_SOCKET_IFNAME as well as NCCL_SOCKET_IFNAME (multi_node.sh's
+IFNAME sets both; docs/launching.md).
 
 Catching SIGTERM has a cost: a rank that is stuck (a hang, a peer that died mid-collective)
 no longer dies of it, and torchrun, which SIGTERMs every rank when one fails, would wait its
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from datetime import timedelta
 from types import FrameType
 
 import torch
@@ -48,6 +53,11 @@ EXTRA_SIGNALS = ("USR1", "USR2", "none")
 STUCK_AFTER_S = 20.0
 
 
+def job_timeout(env: DistEnv) -> timedelta:
+    """The timeout the job's process group was created with (train_ddp.py's --timeout)."""
+    return dist.group.WORLD._get_backend(env.device).options._timeout
+
+
 class Preempted(Exception):
     """Raised by `Preemption.stop` to leave the training loop; `Preemption` swallows it."""
 
@@ -62,7 +72,9 @@ class Preemption:
             self.signals.append(signal.Signals[f"SIG{extra}"])
         self.group = None  # the job's group; with another backend than gloo, a gloo one
         if dist.is_initialized() and dist.get_world_size() > 1 and env.backend != "gloo":
-            self.group = dist.new_group(backend="gloo")  # a collective: every rank, same place
+            # A collective (every rank, same place), bounded like the job's own group: without
+            # `timeout` a gloo group waits 30 minutes for a peer that is gone.
+            self.group = dist.new_group(backend="gloo", timeout=job_timeout(env))
         self.received = 0  # the signal number this process got; written by the handler only
         self.agreed: signal.Signals | None = None  # the signal that stops every rank
         self.stopped_at: int | None = None  # the step after which the run stopped
