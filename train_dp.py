@@ -33,7 +33,7 @@ from training.devices import gpu_list, pick_devices
 from training.faults import fault_hook
 from training.loop import Steps, TrainLoop, make_checkpoints
 from training.metrics import evaluate
-from training.models import build_model
+from training.models import DataParallel, build_model
 from training.optim import autocast_dtype, make_optimizer, make_scheduler
 from training.runlog import RunLog
 
@@ -120,7 +120,8 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     dtype = getattr(torch, args.dtype)  # float32; float64 for exact comparisons
     model = model.to(env.device, dtype)
     if len(devices) > 1:
-        model = torch.nn.DataParallel(model, device_ids=devices, output_device=env.device)
+        # nn.DataParallel whose replica threads keep this thread's autocast dtype (--amp bf16)
+        model = DataParallel(model, device_ids=devices, output_device=env.device)
         run.info("nn.DataParallel over %d GPUs, outputs gathered on %s", len(devices), env.device)
     elif env.device.type == "cuda":
         run.info("one GPU: no DataParallel wrapper, there is nothing to split a batch across")
