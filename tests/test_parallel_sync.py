@@ -203,9 +203,9 @@ def test_overlap_launches_buckets_during_backward(runs):
         assert seen["rebuilt_in_ready_order"]
 
 
-def test_sync_every_is_for_local_sgd_only():
+def test_sync_every_is_for_local_sgd_and_diloco_only():
     env = DistEnv(0, 0, 1, 1, "gloo", torch.device("cpu"))
-    with pytest.raises(UsageError, match="--sync-every applies to --sync local-sgd only"):
+    with pytest.raises(UsageError, match="--sync-every applies to --sync local-sgd and diloco"):
         sync_module.make_sync("overlap", nn.Linear(2, 2), env, sync_every=2)
     with pytest.raises(UsageError, match="positive"):
         train_ddp.parse_args(["--sync", "local-sgd", "--sync-every", "0"])
