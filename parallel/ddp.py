@@ -22,7 +22,7 @@ in the recorded order (an all-reduce of zeros; the gradients it leaves are dropp
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING
 
@@ -61,7 +61,17 @@ class DDPSync(Sync):
             kwargs = {} if bucket_bytes is None else {"bucket_cap_mb": bucket_bytes / 2**20}
             model = DDP(model, device_ids=device_ids, **kwargs)
         super().__init__(model)
-        self.layout = BucketLayout(model)
+        # DDP's own list: the parameters that require a gradient, shared ones once.
+        self.params = [
+            p
+            for name, p in model.module.named_parameters()
+            if p.requires_grad and name not in model.parameters_to_ignore
+        ]
+        # DDP rebuilds its buckets from the first synchronising backward, unless it looks for
+        # unused parameters on a dynamic graph (then it never rebuilds: nothing to record).
+        self.ready = None
+        if model.static_graph or not model.find_unused_parameters:
+            self.ready = ReadyOrder(self.params, lambda: model.require_backward_grad_sync)
 
     def no_sync(self) -> AbstractContextManager:
         # Forward *and* backward must run inside no_sync(): DDP decides during forward
@@ -77,79 +87,68 @@ class DDPSync(Sync):
         yield
 
     def rank_state(self, optimizer) -> dict:
-        order = self.layout.ready_order
+        order = self.ready.order if self.ready else None
         return {READY_ORDER: order} if order is not None else {}
 
     def load_rank_state(self, optimizer, state: dict | None, step: int) -> None:
         order = (state or {}).get(READY_ORDER)
         if order is not None:  # None: a checkpoint written before any synchronising step
-            self.layout.rebuild(order)
+            rebuild_buckets(self.model, self.params, order)
 
 
-class BucketLayout:
-    """The order in which backward makes DDP's gradients ready, as DDP's bucket rebuild
-    sees it: recorded once, at the first synchronising backward, and replayed on resume."""
+class ReadyOrder:
+    """The order in which backward makes the gradients of `params` ready (indices into
+    `params`), recorded once: in the first backward during which `counts()` is true and every
+    parameter gets a gradient. Its hooks are removed after that backward."""
 
-    def __init__(self, model: DDP) -> None:
-        self.model = model
-        # DDP's own list: the parameters that require a gradient, shared ones once.
-        self.params = [
-            p
-            for name, p in model.module.named_parameters()
-            if p.requires_grad and name not in model.parameters_to_ignore
-        ]
-        # DDP rebuilds its buckets unless it looks for unused parameters on a dynamic graph.
-        self.rebuilds = model.static_graph or not model.find_unused_parameters
-        self.ready_order: list[int] | None = None
+    def __init__(self, params: list[nn.Parameter], counts: Callable[[], bool]) -> None:
+        self.params = params
+        self.counts = counts
+        self.order: list[int] | None = None
         self._seen: list[int] = []
-        self._hooks = []
-        if self.rebuilds:
-            self._hooks = [
-                p.register_post_accumulate_grad_hook(functools.partial(self._ready, i))
-                for i, p in enumerate(self.params)
-            ]
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(functools.partial(self._ready, i))
+            for i, p in enumerate(params)
+        ]
 
     def _ready(self, index: int, param: torch.Tensor) -> None:
-        if not self.model.require_backward_grad_sync:
-            return  # a no_sync() micro-step: DDP rebuilds from the first synchronising one
+        if not self.counts():
+            return
         if not self._seen:  # the first gradient of this backward: settle at its end
             torch.autograd.Variable._execution_engine.queue_callback(self._settle)
         self._seen.append(index)
 
     def _settle(self) -> None:
-        # After the backward: hooks may not be removed while autograd runs them.
+        # After the backward: a hook may not be removed while autograd is running the hooks.
         if len(self._seen) == len(self.params):
-            self.ready_order = list(self._seen)
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks, self._seen = [], []
+            self.order = self._seen
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
+        self._seen = []
 
-    def rebuild(self, order: object) -> None:
-        """Make DDP rebuild its buckets in `order` (a checkpoint's ready order: untrusted,
-        ValueError if it does not fit) before the first step, as the run that wrote the
-        checkpoint did after its first."""
-        n = len(self.params)
-        if not (
-            isinstance(order, list)
-            and all(type(i) is int for i in order)
-            and sorted(order) == list(range(n))
-        ):
-            raise ValueError(
-                f"its DDP gradient order is not an order of this model's {n} parameters"
-            )
-        if not self.rebuilds:
-            return
-        model = self.model
-        # What DDP.forward does around the module, with a zero graph in place of the module:
-        # its backward makes the parameters' gradients ready last-created first (autograd
-        # runs the node created last among those ready, and accumulates a gradient as soon
-        # as it is computed), so the first of `order` is built last. Any input will do.
-        model._pre_forward(torch.zeros((), device=self.params[0].device))
-        with torch.enable_grad():
-            out = None
-            for i in reversed(order):
-                term = self.params[i].sum() * 0
-                out = term if out is None else out + term
-        model._post_forward(out).backward()
-        for p in self.params:
-            p.grad = None  # zeros, all-reduced: the first step starts from none, as it would
+
+def rebuild_buckets(model: DDP, params: list[nn.Parameter], order: object) -> None:
+    """Make DDP rebuild its buckets in `order` (a checkpoint's ready order of `params`, DDP's
+    parameters: untrusted, ValueError if it does not fit) before the first step, as the run
+    that wrote the checkpoint did after its first."""
+    n = len(params)
+    if not (
+        isinstance(order, list)
+        and all(type(i) is int for i in order)
+        and sorted(order) == list(range(n))
+    ):
+        raise ValueError(f"its DDP gradient order is not an order of this model's {n} parameters")
+    # What DDP.forward does around the module, with a zero graph in place of the module: its
+    # backward makes the parameters' gradients ready last-created first (autograd runs the
+    # node created last among those ready, and accumulates a gradient as soon as it is
+    # computed), so the first of `order` is built last. Any input will do.
+    model._pre_forward(torch.zeros((), device=params[0].device))
+    with torch.enable_grad():
+        out = None
+        for i in reversed(order):
+            term = params[i].sum() * 0
+            out = term if out is None else out + term
+    model._post_forward(out).backward()
+    for p in params:
+        p.grad = None  # zeros, all-reduced: the first step starts from none, as it would
