@@ -51,8 +51,8 @@ The settings fixed here, for both twins (torch's hook reads them from PowerSGDSt
 - The random Q is drawn the way the hook draws it, from numpy.random.RandomState(0): one
   torch seed per bucket (here: per step), then one torch.randn per matrix, in the hook's
   order (the bucket's gradients grouped by shape; DDP's rebuilt bucket holds them in the
-  order backward makes them ready, which `--sync allreduce` records). With one DDP bucket (models under
-  DDP's 1 MiB first bucket) the two twins start from the same Q.
+  order backward makes them ready, which `--sync allreduce` records). With one DDP bucket
+  (models under DDP's 1 MiB first bucket) the two twins start from the same Q.
 """
 
 from __future__ import annotations
