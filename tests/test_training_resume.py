@@ -162,9 +162,10 @@ FLOAT32 = [
 ORDER = "ddp_ready_order"
 
 
-def _float32_runs(rank: int, world_size: int, root: str) -> list[str]:
+def _float32_runs(rank: int, world_size: int, root: str) -> list:
     """Straight; resumed from its step-2 file; resumed from that file without the recorded
-    order (the sensitivity check); resumed from it with a malformed order (refused)."""
+    order (the sensitivity check); torch-zero1 straight and resumed from step 2 (whether its
+    parameters are the same); resumed with a malformed order (refused)."""
     import torch.distributed as dist
 
     from training.checkpoint import write_checkpoint
@@ -187,11 +188,17 @@ def _float32_runs(rank: int, world_size: int, root: str) -> list[str]:
         write_checkpoint(root / "malformed.pt", state)
     dist.barrier()
     run("unordered", "--resume", str(root / "unordered.pt"))
+    # torch-zero1: DDP's gradients, sharded checkpoints that keep the order too
+    zero = ("--sync", "torch-zero1")
+    straight = train_ddp.main([*FLOAT32, *zero, "--out-dir", str(root / "z"), "--save-every", "2"])
+    z2 = root / "z" / "checkpoints" / "step-00000002.dcp"
+    resumed = train_ddp.main([*FLOAT32, *zero, "--out-dir", str(root / "zr"), "--resume", str(z2)])
+    same = resumed["param_checksum"] == straight["param_checksum"]
     try:
         run("malformed", "--resume", str(root / "malformed.pt"))
     except CheckpointError as e:
-        return [str(e)]
-    return []
+        return [same, str(e)]
+    return [same]
 
 
 @pytest.mark.oracle
@@ -215,5 +222,6 @@ def test_float32_resume_is_bit_identical_at_3_and_4_ranks(tmp_path, world_size):
     assert diff > 0, "the layouts sum alike at this world size: the test shows nothing"
     malformed = tmp_path / "malformed.pt"
     assert errors[0] == [
-        f"{malformed}: its DDP gradient order is not an order of this model's {n} parameters"
+        True,  # torch-zero1, resumed from its step-2 folder: the same parameters, bit for bit
+        f"{malformed}: its DDP gradient order is not an order of this model's {n} parameters",
     ]
