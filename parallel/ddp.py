@@ -17,6 +17,8 @@ keeps it (`rank_state`), and a resumed process makes DDP rebuild to it before it
 (`load_rank_state`): one backward of a zero graph through DDP whose gradients become ready
 in the recorded order (an all-reduce of zeros; the gradients it leaves are dropped). With
 `find_unused_parameters=True` DDP never rebuilds its buckets, and nothing is needed.
+(`static_graph=True` rebuilds them otherwise; train_ddp.py does not use it, and it is left
+out here.)
 """
 
 from __future__ import annotations
@@ -68,9 +70,10 @@ class DDPSync(Sync):
             if p.requires_grad and name not in model.parameters_to_ignore
         ]
         # DDP rebuilds its buckets from the first synchronising backward, unless it looks for
-        # unused parameters on a dynamic graph (then it never rebuilds: nothing to record).
+        # unused parameters (then it never rebuilds: nothing to record). static_graph, which
+        # rebuilds otherwise and which train_ddp.py does not use, is left as DDP has it.
         self.ready = None
-        if model.static_graph or not model.find_unused_parameters:
+        if not model.static_graph and not model.find_unused_parameters:
             self.ready = ReadyOrder(self.params, lambda: model.require_backward_grad_sync)
 
     def no_sync(self) -> AbstractContextManager:
@@ -92,7 +95,9 @@ class DDPSync(Sync):
 
     def load_rank_state(self, optimizer, state: dict | None, step: int) -> None:
         order = (state or {}).get(READY_ORDER)
-        if order is not None:  # None: a checkpoint written before any synchronising step
+        # None: a checkpoint written before any synchronising step, or by a DDP that does not
+        # rebuild (nor does this one then)
+        if order is not None and self.ready is not None:
             rebuild_buckets(self.model, self.params, order)
 
 
