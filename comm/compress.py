@@ -50,9 +50,9 @@ The settings fixed here, for both twins (torch's hook reads them from PowerSGDSt
   epsilon where that can happen), random_seed = 0, batch_tensors_with_same_shape = False.
 - The random Q is drawn the way the hook draws it, from numpy.random.RandomState(0): one
   torch seed per bucket (here: per step), then one torch.randn per matrix, in the hook's
-  order (the bucket's gradients grouped by shape; DDP's bucket holds them in reverse order
-  of definition, the order backward produces them). With one DDP bucket (models under
-  DDP's 1 MiB first bucket) the two twins start from the same Q.
+  order (the bucket's gradients grouped by shape; DDP's rebuilt bucket holds them in the
+  order backward makes them ready, which `--sync allreduce` records). With one DDP bucket
+  (models under DDP's 1 MiB first bucket) the two twins start from the same Q.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch._utils import _unflatten_dense_tensors
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -182,6 +183,31 @@ def powersgd_elements(
 # ---- the hand-made twins ------------------------------------------------------------------
 
 
+# DDP's default bucket caps: its first rebuilt bucket is small, so that its all-reduce starts
+# early in backward; the others hold up to 25 MiB (`bucket_cap_mb`).
+FIRST_BUCKET_BYTES = dist._DEFAULT_FIRST_BUCKET_BYTES  # 1 MiB
+BUCKET_BYTES = 25 * 2**20
+
+
+def ddp_buckets(grads: list[torch.Tensor], ready_order: list[int] | None) -> list[list[int]]:
+    """The buckets DDP's reducer (default caps) all-reduces the gradients in, as lists of
+    indices into `grads` (the parameters' order): before its rebuild (`ready_order` None, the
+    first synchronising step) one bucket in the parameters' order; after it, buckets filled
+    in the order backward made the gradients ready (`ready_order`), as the reducer's
+    `rebuild_buckets` fills them. At 3 or more ranks gloo's sum of an element depends on
+    its offset in the buffer: a twin of a DDP hook must reduce these very buffers to give
+    the hook's bits."""
+    if ready_order is None:
+        return [list(range(len(grads)))]
+    buckets, _ = dist._compute_bucket_assignment_by_size(
+        [grads[i] for i in ready_order],
+        [FIRST_BUCKET_BYTES, BUCKET_BYTES],
+        [False] * len(ready_order),
+        ready_order,
+    )
+    return [list(bucket) for bucket in buckets]
+
+
 class Compressor:
     """What `--sync allreduce` does with the gradients after backward: here, nothing but the
     plain average (--compress none)."""
@@ -189,8 +215,12 @@ class Compressor:
     def __init__(self, error_feedback: bool = True) -> None:
         self.error_feedback = error_feedback
 
-    def all_reduce_mean(self, grads: list[torch.Tensor]) -> None:
-        """Replace every rank's `grads` by (an approximation of) their average over ranks."""
+    def all_reduce_mean(
+        self, grads: list[torch.Tensor], ready_order: list[int] | None = None
+    ) -> None:
+        """Replace every rank's `grads` by (an approximation of) their average over ranks.
+        `ready_order`: the order in which backward makes them ready, once it is known
+        (`ddp_buckets`)."""
         communicate(grads, dist.all_reduce, average=True)
 
 
@@ -202,9 +232,12 @@ class CastCompressor(Compressor):
         super().__init__(error_feedback)
         self.dtype = dtype
         self.residual: torch.Tensor | None = None  # one flat buffer, like the gradients
+        self.reductions = 0  # DDP rebuilds its buckets after its first one
 
     @torch.no_grad()
-    def all_reduce_mean(self, grads: list[torch.Tensor]) -> None:
+    def all_reduce_mean(
+        self, grads: list[torch.Tensor], ready_order: list[int] | None = None
+    ) -> None:
         world = dist.get_world_size()
         flat = flatten(grads)
         if self.error_feedback and self.residual is not None:
@@ -212,8 +245,15 @@ class CastCompressor(Compressor):
         message = flat.to(self.dtype).div_(world)
         if self.error_feedback:
             self.residual = flat - message.to(flat.dtype) * world
-        dist.all_reduce(message)  # summed in bf16/fp16: the world's mean, half the bytes
-        unflatten(message.to(flat.dtype), grads)
+        # Elementwise so far, so the parameters' order did as well as the hook's. The sums
+        # are not: each of DDP's buckets is one all-reduce, its elements in the bucket's order.
+        pieces = _unflatten_dense_tensors(message, grads)
+        buckets = ddp_buckets(grads, ready_order if self.reductions else None)
+        self.reductions += 1
+        for bucket in buckets:
+            summed = flatten([pieces[i] for i in bucket])
+            dist.all_reduce(summed)  # summed in bf16/fp16: the world's mean, half the bytes
+            unflatten(summed.to(flat.dtype), [grads[i] for i in bucket])
 
 
 def orthonormalise(m: torch.Tensor) -> None:
@@ -270,7 +310,9 @@ class PowerSGDCompressor(Compressor):
         return qs
 
     @torch.no_grad()
-    def all_reduce_mean(self, grads: list[torch.Tensor]) -> None:
+    def all_reduce_mean(
+        self, grads: list[torch.Tensor], ready_order: list[int] | None = None
+    ) -> None:
         self.iter += 1
         if self.iter <= START_ITER:
             communicate(grads, dist.all_reduce, average=True)
@@ -279,8 +321,9 @@ class PowerSGDCompressor(Compressor):
             if self.residuals is None:
                 self.residuals = [torch.zeros_like(g) for g in grads]
             torch._foreach_add_(grads, self.residuals)
-        # DDP's bucket order (reverse), so that the random Qs are drawn as the hook draws them.
-        order = range(len(grads) - 1, -1, -1)
+        # DDP's bucket order (the ready order; reverse definition order until it is known),
+        # so that the random Qs are drawn as the hook draws them.
+        order = ready_order if ready_order is not None else range(len(grads) - 1, -1, -1)
         rate = self.min_compression_rate
         split = [worth_compressing(*as_matrix(grads[i]).shape, self.rank, rate) for i in order]
         chosen = [i for i, c in zip(order, split, strict=True) if c]

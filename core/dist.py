@@ -123,7 +123,25 @@ def rendezvous(env: DistEnv, timeout: timedelta = DEFAULT_TIMEOUT) -> dict:
     """How `init_process_group` finds its peers: under torchrun nothing to add (env://,
     MASTER_ADDR and MASTER_PORT); with no launcher, a world of one needs no network at all
     and gets an in-memory store. With MASTER_ADDR on loopback and no store of torchrun's
-    agent to use (launch/cpu_sim.sh), the store is made here, listening on loopback only."""
+    agent to use (launch/cpu_sim.sh), the store is made here, listening on loopback only.
+
+    Refused: torchrun restarts (--max-restarts) with the workers in the agent's store. That
+    store outlives a failed attempt with its keys, and torch prefixes nothing per attempt
+    there, so a restarted group can read the dead attempt's addresses and fail to connect,
+    or wait in the store for keys that never come, for as long as it lasts: 17 silent minutes
+    were seen. TORCHELASTIC_RESTART_COUNT cannot serve as the prefix: on several nodes it
+    counts each agent's own restarts, which can differ. With
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 each attempt's rank 0 starts a fresh store."""
+    if (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0
+    ):
+        raise UsageError(
+            f"torchrun --max-restarts {os.environ['TORCHELASTIC_MAX_RESTARTS']} needs "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: without it a "
+            "restarted group meets in the failed attempt's store and can hang there "
+            "(docs/launching.md)"
+        )
     if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
         return {"store": dist.HashStore(), "rank": 0, "world_size": 1}
     if _loopback(os.environ.get("MASTER_ADDR", "")) and (

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from comm.compress import Compression, make_compressor, register_comm_hook
 from parallel.base import GradientSync, drop_unused, gradients, used_anywhere
-from parallel.ddp import DDPSync
+from parallel.ddp import DDPSync, ReadyOrder
 
 if TYPE_CHECKING:  # annotations only
     from core.dist import DistEnv
@@ -49,11 +49,13 @@ class CompressedAllReduceSync(GradientSync):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.compression = compression
         self.compressor = make_compressor(compression)
+        # The order DDP's bucket rebuild would see: the twin reduces the hook's buckets.
+        self.ready = ReadyOrder(self.params, lambda: self.syncing)
 
     def load_rank_state(self, optimizer, state: dict | None, step: int) -> None:
         self.compression.refuse_resume(step)
 
     def finish_backward(self) -> None:
         used = used_anywhere(self.params)
-        self.compressor.all_reduce_mean(gradients(self.params))
+        self.compressor.all_reduce_mean(gradients(self.params), self.ready.order)
         drop_unused(self.params, used)  # None again where no rank had a gradient

@@ -295,3 +295,38 @@ def test_sigusr1_sent_the_documented_way_stops_every_rank(tmp_path, way):
     assert stop[0] == "SIGUSR1" and 3 <= int(stop[1]) < STEPS, out
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == int(stop[1])
     assert not (tmp_path / "summary.json").exists()
+
+
+# float32 at 3 ranks, where DDP's bucket layout decides the bits (parallel/ddp.py): the cnn
+# (its gradient-ready order is not its definition order), AdamW, --grad-accum 3; 5 steps.
+FLOAT32 = ["--model", "cnn", "--train-size", "96", "--eval-size", "8", "--batch-size", "2",
+           "--grad-accum", "3", "--optimizer", "adamw", "--epochs", "1", "--dtype", "float32",
+           "--log-every", "1", "--no-eval", "--resume", "auto"]  # fmt: skip
+
+
+@pytest.mark.slow  # three torchrun jobs of 3 ranks
+@pytest.mark.oracle
+def test_float32_preemption_at_3_ranks_resumes_bit_identical(tmp_path):
+    deadline = time.monotonic() + 300
+    torchrun = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3"]
+
+    def job(name: str, env: dict[str, str] | None = None) -> Live:
+        return Live([*torchrun, "train_ddp.py", *FLOAT32, "--out-dir", str(tmp_path / name)], env)
+
+    stopped = job("stopped", {"TRAIN_SLOW": "step:0.5"})
+    assert stopped.wait_for(r"^step 1 ", deadline), stopped.output()
+    stopped.proc.send_signal(signal.SIGTERM)
+    stopped.finish(deadline)
+    (stop,) = STOPPED.findall(stopped.output())
+    assert 1 <= int(stop[1]) < int(stop[2]) == 5, stopped.output()
+    for name in ("stopped", "straight"):  # resume it; the same run uninterrupted
+        run = job(name)
+        assert run.finish(deadline) == 0, run.output()
+    got = load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")
+    want = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    assert got["step"] == want["step"] == 5
+    for key, tensor in want["model"].items():
+        assert torch.equal(got["model"][key], tensor), key
+    for index, entry in want["optimizer"]["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(got["optimizer"]["state"][index][name], value), (index, name)

@@ -195,7 +195,7 @@ class ShardedCheckpoints:
             tmp.mkdir(parents=True)
         dist.barrier()
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp))
-        mine = {"rng": rng_state([self.env.device])}
+        mine = {"rng": rng_state([self.env.device]), **self.sync.rank_state(optimizer)}
         ranks = [None] * self.env.world_size if self.env.is_main else None
         dist.gather_object(mine, ranks, dst=0)
         if self.env.is_main:
@@ -302,6 +302,14 @@ class ShardedCheckpoints:
         ranks = state["ranks"]
         mine = ranks[self.env.rank] if len(ranks) == self.env.world_size else ranks[0]
         set_rng_state(mine["rng"], [self.env.device])
+        # This rank's own part, written by as many ranks as there are now (torch-zero1:
+        # DDP's gradient-ready order, parallel/ddp.py).
+        own = {k: v for k, v in mine.items() if k != "rng"}
+        try:
+            same = len(ranks) == self.env.world_size
+            self.sync.load_rank_state(optimizer, own if same else None, state["step"])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         for note in notes:
             self.log("note: %s", note)
         self.log("resumed from %s at step %d (epoch %d)", path, state["step"], state["epoch"])

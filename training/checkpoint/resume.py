@@ -277,7 +277,10 @@ class CheckpointManager:
         if path is not None:
             position = self._restore(path, state, notes, model, optimizer, scheduler, scaler)
         if self.sync:
-            self.sync.load_rank_state(optimizer, position.rank_state, position.step)
+            try:
+                self.sync.load_rank_state(optimizer, position.rank_state, position.step)
+            except ValueError as e:  # this rank's part of the file does not fit the run
+                raise CheckpointError(f"{path}: {e}") from None
         return position
 
     def _restore(
