@@ -12,6 +12,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -134,6 +135,9 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
             else:  # silent, but torchrun may name this rank first: its report shows the line
                 write_error_file(f"error: {e}")
             return 2
+        except KeyboardInterrupt:  # Ctrl-C outside the training loop (training/preempt.py)
+            say("interrupted (Ctrl-C); nothing saved since the last checkpoint")
+            return 128 + signal.SIGINT
         except BrokenPipeError:  # `... | head`: the reader stopped reading; not an error here
             silence_stdout()
             return 0

@@ -51,14 +51,20 @@ fi
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 rdzv_file=$(mktemp "${TMPDIR:-/tmp}/cpu_sim_rdzv.XXXXXX")  # mode 600; removed at exit
 trap 'rm -f "$rdzv_file"' EXIT
+set -m  # torchrun and its ranks in a process group of their own: a Ctrl-C reaches only this
 "$PYTHON" -m torch.distributed.run --nnodes 1 --nproc-per-node "$nproc" \
   --rdzv-backend c10d --rdzv-endpoint "$rdzv_file" --rdzv-conf store_type=file \
   --local-addr 127.0.0.1 "$root/train_ddp.py" --backend gloo "$@" &
 torchrun=$!
-# Not exec'd (the file must be removed after it), so pass a stop on to torchrun, which
-# stops the ranks; `wait` returns early on a signal, so wait until torchrun has ended.
-trap 'kill -TERM "$torchrun" 2>/dev/null || true' TERM INT HUP
+set +m
+# Not exec'd (the file must be removed after it), so pass a stop on, to the ranks (torchrun's
+# children), not to torchrun: they finish their step, save and exit 0 (training/preempt.py),
+# and torchrun ends as after any run, quietly. Signalled itself, torchrun would print a
+# SignalException, and a second one while it shuts down. `wait` returns early (128 + N)
+# on a trapped signal, so wait until torchrun has ended.
+trap 'pkill -INT -P "$torchrun" || true' INT
+trap 'pkill -TERM -P "$torchrun" || true' TERM HUP
+while kill -0 "$torchrun" 2>/dev/null; do wait "$torchrun" || true; done
 status=0
-wait "$torchrun" || status=$?
-while kill -0 "$torchrun" 2>/dev/null; do wait "$torchrun" || status=$?; done
+wait "$torchrun" || status=$?  # its exit status, which bash kept (not the trap's 128 + N)
 exit "$status"
