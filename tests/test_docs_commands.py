@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from tests.doc_commands import ROOT, all_commands, commands, runs
+from tests.doc_figures import PRINTED_BY, figure
 from tests.multiproc import run_with_deadline
 
 TRAIN = "--max-steps 3 --train-size 512 --eval-size 64"
@@ -274,5 +275,9 @@ def test_command_runs(page: str, cmd: str, clone: Path, tmp_path: Path) -> None:
     # No traceback from a command that worked, except where a crash is what it shows
     # (TRAIN_FAULT kills a rank; torchrun reports it, then restarts the group).
     assert code != 0 or "TRAIN_FAULT" in cmd or "Traceback" not in err, err
+    for name, pattern in PRINTED_BY.items():  # a figure it prints: as the page quotes it
+        if re.search(pattern, cmd):
+            quoted = [s.strip().strip("`") for s in figure(name).splitlines() if s.strip()]
+            assert any(s in out for s in quoted), f"{cmd} printed none of {quoted}:\n{out}"
     if "source " not in cmd:
         assert shutil.which("python", path=env["PATH"]) is not None
