@@ -159,6 +159,20 @@ def test_no_two_commands_start_a_run_in_one_out_dir() -> None:
     assert len(first) >= 20
 
 
+def test_torchrun_commands_choose_their_threads() -> None:
+    """torchrun prints a warning box when it starts several processes without
+    OMP_NUM_THREADS: every CPU command on the pages sets it (one GPU command does not need
+    to; its ranks compute on the GPU)."""
+    bare = [
+        f"{page}: {cmd}"
+        for page, cmd in CASES
+        if re.search(r"(^|\s)torchrun\s", cmd)
+        and "OMP_NUM_THREADS=" not in cmd
+        and "--nproc-per-node gpu" not in cmd
+    ]
+    assert not bare, "\n".join(bare)
+
+
 def _defined_flags(entry: Path) -> set[str]:
     """Every --flag string literal in `entry` and in the repository modules it imports,
     transitively (the scripts take their flags from training/cli.py, study/bench.py, ...)."""
