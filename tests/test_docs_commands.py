@@ -72,9 +72,6 @@ NOT_RUN = {
     "torchrun --standalone --nproc-per-node gpu -m study.bench --max-bytes 1G":
         "needs GPUs (NCCL)",
     "tensorboard --logdir runs": "a server that runs until stopped; `tensorboard --help` runs",
-    "python -m study.timeline runs/timeline-overlap":
-        "reads the resnet18 run of the sentence before it; tests/test_study_timeline.py runs "
-        "it on one",
     "python -m tools.convert":
         "the tool named in a sentence; docs/ddp-to-fsdp.md shows it with its arguments",
     "python -m tools.convert runs/x/checkpoints/step-00000012.dcp runs/x/full.pt":
