@@ -12,6 +12,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -182,12 +183,23 @@ def _left_alive() -> bool:
     return _group_left_alive and dist.is_initialized()
 
 
+# A collective whose peer has gone (killed, crashed): what a rank that was waiting for it
+# meets. Not its own failure, and torchrun's report names the rank that failed first.
+PEER_GONE = re.compile(r"Connection (?:closed|reset) by peer(?: \[[^]]*\]:\d+)?")
+
+
 def _report(e: BaseException) -> int:
-    """What the interpreter would print for `e`, uncaught; the exit status it would give."""
+    """What the interpreter would print for `e`, uncaught; the exit status it would give. A
+    peer gone from a collective is one line instead of the traceback of the collective."""
     if isinstance(e, SystemExit):
         if e.code is None or isinstance(e.code, int):
             return e.code or 0
         print(e.code, file=sys.stderr)
+        return 1
+    gone = PEER_GONE.search(str(e)) if isinstance(e, RuntimeError) else None
+    if gone:
+        rank = os.environ.get("RANK", "0")
+        print(f"error: rank {rank}: a peer left during a collective ({gone[0]})", file=sys.stderr)
         return 1
     traceback.print_exception(e)
     return 130 if isinstance(e, KeyboardInterrupt) else 1
