@@ -33,8 +33,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from core.errors import UsageError
-
-DATASETS = ("synthetic", "mnist", "fashion-mnist", "cifar10", "imagefolder")
+from data import DATASETS
 
 # Where torchvision looks inside --data-dir (the module docstring has the file names).
 LAYOUT = {

@@ -4,7 +4,6 @@ single-process run with the same global batch compute the same function step for
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import inspect
 import os
@@ -13,20 +12,7 @@ import sys
 import torch.nn as nn
 
 from core.errors import UsageError
-
-MODELS = ("mlp", "cnn", "resnet18")
-# What a factory named by --model package.module:function may ask for, by parameter name.
-FACTORY_ARGS = ("in_channels", "image_size", "num_classes")
-
-
-def model_name(value: str) -> str:
-    """--model: one of MODELS, or `package.module:function` (checked when it is built)."""
-    module, _, function = value.partition(":")
-    if value in MODELS or (module and function.isidentifier()):
-        return value
-    raise argparse.ArgumentTypeError(
-        f"expected one of {', '.join(MODELS)} or package.module:function, got {value!r}"
-    )
+from training.cli import FACTORY_ARGS, MODELS  # the flags' choices, defined without torch
 
 
 def import_factory(spec: str):

@@ -48,9 +48,6 @@ import torch.distributed as dist
 from core.dist import DistEnv
 from core.errors import exit_without_teardown, say
 
-# --preempt-signal's choices: the signals a scheduler sends as a warning (SLURM's --signal).
-EXTRA_SIGNALS = ("USR1", "USR2", "none")
-
 # After a SIGTERM, the seconds a rank has to finish its step, save and leave the loop before
 # it ends itself as stuck: under torchrun's default shutdown timeout (30 s), after which the
 # agent SIGKILLs, so that the rank's own line and exit status are what torchrun reports.
