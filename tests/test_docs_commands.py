@@ -72,6 +72,9 @@ NOT_RUN = {
     "torchrun --standalone --nproc-per-node gpu -m study.bench --max-bytes 1G":
         "needs GPUs (NCCL)",
     "tensorboard --logdir runs": "a server that runs until stopped; `tensorboard --help` runs",
+    "python -m tests.doc_figures --write":
+        "rewrites the pages, and the sandbox's are links to the checkout's; "
+        "tests/test_docs_figures.py runs its check and its rewrite",
     "python -m tools.convert":
         "the tool named in a sentence; docs/ddp-to-fsdp.md shows it with its arguments",
     "python -m tools.convert runs/x/checkpoints/step-00000012.dcp runs/x/full.pt":
