@@ -18,7 +18,7 @@ NPROC      ?= 2
 STAMP      := $(VENV)/.installed
 
 .PHONY: demo test test-slow test-all test-oracles test-fakegpu bench model bench-topology \
-  bench-compress stress-exit lint clean
+  bench-compress stress-exit lint docs clean
 
 # Installs pyproject.toml's dependencies (and the dev extra) without installing the repo
 # itself: the scripts run from the checkout, as `python train_ddp.py` or `-m study.bench`.
@@ -104,6 +104,12 @@ bench-compress: $(STAMP)
 RUNS ?= 50
 stress-exit: $(STAMP)
 	$(BIN)/python -m benchmarks.stress_exit --runs $(RUNS)
+
+# The figures the pages quote that the code recomputes in seconds (the pair's diff counts, the
+# pitfalls' RESULT lines), rewritten between their <!-- figure: NAME --> markers; `make test`
+# fails while one is stale (tests/test_docs_figures.py). Timings are not among them.
+docs: $(STAMP)
+	$(BIN)/python -m tests.doc_figures --write
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

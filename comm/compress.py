@@ -72,7 +72,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from comm.communicate import communicate, flatten, unflatten
 from core.errors import UsageError
 
-COMPRESSIONS = ("none", "bf16", "fp16", "powersgd")
 CAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 START_ITER = 2  # PowerSGDState.start_powerSGD_iter: see the module docstring
 MIN_COMPRESSION_RATE = 2.0  # PowerSGDState's default

@@ -30,7 +30,6 @@ applies the same rule to the plain all-reduce over all W ranks, for the comparis
 
 from __future__ import annotations
 
-import argparse
 import functools
 import re
 import time
@@ -189,22 +188,3 @@ def topology_all_reduce(text: str | None, inter_node_gbps: float | None) -> Comm
     if text is None:
         return None
     return functools.partial(hierarchical_all_reduce, topo=build_topology(text, inter_node_gbps))
-
-
-def add_topology_flags(group: argparse._ArgumentGroup) -> None:
-    """train_ddp.py's --topology and --inter-node-gbps."""
-    group.add_argument(
-        "--topology",
-        default=None,
-        metavar="NODESxPER_NODE",
-        help="--sync allreduce, overlap or local-sgd: pretend the ranks sit on NODES nodes of "
-        "PER_NODE ranks and all-reduce hierarchically (comm/topology.py)",
-    )
-    group.add_argument(
-        "--inter-node-gbps",
-        type=float,
-        default=None,
-        metavar="GBIT_S",
-        help="with --topology: emulate an inter-node link of this many Gbit/s by delaying "
-        "each collective that crosses nodes by its bytes / speed",
-    )

@@ -8,7 +8,10 @@ import math
 import textwrap
 from collections.abc import Callable
 
-from core.errors import UsageError
+from core.errors import UsageError, report_usage_error
+
+# --backend's choices (core/dist.py picks one by default).
+BACKENDS = ("nccl", "gloo")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -51,6 +54,18 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # argparse would print the whole usage block first
         raise UsageError(f"{message} (see --help)")
+
+
+def parse_or_exit(
+    parse: Callable[[list[str] | None], argparse.Namespace], argv: list[str] | None = None
+) -> argparse.Namespace:
+    """`parse(argv)`, or its usage error as run_cli reports it (one line, exit status 2)
+    without run_cli, which brings torch with it: a script calls this before `import torch`,
+    so that a bad flag is answered at once (torch takes seconds to load)."""
+    try:
+        return parse(argv)
+    except UsageError as e:
+        raise SystemExit(report_usage_error(e)) from None
 
 
 def _number(value: str, kind: type) -> int | float:

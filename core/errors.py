@@ -12,14 +12,17 @@ import errno
 import json
 import logging
 import os
+import re
+import signal
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
-import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import record
+# torch is imported where a run needs it (the group, torchelastic's `record`), not here: the
+# flags are parsed, and a usage error reported, before anything imports torch (core/cli.py,
+# training/cli.py), which takes seconds.
 
 # True once `exit_on_error` has left a group alive after an error (see there): from then on
 # the process must end without the interpreter's teardown (see `run_cli`).
@@ -70,6 +73,8 @@ def exit_on_error(env) -> Iterator[None]:
     torchrun's report names the rank that failed. A world of one has no peers, and must not
     leave a group behind for the next caller in the same process (a notebook, a test)."""
     global _group_left_alive
+    import torch.distributed as dist  # see the imports at the top
+
     try:
         yield
     except BaseException:
@@ -116,6 +121,8 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
     the error deserved. Ending without the teardown keeps the status and the one-line error.
     """
 
+    from torch.distributed.elastic.multiprocessing.errors import record  # see the imports
+
     def main_undoing_on_failure() -> object:
         try:
             return main(argv)
@@ -129,11 +136,10 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
         try:
             result = main_undoing_on_failure()
         except UsageError as e:
-            if e.every_rank or os.environ.get("RANK", "0") == "0":
-                say(f"error: {e}")
-            else:  # silent, but torchrun may name this rank first: its report shows the line
-                write_error_file(f"error: {e}")
-            return 2
+            return report_usage_error(e)
+        except KeyboardInterrupt:  # Ctrl-C outside the training loop (training/preempt.py)
+            say("interrupted (Ctrl-C); nothing saved since the last checkpoint")
+            return 128 + signal.SIGINT
         except BrokenPipeError:  # `... | head`: the reader stopped reading; not an error here
             silence_stdout()
             return 0
@@ -156,6 +162,17 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
     return status
 
 
+def report_usage_error(e: UsageError) -> int:
+    """`e` as one `error:` line from global rank 0 (or from each rank, `every_rank`); the exit
+    status, 2. The other ranks are silent, but torchrun may name one of them first: its
+    report shows the line, which each rank writes as its error file."""
+    if e.every_rank or os.environ.get("RANK", "0") == "0":
+        say(f"error: {e}")
+    else:
+        write_error_file(f"error: {e}")
+    return 2
+
+
 def say(line: str) -> None:
     """`line` on stderr and as torchrun's error file (its failure report shows it)."""
     print(line, file=sys.stderr, flush=True)
@@ -175,15 +192,28 @@ def write_error_file(line: str) -> None:
 def _left_alive() -> bool:
     """Did `exit_on_error` leave a group alive, and does it still exist? (A test that only
     pretends to have a group, with init and destroy stubbed out, has nothing to protect.)"""
+    import torch.distributed as dist  # see the imports at the top
+
     return _group_left_alive and dist.is_initialized()
 
 
+# A collective whose peer has gone (killed, crashed): what a rank that was waiting for it
+# meets. Not its own failure, and torchrun's report names the rank that failed first.
+PEER_GONE = re.compile(r"Connection (?:closed|reset) by peer(?: \[[^]]*\]:\d+)?")
+
+
 def _report(e: BaseException) -> int:
-    """What the interpreter would print for `e`, uncaught; the exit status it would give."""
+    """What the interpreter would print for `e`, uncaught; the exit status it would give. A
+    peer gone from a collective is one line instead of the traceback of the collective."""
     if isinstance(e, SystemExit):
         if e.code is None or isinstance(e.code, int):
             return e.code or 0
         print(e.code, file=sys.stderr)
+        return 1
+    gone = PEER_GONE.search(str(e)) if isinstance(e, RuntimeError) else None
+    if gone:
+        rank = os.environ.get("RANK", "0")
+        print(f"error: rank {rank}: a peer left during a collective ({gone[0]})", file=sys.stderr)
         return 1
     traceback.print_exception(e)
     return 130 if isinstance(e, KeyboardInterrupt) else 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +33,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from core.errors import UsageError
-
-DATASETS = ("synthetic", "mnist", "fashion-mnist", "cifar10", "imagefolder")
+from data import DATASETS
 
 # Where torchvision looks inside --data-dir (the module docstring has the file names).
 LAYOUT = {
@@ -185,7 +185,10 @@ def _cifar10_files(trust_files: bool) -> type:
             files = self.train_list + self.test_list + [[self.meta["filename"], self.meta["md5"]]]
             for name, md5 in files:
                 if not (folder / name).is_file():
-                    raise UsageError(f"{folder / name} is missing (expected: {LAYOUT['cifar10']})")
+                    raise UsageError(
+                        f"{folder / name} is missing (expected: {LAYOUT['cifar10']}); "
+                        "add --download to fetch it"
+                    )
                 if not trust_files and not check_integrity(str(folder / name), md5):
                     raise UsageError(
                         f"{folder / name} is not the official CIFAR-10 file (its MD5 differs "
@@ -267,6 +270,10 @@ def build_datasets(
         raise
     except Exception as e:  # torchvision says "not found", "corrupted", or fails to unpickle
         msg = " ".join(str(e).split())[:300] or type(e).__name__  # one line
+        # torchvision's hint names its own API ("You can use download=True ..."): ours instead
+        msg = re.sub(r"\s*You can use download=True to download it\.?", "", msg)
+        if "not found" in msg.lower() and not download:
+            msg += "; add --download to fetch it"
         raise UsageError(
             f"cannot read {name} from --data-dir {root} (expected: {LAYOUT[name]}): {msg}"
         ) from None

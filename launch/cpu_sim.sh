@@ -51,8 +51,9 @@ fi
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 rdzv_file=$(mktemp "${TMPDIR:-/tmp}/cpu_sim_rdzv.XXXXXX")  # mode 600; removed at exit
 trap 'rm -f "$rdzv_file"' EXIT
-# Not exec'd: the file must be removed after it, and signals must be passed on (run_agent.sh:
-# TERM, INT, HUP to torchrun, which stops the ranks; USR1, USR2 to the ranks themselves).
+# Not exec'd: the file must be removed after it, and signals must be passed on to the ranks
+# (run_agent.sh): a Ctrl-C stops them after their step, with a checkpoint, and torchrun
+# ends quietly, as after any run.
 # shellcheck source=launch/run_agent.sh
 source "$root/launch/run_agent.sh"
 run_agent "$PYTHON" -m torch.distributed.run --nnodes 1 --nproc-per-node "$nproc" \

@@ -7,13 +7,15 @@
 # this script, or to its process group, reaches no rank by itself. The agent gets a process
 # group of its own too (job control, `set -m`): a signal for the launcher's group (Ctrl-C, a
 # supervisor that signals the group) then reaches this script alone, and is passed on once:
-# - TERM, INT, HUP to the agent, which sends them to every rank's process group, waits for
-#   its ranks (--shutdown-timeout) and exits 1 (docs/launching.md, "Preemption"). Under srun
-#   (SLURM_STEP_ID set) slurmstepd signals every process of the job step itself: this script
-#   only waits, as a second signal would cut the agent's wait for its ranks short.
-# - USR1, USR2 (train_ddp.py's preemption warnings, --preempt-signal) to the ranks, the
-#   agent's children: each finishes its step, they agree, rank 0 saves, all exit 0, and so
-#   does the agent. torchrun does not handle these two (their default action would end it
+# - TERM, INT, HUP, USR1, USR2 to the ranks, the agent's children, not to the agent: each
+#   rank finishes its step, they agree (every node's ranks, through the step's preemption
+#   check), rank 0 saves, all exit 0, and so does the agent, quietly. Signalled itself,
+#   torchrun would print a SignalException traceback and exit 1 (docs/launching.md,
+#   "Preemption"). Under srun (SLURM_STEP_ID set) slurmstepd signals every process of the
+#   job step itself: this script only waits for TERM, INT and HUP, as a second signal would
+#   reach the ranks twice.
+# - USR1, USR2 (train_ddp.py's preemption warnings, --preempt-signal): torchrun does not
+#   handle these two (their default action would end it
 #   and leave its ranks training on), so the agent starts with them ignored, and so do its
 #   ranks until their handlers are installed; a rank that gets one twice (SLURM signals it
 #   directly too) stops all the same.
@@ -29,7 +31,7 @@ run_agent() {
       trap ':' "$sig"
     else
       # shellcheck disable=SC2064 # $agent and $sig are expanded now, on purpose
-      trap "kill -$sig $agent 2>/dev/null || true" "$sig"
+      trap "pkill -$sig -P $agent || true" "$sig"
     fi
   done
   for sig in USR1 USR2; do

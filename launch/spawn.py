@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import threading
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -47,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 import train_ddp  # noqa: E402
 from core.cli import Parser, positive  # noqa: E402
@@ -56,6 +58,11 @@ from core.errors import exit_on_error, run_cli
 
 def worker(local_rank: int, nproc: int, store_path: str, train_argv: list[str]) -> None:
     """One rank, in its own process: torchrun's environment, then train_ddp.main."""
+    # tqdm's default lock is a multiprocessing semaphore. When one rank exits with an error
+    # (a refused --out-dir), mp.spawn SIGTERMs the others, which cannot release theirs, and
+    # the resource tracker adds a "leaked semaphore" warning to the one error line. Only
+    # rank 0 draws a bar: a thread lock is all it needs.
+    tqdm.set_lock(threading.RLock())
     os.environ.update(
         RANK=str(local_rank),
         LOCAL_RANK=str(local_rank),

@@ -38,9 +38,6 @@ import torch.nn as nn
 from core.errors import UsageError
 from parallel.base import Sync, broadcast_state
 
-DILOCO_EVERY = 8  # --sync-every for diloco when it is not given
-OUTER_DTYPES = ("same", "bfloat16")  # same: the parameters' dtype
-
 
 class DiLoCoSync(Sync):
     """Inner steps alone, an outer Nesterov step on the averaged pseudo-gradient every H."""
@@ -48,7 +45,7 @@ class DiLoCoSync(Sync):
     def __init__(
         self,
         model: nn.Module,
-        sync_every: int = DILOCO_EVERY,
+        sync_every: int,
         outer_lr: float = 0.7,
         outer_momentum: float = 0.9,
         fragments: int = 1,

@@ -16,8 +16,6 @@ from comm.communicate import (
 from core.errors import UsageError
 from parallel.base import Sync, broadcast_state
 
-LOCAL_SGD_EVERY = 4  # --sync-every when it is not given
-
 
 class LocalSGDSync(Sync):
     """Each rank steps alone; every `sync_every` steps the replicas are averaged."""

@@ -23,10 +23,18 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from pitfalls import common
 
 
-def epoch_orders(right: bool, epochs: int = 3, samples: int = 64, seed: int = 0) -> list[str]:
-    """A short hash of the index order this rank sees in each epoch."""
+def epoch_orders(
+    right: bool,
+    epochs: int = 3,
+    samples: int = 64,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> list[str]:
+    """A short hash of the index order this rank sees in each epoch. `rank`, `world_size`:
+    the group's by default; given, no group is needed (tests/doc_figures.py)."""
     dataset = TensorDataset(torch.arange(samples))
-    sampler = DistributedSampler(dataset, shuffle=True, seed=seed)  # rank, world: the group's
+    sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
     loader = DataLoader(dataset, batch_size=4, sampler=sampler)
     hashes = []
     for epoch in range(epochs):
@@ -43,8 +51,13 @@ def run(right: bool) -> dict:
     hashes = epoch_orders(right)
     every_rank: list[list[str]] = [[] for _ in range(dist.get_world_size())]
     dist.all_gather_object(every_rank, hashes)
+    return summary(every_rank)
+
+
+def summary(every_rank: list[list[str]]) -> dict:
+    """The RESULT line's values from each rank's hashes (rank 0's first)."""
     distinct = max(len(set(h)) for h in every_rank)
-    return {"epochs": len(hashes), "distinct_orders": distinct, "orders": hashes}
+    return {"epochs": len(every_rank[0]), "distinct_orders": distinct, "orders": every_rank[0]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,3 +90,46 @@ def all_commands() -> list[tuple[str, str]]:
         for cmd in commands(page):
             seen.setdefault(cmd, page)
     return [(page, cmd) for cmd, page in seen.items()]
+
+
+# What starts a training run, and the script whose --out-dir default it falls back on: the
+# launchers pass their arguments on to train_ddp.py.
+RUNS_OF = [
+    (re.compile(r"(^|[\s/])train_dp\.py\b"), "train_dp.py"),
+    (re.compile(r"(^|[\s/])train_ddp\.py\b|launch/\S+\.(sh|sbatch)|launch/spawn\.py"),
+     "train_ddp.py"),
+]  # fmt: skip
+
+
+def default_out_dir(script: str) -> str:
+    """The --out-dir `script` writes into when none is given, as its source sets it."""
+    found = re.search(r'default_out_dir="([^"]+)"', (ROOT / script).read_text())
+    assert found, f"{script}: no default_out_dir"
+    return found.group(1)
+
+
+def _recipe(cmd: str) -> list[str]:
+    """The shell lines `make` would run for `cmd` (make -n -B: every prerequisite too)."""
+    words = shlex.split(cmd)
+    done = subprocess.run(
+        ["make", "-n", "-B", *words[1:]], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return done.stdout.replace("\\\n", " ").splitlines()
+
+
+def runs(cmd: str) -> list[tuple[str, bool]]:
+    """Every training run `cmd` starts, in order: its --out-dir (the last --out-dir flag, else
+    the script's default) and whether it replaces what is there (--overwrite). A make
+    target: the runs of its recipe. `--help`, `diff`: none."""
+    if cmd.startswith("make "):
+        return [run for line in _recipe(cmd) for run in runs(line)]
+    found = []
+    for part in re.split(r"\s(?:;|&&|\|\||&)\s", cmd):  # make's recipes chain commands
+        program = re.sub(r"^(?:[A-Z][A-Z0-9_]*=\S*\s+)*", "", part.strip()).split(" ")[0]
+        script = next((s for pattern, s in RUNS_OF if pattern.search(part)), None)
+        words = part.replace("--out-dir=", "--out-dir ").split()
+        if script is None or program == "diff" or "--help" in words:
+            continue
+        given = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--out-dir"]
+        found.append((given[-1] if given else default_out_dir(script), "--overwrite" in words))
+    return found

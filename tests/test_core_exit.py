@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from core import errors
 from tests.multiproc import torchrun
 
 pytestmark = pytest.mark.skipif(
@@ -62,3 +63,27 @@ def test_an_error_with_the_group_alive_ends_without_teardown():
     assert "terminate called" not in proc.stderr and "SIGABRT" not in proc.stderr
     assert "exitcode  : 2" in proc.stderr  # the status the error deserved, not a signal
     assert "EXIT-CHECK" not in proc.stdout and "TEARDOWN" not in proc.stdout
+
+
+GLOO_PEER_GONE = (
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed "
+    "by peer [127.0.0.1]:9961. This is typically caused by a remote worker crashing. Check the "
+    "logs of the remote worker before reporting an error."
+)
+
+
+@pytest.mark.parametrize("word", ["closed", "reset"])
+def test_a_peer_gone_from_a_collective_is_one_line(capsys, monkeypatch, word):
+    """The rank left waiting when its peer is killed (a restart follows) prints one line,
+    not the 25-line traceback of the collective; any other error keeps its traceback."""
+    monkeypatch.setenv("RANK", "0")
+    gone = RuntimeError(GLOO_PEER_GONE.replace("closed", word))
+    assert errors._report(gone) == 1
+    err = capsys.readouterr().err
+    peer = f"Connection {word} by peer [127.0.0.1]:9961"
+    assert err == f"error: rank 0: a peer left during a collective ({peer})\n"
+    try:
+        raise RuntimeError("CUDA error: an illegal memory access")
+    except RuntimeError as other:
+        assert errors._report(other) == 1
+    assert "Traceback" in capsys.readouterr().err

@@ -108,8 +108,13 @@ def test_cifar10_format_loads_through_torchvision(tmp_path):
 def test_missing_or_malformed_data_dir_is_one_clear_error(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         build_datasets("mnist", str(tmp_path / "nowhere"), seed=0)
-    with pytest.raises(UsageError, match=r"cannot read mnist from .*Dataset not found"):
+    # A folder without the data names the flag that fetches it (not torchvision's download=True).
+    with pytest.raises(UsageError, match=r"cannot read mnist from .*Dataset not found") as info:
         build_datasets("mnist", str(tmp_path), seed=0)
+    assert str(info.value).endswith("; add --download to fetch it"), info.value
+    assert "download=True" not in str(info.value)
+    with pytest.raises(UsageError, match=r"data_batch_1 is missing .*add --download to fetch"):
+        build_datasets("cifar10", str(tmp_path), seed=0)
     with pytest.raises(UsageError, match="needs --data-dir"):
         build_datasets("cifar10", None, seed=0)
     write_cifar10(tmp_path)

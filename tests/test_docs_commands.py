@@ -3,10 +3,12 @@ fresh shell in which the quick start's `source .venv/bin/activate` has been done
 
 The default test reads the commands and checks, without running them, that each one is
 known below, that the programs and files it names exist, and that every flag it passes to
-one of this repository's scripts is defined by that script. The slow test runs each one in
-its own copy of the checkout (symlinks, so that `runs/` and `bench_out/` land in a temporary
-folder), with flags appended that make it short (fewer steps, smaller sizes: argparse takes
-the last value of a repeated flag). A new command on a page fails the default test until it
+one of this repository's scripts is defined by that script, and that no two of them start a
+training run in the same --out-dir (the second would be refused). The slow test runs them
+as a reader copies them: page after page, in page order, in one copy of the checkout
+(symlinks, so that `runs/` and `bench_out/` land in a temporary folder) that nothing cleans
+in between, with flags appended that make each short (fewer steps, smaller sizes: argparse
+takes the last value of a repeated flag). A new command on a page fails the default test until it
 is listed in RUN or NOT_RUN here."""
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.doc_commands import ROOT, all_commands, commands
+from tests.doc_commands import ROOT, all_commands, commands, runs
+from tests.doc_figures import PRINTED_BY, figure
 from tests.multiproc import run_with_deadline
 
 TRAIN = "--max-steps 3 --train-size 512 --eval-size 64"
@@ -52,6 +55,7 @@ SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [  # the first match wins
     (r"study\.collectives|study\.gather_scatter", "", (0,)),
     (r"study\.cost_model predict ", "", (0,)),
     (r"study\.cost_model extrapolate ", "--plot cost-model.png", (0,)),  # not over docs/
+    (r"study\.timeline ", "", (0,)),  # reads the traced run of the command before it
     (r"pitfalls/collective_mismatch\.py", "", (0,)),  # ends after its 3 s timeout
     (r"GLOO_SOCKET_IFNAME=eth9 .*tools\.doctor", "--timeout 3", (1,)),  # the error it shows
     (r"tools\.doctor", "--mib 1", (0,)),
@@ -62,19 +66,17 @@ SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [  # the first match wins
 NOT_RUN = {
     "make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu":
         "the CPU index is not reachable here; `make -n` checks the recipe",
-    "NNODES=2 RDZV_ENDPOINT=node0:29400 RDZV_ID=exp1 launch/multi_node.sh --epochs 10":
+    "NNODES=2 RDZV_ENDPOINT=node0:29400 RDZV_ID=exp1 launch/multi_node.sh --epochs 10 "
+    "--out-dir runs/nodes":
         "needs a second machine called node0; the one-machine try-out in docs/launching.md runs",
-    "sbatch launch/slurm.sbatch --epochs 10":
+    "sbatch launch/slurm.sbatch --epochs 10 --out-dir runs/slurm":
         "needs SLURM; tests/test_launch_scripts.py runs it with stand-ins for srun and scontrol",
     "torchrun --standalone --nproc-per-node gpu -m study.bench --max-bytes 1G":
         "needs GPUs (NCCL)",
     "tensorboard --logdir runs": "a server that runs until stopped; `tensorboard --help` runs",
-    "python -m study.timeline runs/profile":
-        "reads the traced run of the command before it; tests/test_study_timeline.py runs it "
-        "on one",
-    "python -m study.timeline runs/timeline-overlap":
-        "reads the resnet18 run of the sentence before it; tests/test_study_timeline.py runs "
-        "it on one",
+    "python -m tests.doc_figures --write":
+        "rewrites the pages, and the sandbox's are links to the checkout's; "
+        "tests/test_docs_figures.py runs its check and its rewrite",
     "python -m tools.convert":
         "the tool named in a sentence; docs/ddp-to-fsdp.md shows it with its arguments",
     "python -m tools.convert runs/x/checkpoints/step-00000012.dcp runs/x/full.pt":
@@ -84,7 +86,7 @@ NOT_RUN = {
         "tests/test_tools_hangs.py checks its report",
     "python -m torch.distributed.flight_recorder.fr_trace runs/flight-recorder":
         "torch's analyser, shown crashing on the lab's gloo dumps; needs those dumps",
-    "python train_dp.py --resume runs/x/full.pt ...":
+    "python train_dp.py --resume runs/x/full.pt --out-dir runs/x-dp ...":
         "continues the converted run above; tests/test_training_sharded.py resumes one",
     "python -m study.cost_model fit bench_out/model/w4/bench.csv":
         "reads what `make model` measured; tests/test_study_cost_model.py runs it on made-up data",
@@ -135,6 +137,42 @@ def test_pages_have_their_commands() -> None:
     assert "source .venv/bin/activate" in commands("README.md")
     assert "python -m study.gather_scatter" in found
     assert any("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun" in c for c in found)
+
+
+def test_no_two_commands_start_a_run_in_one_out_dir() -> None:
+    """Copied in page order into one clone, no command is refused because an earlier one left
+    its run in the --out-dir (an --out-dir flag on the page, else the script's default; a
+    make target: its recipe's): each run has a folder of its own, or replaces it with
+    --overwrite."""
+    first: dict[str, str] = {}
+    clashes = []
+    for page, cmd in CASES:
+        for out, overwrite in runs(cmd):
+            if out in first and not overwrite:
+                clashes.append(f"{page}: {cmd}: {out} is already {first[out]}'s")
+            first.setdefault(out, cmd)
+    assert not clashes, "\n".join(clashes)
+    # The reading behind it: flags, defaults from the scripts, make recipes, no runs.
+    assert runs("python train_dp.py --epochs 1") == [("runs/dp", False)]
+    assert runs("launch/cpu_sim.sh 4 --epochs 1") == [("runs/ddp", False)]
+    assert runs("python launch/spawn.py --nproc 2 -- --out-dir=runs/s") == [("runs/s", False)]
+    assert runs("make demo") == [("runs/demo", True)]
+    assert runs("diff -u train_dp.py train_ddp.py") == runs("python train_ddp.py --help") == []
+    assert len(first) >= 20
+
+
+def test_torchrun_commands_choose_their_threads() -> None:
+    """torchrun prints a warning box when it starts several processes without
+    OMP_NUM_THREADS: every CPU command on the pages sets it (one GPU command does not need
+    to; its ranks compute on the GPU)."""
+    bare = [
+        f"{page}: {cmd}"
+        for page, cmd in CASES
+        if re.search(r"(^|\s)torchrun\s", cmd)
+        and "OMP_NUM_THREADS=" not in cmd
+        and "--nproc-per-node gpu" not in cmd
+    ]
+    assert not bare, "\n".join(bare)
 
 
 def _defined_flags(entry: Path) -> set[str]:
@@ -222,12 +260,19 @@ def _bring_your_own(box: Path) -> None:
 RUNNABLE = [(p, c) for p, c in CASES if c not in NOT_RUN]
 
 
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one checkout every command of the slow test runs in, one after the other, as in a
+    reader's clone: what a command leaves (runs/, bench_out/) stays for the next."""
+    box = _sandbox(tmp_path_factory.mktemp("clone"))
+    _bring_your_own(box)
+    return box
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("page, cmd", RUNNABLE, ids=[c for _, c in RUNNABLE])
-def test_command_runs(page: str, cmd: str, tmp_path: Path) -> None:
-    box = _sandbox(tmp_path)
-    if "my_models" in cmd:
-        _bring_your_own(box)
+def test_command_runs(page: str, cmd: str, clone: Path, tmp_path: Path) -> None:
+    box = clone
     line, codes = plan(cmd)
     venv_bin = str(box / ".venv" / "bin")
     env = {  # a fresh shell: nothing of the test's environment but the basics
@@ -246,5 +291,9 @@ def test_command_runs(page: str, cmd: str, tmp_path: Path) -> None:
     # No traceback from a command that worked, except where a crash is what it shows
     # (TRAIN_FAULT kills a rank; torchrun reports it, then restarts the group).
     assert code != 0 or "TRAIN_FAULT" in cmd or "Traceback" not in err, err
+    for name, pattern in PRINTED_BY.items():  # a figure it prints: as the page quotes it
+        if re.search(pattern, cmd):
+            quoted = [s.strip().strip("`") for s in figure(name).splitlines() if s.strip()]
+            assert any(s in out for s in quoted), f"{cmd} printed none of {quoted}:\n{out}"
     if "source " not in cmd:
         assert shutil.which("python", path=env["PATH"]) is not None

@@ -154,17 +154,28 @@ def test_usage_error_under_torchrun(tmp_path: Path) -> None:
 
 def test_choose_threads(monkeypatch) -> None:
     """OMP_NUM_THREADS wins; otherwise the cores are shared between this node's processes and
-    their loader workers, never fewer than one each; a GPU run keeps torch's default."""
+    their loader workers, never fewer than one each, and on a machine others are using, only
+    its idle cores (by the load average); a GPU run keeps torch's default."""
     import torch
 
     before = torch.get_num_threads()
     try:
         monkeypatch.setattr(commdist, "usable_cores", lambda: 8)
+        monkeypatch.setattr(commdist.os, "cpu_count", lambda: 8)
+        monkeypatch.setattr(commdist.os, "getloadavg", lambda: (0.4, 0.0, 0.0))  # idle
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         assert choose_threads(2).startswith("4 intra-op thread(s) per process (8 core(s) / 2 ")
         assert torch.get_num_threads() == 4
         assert choose_threads(2, workers=1).startswith("2 intra-op")
         assert choose_threads(16).startswith("1 intra-op")
+        monkeypatch.setattr(commdist.os, "getloadavg", lambda: (4.6, 0.0, 0.0))  # 3 idle
+        assert choose_threads(1) == (
+            "3 intra-op thread(s) per process (8 core(s) / 1 process(es) on this node, load "
+            "average 4.6: the machine is shared, its idle cores only)"
+        )
+        assert choose_threads(2).startswith("1 intra-op")
+        monkeypatch.setattr(commdist.os, "getloadavg", lambda: (11.0, 0.0, 0.0))  # none idle
+        assert choose_threads(1).startswith("1 intra-op")
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         assert choose_threads(2) == "3 intra-op thread(s) per process (OMP_NUM_THREADS=3)"
         assert torch.get_num_threads() == 3

@@ -421,6 +421,11 @@ def test_spawn_equals_single_node(single_node, tmp_path):
     bad = run_cmd([*spawn, "--nproc", "2", "--", *SHORT, "--resume", str(missing)], timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.count(f"error: {missing}: no such checkpoint file") == 1
+    # The same run again into its --out-dir: refused, and mp.spawn's SIGTERM to the other
+    # rank leaves no "leaked semaphore" warning (its tqdm lock) after the line.
+    again = run_cmd([*spawn, "--nproc", "2", "--", *SHORT, "--out-dir", str(out)], timeout=120)
+    assert again.returncode == 2 and "holds a previous run" in again.stderr, again.stderr
+    assert "leaked semaphore" not in again.stderr, again.stderr
     # A bad flag is caught before anything is spawned.
     bad = run_cmd([*spawn, "--", "--epochs", "0"], timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error: argument --epochs")

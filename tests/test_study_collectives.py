@@ -13,12 +13,14 @@ import csv
 import functools
 import glob
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from PIL import Image
 from torch.distributed.run import get_args_parser
 
 from comm.compat import all_gather_single, reduce_scatter_single
@@ -450,6 +452,8 @@ def test_bench_bandwidths_csv_and_plot(world):
         table = list(csv.DictReader(f))
     assert [(r["op"], int(r["bytes"])) for r in table] == [(r["op"], r["bytes"]) for r in rows]
     assert (tmp / "bench" / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    title = Image.open(tmp / "bench" / "bench.png").text["Title"]  # the plot's title, as drawn
+    assert re.search(r"^collectives, 4 ranks, gloo, load average \d+\.\d on \d+ cores;", title)
     # every rank agrees on the times: they are the slowest rank's
     assert [r["time_us"] for r in results[1]["bench"]] == [r["time_us"] for r in rows]
 

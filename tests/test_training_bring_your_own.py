@@ -30,6 +30,11 @@ def tiny_net(num_classes: int, in_channels: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * SIZE * SIZE, num_classes))
 
 
+def other_names(channels: int, classes: int, depth: int = 2) -> nn.Module:
+    """A factory whose required parameters have names that are not FACTORY_ARGS."""
+    return nn.Linear(channels, classes)
+
+
 def not_a_model() -> str:
     return "a string"
 
@@ -107,6 +112,10 @@ def test_both_scripts_train_your_data_and_model(folders, tmp_path: Path) -> None
             "returned a str, not an nn.",
         ),
         (["--model", "resnet"], "error: argument --model: expected one of mlp, cnn, resnet18"),
+        (  # once a 31-line TypeError from inside build_custom
+            ["--model", "tests.test_training_bring_your_own:other_names"],
+            "other_names() needs channels, classes, but is called with keywords only",
+        ),
     ],
 )
 def test_bad_model(folders, tmp_path, capsys, flags, message) -> None:

@@ -1,7 +1,13 @@
-"""Checks of flag combinations (training/cli.py validate) that a CPU can reach: the job is a
-DistEnv written by hand, here one that computes on a GPU, which nothing below touches."""
+"""The flags parse without torch: training/cli.py (the shared flags), parallel/flags.py
+(train_ddp.py's --sync flags), core/cli.py (--backend's choices, the value types) and what they
+import load no torch, so a script that parses its flags before `import torch` answers a bad
+flag in a fraction of a second (torch takes seconds to import, 11-15 s on a loaded box).
+And the checks of flag combinations (training/cli.py validate) that a CPU can reach: the job
+is a DistEnv written by hand, here one that computes on a GPU, which nothing below touches."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -9,9 +15,58 @@ import torch
 import train_ddp
 from core.dist import DistEnv
 from core.errors import UsageError
+from tests.multiproc import PYTHON, run_cmd
 from training.cli import validate
 
 ON_A_GPU = DistEnv(0, 0, 1, 1, "nccl", torch.device("cuda", 0))
+
+# Both scripts' parsers, as train_dp.py and train_ddp.py build them, in a fresh interpreter
+# that then reports which of torch's (and numpy's) modules it loaded.
+PARSE = """
+import json, sys
+from core.cli import BACKENDS, bounded_int, non_negative, parse_or_exit
+from parallel.flags import add_sync_flags
+from training.cli import gpu_list, make_parser
+
+def parsers():
+    dp = make_parser("dp", "global batch", 64, "runs/dp")
+    dp.add_argument_group("devices").add_argument("--gpus", type=gpu_list, default="all")
+    ddp = make_parser("ddp", "per rank", 32, "runs/ddp")
+    g = ddp.add_argument_group("distributed")
+    g.add_argument("--backend", default=None, choices=BACKENDS)
+    g.add_argument("--timeout", type=bounded_int(1, 10**7, "seconds"), default=600)
+    g.add_argument("--stall-timeout", type=non_negative, default=45)
+    add_sync_flags(g)
+    return dp, ddp
+
+dp, ddp = parsers()
+args = [dp.parse_args(["--gpus", "0,1", "--model", "my:net"]),
+        ddp.parse_args(["--sync", "zero2", "--backend", "gloo", "--topology", "2x2"])]
+loaded = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "numpy", "torchvision"})
+print(json.dumps([args[0].gpus, args[0].model, args[1].sync, args[1].topology, loaded]))
+sys.stdout.flush()
+parse_or_exit(ddp.parse_args, sys.argv[1:])  # a bad flag: one line, exit 2
+"""
+
+
+def test_both_scripts_flags_parse_without_torch():
+    done = run_cmd([PYTHON, "-c", PARSE, "--sync", "zero4"], timeout=60)
+    gpus, model, sync, topology, loaded = json.loads(done.stdout)
+    assert (gpus, model, sync, topology) == ([0, 1], "my:net", "zero2", "2x2")
+    assert loaded == [], f"parsing imported {loaded}"
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: argument --sync: invalid choice: 'zero4'"), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+
+
+def test_a_script_module_that_needs_torch_still_gets_the_flags_choices():
+    """The choices moved out of the modules that use them are the same objects there."""
+    from data.datasets import DATASETS as used_by_datasets
+    from training import cli, models
+    from training.devices import gpu_list
+
+    assert models.MODELS is cli.MODELS and gpu_list is cli.gpu_list
+    assert used_by_datasets == ("synthetic", "mnist", "fashion-mnist", "cifar10", "imagefolder")
 
 
 def test_local_sgd_and_diloco_refuse_fp16_autocast_and_other_modes_take_it():

@@ -26,7 +26,7 @@ import train_ddp
 import train_dp
 from core.errors import run_cli
 from core.processes import descendants
-from tests.multiproc import PYTHON, Live, run_world
+from tests.multiproc import PYTHON, Live, run_cmd, run_world
 from tests.test_launch_scripts import LOOPBACK, UNSET, free_port
 from training.checkpoint import load_checkpoint
 from training.preempt import Preemption
@@ -179,6 +179,89 @@ def _agree(rank: int, world_size: int, store_path: str) -> tuple[list[list[bool]
         else:
             store.wait(["rank 0 timed out"], timedelta(seconds=60))
     return runs, waited
+
+
+# ------------------------------------------------------------------ Ctrl-C
+
+
+def _ctrl_c(argv: list[str], out_dir: Path) -> tuple[int, list[str]]:
+    """Start `argv` in a session of its own and, once it has logged step 3, press Ctrl-C as a
+    terminal does: SIGINT to the whole foreground process group. Checks that the ranks
+    stopped after one step, all of them, with a checkpoint of that step; returns the exit
+    status and the output lines."""
+    deadline = time.monotonic() + 120
+    job = Live(argv, {"TRAIN_SLOW": "step:0.1"})
+    assert job.wait_for(r"^step 3 ", deadline), job.output()
+    os.killpg(job.proc.pid, signal.SIGINT)
+    status = job.finish(deadline)
+    out = job.output()
+    (stop,) = STOPPED.findall(out)
+    assert stop[0] == "SIGINT" and 3 <= int(stop[1]) < int(stop[2]), out
+    assert load_checkpoint(out_dir / "checkpoint.pt")["step"] == int(stop[1]), out
+    assert "KeyboardInterrupt" not in out and "Unable to shutdown process" not in out, out
+    assert not re.search(r'File ".*(train_d+p|training|core|parallel)\b', out), out  # ours
+    return status, out.splitlines()
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_plain_torchrun_saves_with_no_traceback_of_ours(tmp_path):
+    """torchrun gets the terminal's SIGINT too and passes it on to the ranks at once: that
+    second SIGINT is the same Ctrl-C (SAME_INTERRUPT_S), and the ranks save once and exit 0.
+    torchrun itself then exits 1 with its own SignalException report (not ours to change)."""
+    status, _ = _ctrl_c(
+        [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "train_ddp.py", *FLAGS, "--out-dir", str(tmp_path)], tmp_path,
+    )  # fmt: skip
+    assert status == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_cpu_sim_is_the_ranks_one_line(tmp_path):
+    """launch/cpu_sim.sh keeps torchrun out of the terminal's process group and passes the
+    Ctrl-C on to the ranks only: they save and exit 0, torchrun ends as after any run, and
+    the preemption line is the last thing on the screen: no traceback at all."""
+    status, lines = _ctrl_c(
+        ["launch/cpu_sim.sh", "2", *FLAGS, "--out-dir", str(tmp_path)], tmp_path
+    )
+    text = "\n".join(lines)
+    assert status == 0 and "Traceback" not in text and "SignalException" not in text, text
+    assert STOPPED.search(lines[-1]), text
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_train_dp_with_a_checkpoint(tmp_path):
+    """One process: Ctrl-C finishes the step, saves it and exits 0 with the one line."""
+    argv = [PYTHON, "train_dp.py", *FLAGS, "--batch-size", "8", "--out-dir", str(tmp_path)]
+    status, lines = _ctrl_c(argv, tmp_path)
+    assert status == 0 and "Traceback" not in "\n".join(lines) and STOPPED.search(lines[-1])
+
+
+SECOND_CTRL_C = """
+import os, signal, time
+import training.preempt as preempt
+from core.dist import resolve
+
+preempt.SAME_INTERRUPT_S = 0.5
+with preempt.Preemption("none", resolve()) as p:
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+    os.kill(os.getpid(), signal.SIGINT)  # torchrun passing it on: the same request
+    time.sleep(0.1)
+    print(p.requested(), p.agreed.name, flush=True)
+    time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again
+    time.sleep(30)
+print("not reached")
+"""
+
+
+def test_a_second_ctrl_c_ends_the_process_at_once_with_one_line():
+    """The handler only sets a flag (the step goes on, then the ranks agree and save); a
+    SIGINT right after the first is the same Ctrl-C; a later one ends the process at once,
+    status 130, one line on stderr and no traceback."""
+    done = run_cmd([PYTHON, "-c", SECOND_CTRL_C], timeout=60)
+    assert done.returncode == 130, done
+    assert done.stdout == "True SIGINT\n", done
+    assert done.stderr == "rank 0: interrupted twice, ending without a checkpoint\n", done
 
 
 # ------------------------------------------------------------------ the random trials

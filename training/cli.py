@@ -3,13 +3,19 @@
 Flags that mean the same thing in both scripts are defined here once; each script adds its
 own (and gives --batch-size its own meaning: global for DataParallel, per rank for DDP).
 Every parse or validation error is one line: `error: ...` and exit status 2.
+
+Parsing imports no torch (this module loads only core/cli.py, core/errors.py and data's
+package): a script that parses its flags before `import torch` reports a usage error in a
+fraction of a second instead of after the seconds torch takes to load. So the choices of the
+flags live here (or in core/cli.py, data/__init__.py), and training/models.py, optim.py and
+preempt.py read them from here.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from comm.topology import check_topology_flags
 from core.cli import (
     Parser,
     bounded_int,
@@ -20,14 +26,47 @@ from core.cli import (
     positive_float,
     unit_float,
 )
-from core.dist import DistEnv
 from core.errors import UsageError
-from data.datasets import DATASETS
-from parallel.factory import add_sync_flags, check_transport_flags
-from training.guard import check_same_flags
-from training.models import FACTORY_ARGS, MODELS, model_name
-from training.optim import OPTIMIZERS
-from training.preempt import EXTRA_SIGNALS
+from data import DATASETS
+from parallel.flags import add_sync_flags
+
+if TYPE_CHECKING:
+    from core.dist import DistEnv
+
+MODELS = ("mlp", "cnn", "resnet18")
+# What a factory named by --model package.module:function may ask for, by parameter name.
+FACTORY_ARGS = ("in_channels", "image_size", "num_classes")
+OPTIMIZERS = ("sgd", "adamw")
+# --preempt-signal's choices: the signals a scheduler sends as a warning (SLURM's --signal).
+EXTRA_SIGNALS = ("USR1", "USR2", "none")
+
+
+def model_name(value: str) -> str:
+    """--model: one of MODELS, or `package.module:function` (checked when it is built)."""
+    module, _, function = value.partition(":")
+    if value in MODELS or (module and function.isidentifier()):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"expected one of {', '.join(MODELS)} or package.module:function, got {value!r}"
+    )
+
+
+def gpu_list(value: str) -> list[int] | None:
+    """train_dp.py's --gpus: None for every visible GPU, [] for none, else the indices in
+    order."""
+    if value == "all":
+        return None
+    if value == "none":
+        return []
+    try:
+        ids = [int(part) for part in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected all, none or indices such as 0,1, got {value!r}"
+        ) from None
+    if len(set(ids)) != len(ids) or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"indices must be distinct and >= 0, got {value!r}")
+    return ids
 
 
 def make_parser(
@@ -249,7 +288,12 @@ def make_parser(
 
 def validate(args: argparse.Namespace, env: DistEnv) -> None:
     """Checks that involve more than one flag, or a flag and the job (single flags are
-    checked by their type). First of all, the ranks compare their flags (one collective)."""
+    checked by their type). First of all, the ranks compare their flags (one collective).
+    Called once the job runs, so it may import torch; parsing above must not."""
+    from comm.topology import check_topology_flags  # torch: see the module's docstring
+    from parallel.factory import check_transport_flags  # torch
+    from training.guard import check_same_flags  # torch, and a collective
+
     check_same_flags(args, env)
     cuda = env.device.type == "cuda"
     if args.trace_comm and env.backend == "none":

@@ -4,7 +4,6 @@ single-process run with the same global batch compute the same function step for
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import inspect
 import os
@@ -16,20 +15,7 @@ import torch
 import torch.nn as nn
 
 from core.errors import UsageError
-
-MODELS = ("mlp", "cnn", "resnet18")
-# What a factory named by --model package.module:function may ask for, by parameter name.
-FACTORY_ARGS = ("in_channels", "image_size", "num_classes")
-
-
-def model_name(value: str) -> str:
-    """--model: one of MODELS, or `package.module:function` (checked when it is built)."""
-    module, _, function = value.partition(":")
-    if value in MODELS or (module and function.isidentifier()):
-        return value
-    raise argparse.ArgumentTypeError(
-        f"expected one of {', '.join(MODELS)} or package.module:function, got {value!r}"
-    )
+from training.cli import FACTORY_ARGS, MODELS  # the flags' choices, defined without torch
 
 
 def import_factory(spec: str):
@@ -55,6 +41,20 @@ def build_custom(spec: str, **sizes: int) -> nn.Module:
     factory = import_factory(spec)
     params = inspect.signature(factory).parameters
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    positional_only = inspect.Parameter.POSITIONAL_ONLY
+    unknown = [  # what the call below could not fill: a TypeError from deep in the caller
+        name
+        for name, p in params.items()
+        if p.default is p.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and (name not in FACTORY_ARGS or p.kind is positional_only)
+    ]
+    if unknown:
+        raise UsageError(
+            f"--model {spec}: {factory.__name__}() needs {', '.join(unknown)}, but is called "
+            f"with keywords only, those of {', '.join(FACTORY_ARGS)} it names: rename them, "
+            "or give them defaults"
+        )
     model = factory(**{k: v for k, v in sizes.items() if takes_all or k in params})
     if not isinstance(model, nn.Module):
         raise UsageError(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")

@@ -10,8 +10,6 @@ import torch.nn as nn
 
 from parallel.base import Sync
 
-OPTIMIZERS = ("sgd", "adamw")
-
 
 def optimizer_spec(args: argparse.Namespace) -> tuple[type[torch.optim.Optimizer], dict]:
     """The optimizer class --optimizer names and its keyword arguments from the flags.

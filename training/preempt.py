@@ -1,6 +1,7 @@
-"""Preemption that loses nothing: on SIGTERM (and on --preempt-signal, SIGUSR1 by default),
-every rank finishes the optimizer step it is in, rank 0 writes a checkpoint, and all ranks
-exit with status 0 and one line that says so; `--resume auto` continues bit for bit.
+"""Preemption that loses nothing: on SIGTERM, Ctrl-C (SIGINT) and --preempt-signal (SIGUSR1
+by default), every rank finishes the optimizer step it is in, rank 0 writes a checkpoint,
+and all ranks exit with status 0 and one line that says so; `--resume auto` continues bit
+for bit.
 
     with Preemption(args.preempt_signal, env) as preempt:
         for ...:  # after every optimizer step, on every rank
@@ -29,12 +30,20 @@ whole shutdown timeout (30 s) and then SIGKILL it. So a SIGTERM also starts a de
 rank that has not left its training loop STUCK_AFTER_S seconds later ends itself, with one
 line saying so, before torchrun's SIGKILL. The warning signals (USR1/USR2) start none:
 SLURM sends them minutes ahead of the end, and the save may take that long.
+
+Ctrl-C is a stop request like SIGTERM, not a KeyboardInterrupt in whatever line the rank is
+running: the run saves and says how to go on. A terminal sends SIGINT to every process of
+its foreground group, and plain torchrun, which gets it too, passes it on to its ranks at
+once: a SIGINT within SAME_INTERRUPT_S of the first is that same Ctrl-C. A later one is a
+second Ctrl-C, which ends the process at once with one line, without a checkpoint.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import time
 from datetime import timedelta
 from types import FrameType
 
@@ -44,13 +53,13 @@ import torch.distributed as dist
 from core.dist import DistEnv
 from core.errors import exit_without_teardown, say
 
-# --preempt-signal's choices: the signals a scheduler sends as a warning (SLURM's --signal).
-EXTRA_SIGNALS = ("USR1", "USR2", "none")
-
 # After a SIGTERM, the seconds a rank has to finish its step, save and leave the loop before
 # it ends itself as stuck: under torchrun's default shutdown timeout (30 s), after which the
 # agent SIGKILLs, so that the rank's own line and exit status are what torchrun reports.
 STUCK_AFTER_S = 20.0
+# A SIGINT this soon after the first is the same Ctrl-C, passed on by torchrun; a later one is
+# the person pressing it again. torchrun passes it on within milliseconds of its own.
+SAME_INTERRUPT_S = 2.0
 
 
 def job_timeout(env: DistEnv) -> timedelta:
@@ -67,7 +76,7 @@ class Preemption:
     ones after it (a test or a notebook calling main() keeps its own)."""
 
     def __init__(self, extra: str, env: DistEnv) -> None:
-        self.signals = [signal.SIGTERM]
+        self.signals = [signal.SIGTERM, signal.SIGINT]
         if extra != "none":
             self.signals.append(signal.Signals[f"SIG{extra}"])
         self.group = None  # the job's group; with another backend than gloo, a gloo one
@@ -80,6 +89,8 @@ class Preemption:
         self.stopped_at: int | None = None  # the step after which the run stopped
         self._previous: dict[int, object] = {}
         self._rank = env.rank
+        self._interrupted_at: float | None = None  # when the first SIGINT came
+        self._stop_name = ""  # the first stop request: SIGTERM or SIGINT
         # The deadline's thread is started with the block, not by the handler: a handler may
         # run while the main thread holds a lock that starting a thread needs.
         self._sigterm = threading.Event()
@@ -87,8 +98,17 @@ class Preemption:
         self._deadline = threading.Thread(target=self._watch, name="preempt-deadline", daemon=True)
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._interrupted_at is None:
+                self._interrupted_at = now
+            elif now - self._interrupted_at > SAME_INTERRUPT_S:  # Ctrl-C again: go now
+                line = f"rank {self._rank}: interrupted twice, ending without a checkpoint\n"
+                os.write(2, line.encode())  # not print(): the handler may interrupt a print
+                os._exit(128 + signal.SIGINT)
         self.received = signum  # and nothing that could disturb a save it interrupts
-        if signum == signal.SIGTERM:
+        if signum in (signal.SIGTERM, signal.SIGINT):  # stop requests: the deadline runs
+            self._stop_name = self._stop_name or signal.Signals(signum).name
             self._sigterm.set()
 
     def _watch(self) -> None:
@@ -96,12 +116,12 @@ class Preemption:
         if self._left.wait(STUCK_AFTER_S):
             return
         line = (
-            f"error: rank {self._rank} got SIGTERM {STUCK_AFTER_S:.0f} s ago and has not "
+            f"error: rank {self._rank} got {self._stop_name} {STUCK_AFTER_S:.0f} s ago and has not "
             "finished its step: it is stuck (a hang, or a collective whose peers are gone); "
             "ending without a checkpoint"
         )
         say(line)
-        exit_without_teardown(128 + signal.SIGTERM)
+        exit_without_teardown(128 + signal.Signals[self._stop_name])
 
     def __enter__(self) -> Preemption:
         # Python runs handlers in the main thread only (and refuses to install them elsewhere);

@@ -20,8 +20,7 @@ import torch.nn as nn
 
 from core.dist import DistEnv
 from parallel.base import Sync
-from parallel.diloco import DILOCO_EVERY
-from parallel.local_sgd import LOCAL_SGD_EVERY
+from parallel.flags import DILOCO_EVERY, LOCAL_SGD_EVERY
 from training.checkpoint.contents import CheckpointError, restore_training_state, training_state
 from training.checkpoint.files import load_checkpoint, point, pointed_to, write_checkpoint
 from training.checkpoint.schema import check_counters, check_position
