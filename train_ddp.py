@@ -16,30 +16,9 @@ an optimizer step sees the global batch x --grad-accum samples.
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
-from datetime import timedelta
-from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
-
-from core.cli import bounded_int
-from core.dist import BACKENDS, DistEnv, rendezvous, resolve
-from core.errors import UsageError, exit_on_error, run_cli
-from data.datasets import build_datasets, download_once
-from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
-from parallel.clip import GradClip
-from parallel.factory import ddp_kwargs, sync_from_args
-from training.checkpoint import param_checksum, unwrap
-from training.cli import add_extension_flags, make_parser, validate
-from training.faults import fault_hook
-from training.loop import Steps, TrainLoop, make_checkpoints
-from training.metrics import evaluate
-from training.models import build_model, has_batchnorm
-from training.optim import autocast_dtype, make_optimizer, make_scheduler
-from training.runlog import RunLog
+from core.cli import BACKENDS, bounded_int, parse_or_exit
+from training.cli import add_extension_flags, make_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +39,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm: global batch statistics")
     add_extension_flags(g)  # not DDP's: --sync (parallel/), --topology, --stall-timeout, ...
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # a bad flag: one line at once, before torch's seconds of loading
+    parse_or_exit(parse_args)
+
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from core.dist import DistEnv, rendezvous, resolve
+from core.errors import UsageError, exit_on_error, run_cli
+from data.datasets import build_datasets, download_once
+from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
+from parallel.clip import GradClip
+from parallel.factory import ddp_kwargs, sync_from_args
+from training.checkpoint import param_checksum, unwrap
+from training.cli import validate
+from training.faults import fault_hook
+from training.loop import Steps, TrainLoop, make_checkpoints
+from training.metrics import evaluate
+from training.models import build_model, has_batchnorm
+from training.optim import autocast_dtype, make_optimizer, make_scheduler
+from training.runlog import RunLog
 
 
 def main(argv: list[str] | None = None) -> dict:

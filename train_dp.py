@@ -16,26 +16,9 @@ an optimizer step sees the global batch x --grad-accum samples.
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-from core.dist import DistEnv
-from core.errors import UsageError, run_cli
-from data.datasets import build_datasets
-from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
-from parallel.clip import GradClip
-from training.checkpoint import param_checksum
-from training.cli import make_parser, validate
-from training.devices import gpu_list, pick_devices
-from training.faults import fault_hook
-from training.loop import Steps, TrainLoop, make_checkpoints
-from training.metrics import evaluate
-from training.models import DataParallel, build_model
-from training.optim import autocast_dtype, make_optimizer, make_scheduler
-from training.runlog import RunLog
+from core.cli import parse_or_exit
+from training.cli import gpu_list, make_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +36,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CUDA devices to spread each batch over: all, none (the CPU) or indices as 0,1",
     )
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # a bad flag: one line at once, before torch's seconds of loading
+    parse_or_exit(parse_args)
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from core.dist import DistEnv
+from core.errors import UsageError, run_cli
+from data.datasets import build_datasets
+from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
+from parallel.clip import GradClip
+from training.checkpoint import param_checksum
+from training.cli import validate
+from training.devices import pick_devices
+from training.faults import fault_hook
+from training.loop import Steps, TrainLoop, make_checkpoints
+from training.metrics import evaluate
+from training.models import DataParallel, build_model
+from training.optim import autocast_dtype, make_optimizer, make_scheduler
+from training.runlog import RunLog
 
 
 def main(argv: list[str] | None = None) -> dict:
