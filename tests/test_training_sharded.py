@@ -6,7 +6,9 @@ sharded mode from its step-4 checkpoint with the same 16 samples per step (4 x 4
 The oracle: every run ends at `--sync ddp`'s parameters (read back by converting its last
 checkpoint to the single-file format); train_dp.py resumed from a converted step-4
 checkpoint too. Then a rank SIGKILLed inside a sharded save must leave the previous
-checkpoint as the newest, and bad checkpoints are refused in one line.
+checkpoint as the newest, and bad checkpoints are refused in one line; hostile ones (a payload
+in any file of the folder, the sha256 list refreshed) too, with the payload proved live and
+left unrun (tests/hostile.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 import train_ddp
 import train_dp
 from core.errors import run_cli
+from tests import hostile
 from tests.multiproc import WorldFailed, run_world
 from tools import convert
 from training.checkpoint import load_checkpoint
@@ -211,3 +214,30 @@ def test_a_bad_sharded_checkpoint_is_refused_in_one_line(one_rank_zero1, tmp_pat
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and BAD[kind] in err, err
         assert not target.exists()
+
+
+# ---- hostile folders: nothing in a checkpoint folder runs code, even re-signed
+
+
+@pytest.mark.parametrize("kind", hostile.KINDS)
+def test_a_hostile_resigned_folder_runs_nothing_on_resume_or_convert(
+    one_rank_zero1, tmp_path, capsys, kind
+):
+    good, _ = one_rank_zero1
+    bad, marker = tmp_path / "bad.dcp", tmp_path / "marker"
+    hostile.make_hostile(kind, good, bad, marker)
+    assert hostile.payload_runs(kind, bad, marker)  # live: a plain unpickler runs it
+    out, target = tmp_path / "out", tmp_path / "full.pt"
+    capsys.readouterr()
+    codes = [
+        run_cli(train_ddp.main, [*flags(1, out, "--sync", "zero1"), "--resume", str(bad)]),
+        run_cli(convert.main, [str(bad), str(target)]),
+    ]
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert codes == [2, 2] and len(lines) == 2, (codes, err)
+    for line in lines:  # refused by the allow-lists, not by a later check
+        assert line.startswith("error: ") and "nothing was run" in line, err
+        assert "io.open" in line and "weights_only" not in line, err
+    assert not marker.exists()  # inert
+    assert not (out / "checkpoints").exists() and not target.exists()
