@@ -69,6 +69,7 @@ from training.checkpoint.contents import CheckpointError, rng_state, set_rng_sta
 from training.checkpoint.files import (
     _check_archive,
     _fsync_dir,
+    file_kind,
     load_error_reason,
     point,
     pointed_to,
@@ -503,6 +504,8 @@ def load_sharded_state(path: Path) -> dict:
             "checkpoint folder (step-N.dcp; tools/convert.py goes the other way)"
         )
     if not path.is_dir():
+        if path.exists():
+            raise CheckpointError(f"{path}: not a checkpoint folder ({file_kind(path)})")
         raise CheckpointError(f"{path}: no such checkpoint folder")
     if not (path / STATE).is_file():
         raise CheckpointError(f"{path}: not a sharded checkpoint of this project (no {STATE})")
@@ -521,7 +524,8 @@ def load_sharded_state(path: Path) -> dict:
             raise CheckpointError(f"{path}: {STATE} names a file outside its folder")
         file = path / name
         if not file.is_file():
-            raise CheckpointError(f"{path}: {name} is missing")
+            what = f"not a regular file ({file_kind(file)})" if file.exists() else "missing"
+            raise CheckpointError(f"{path}: {name} is {what}")
         if _sha256(file) != digest:
             raise CheckpointError(f"{path}: {name} is corrupt (its sha256 differs)")
     ranks = state.get("ranks")

@@ -13,6 +13,7 @@ import io
 import os
 import pickle
 import re
+import stat
 import zipfile
 from pathlib import Path
 
@@ -68,6 +69,14 @@ def _check_archive(path: Path) -> None:
     them: a flipped bit inside a tensor loads silently as a wrong number. zipfile does."""
     try:
         with zipfile.ZipFile(path) as archive:
+            # torch.save stores every entry as it is: a compressed one could declare gigabytes
+            # in a small file (a zip bomb), which torch.load would allocate and inflate.
+            packed = [i.filename for i in archive.infolist() if i.compress_type != 0]
+            if packed:
+                raise CheckpointError(
+                    f"{path}: not a checkpoint written by torch.save (entry {packed[0]} is "
+                    "compressed; torch.save stores its entries uncompressed)"
+                )
             bad = archive.testzip()
     except OSError as e:  # unreadable (permissions, an I/O error): the file may be fine
         raise CheckpointError(f"{path}: cannot read the file ({e.strerror or e})") from None
@@ -76,6 +85,8 @@ def _check_archive(path: Path) -> None:
             f"{path}: not a readable checkpoint (truncated, or not written by torch.save: "
             "its zip directory is missing)"
         ) from None
+    except CheckpointError:
+        raise
     except Exception as e:  # a damaged header can fail in many ways (bad names, bad sizes)
         raise CheckpointError(
             f"{path}: not a readable checkpoint (corrupt zip structure: {type(e).__name__})"
@@ -112,6 +123,21 @@ def load_error_reason(e: BaseException) -> str:
     return reason or type(e).__name__
 
 
+def file_kind(path: Path) -> str:
+    """What a path that is not a regular file is, in words."""
+    mode = path.stat().st_mode
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a fifo"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
 def load_checkpoint(path: Path) -> dict:
     """Read and check a checkpoint; any problem is a CheckpointError naming the file."""
     path = Path(path)
@@ -124,6 +150,8 @@ def load_checkpoint(path: Path) -> dict:
             )
         raise CheckpointError(f"{path}: a directory; name a checkpoint file in it")
     if not path.is_file():
+        if path.exists():  # /dev/zero, a fifo: reading would never end, or block
+            raise CheckpointError(f"{path}: not a regular file ({file_kind(path)})")
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: checkpoint file is empty")
