@@ -86,6 +86,25 @@ def synthetic(
     return TensorDataset(images, labels)
 
 
+# Bytes of one synthetic sample: a 3 x 32 x 32 float32 image and an int64 label.
+SYNTHETIC_SAMPLE_BYTES = 3 * 32 * 32 * 4 + 8
+
+
+def _check_synthetic_memory(samples: int) -> None:
+    """Refuse synthetic data the machine cannot hold: the allocation would fail with a
+    traceback, or the kernel would kill the run with no line at all."""
+    need = samples * SYNTHETIC_SAMPLE_BYTES * 2  # the samples, and the noise they are made of
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):  # not on this platform: no check
+        return
+    if need > pages:
+        raise UsageError(
+            f"--train-size/--eval-size: {samples} synthetic samples need about "
+            f"{need / 1e9:.1f} GB of memory, this machine has {pages / 1e9:.1f} GB free"
+        )
+
+
 def _torchvision(
     name: str, root: Path, train: bool, download: bool, augment: bool, trust_files: bool
 ) -> Dataset:
@@ -315,6 +334,7 @@ def build_datasets(
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if name == "synthetic":
+        _check_synthetic_memory((train_size or 8192) + (eval_size or 2000))
         return DataSpec(
             synthetic(train_size or 8192, seed=seed, split=0),
             synthetic(eval_size or 2000, seed=seed, split=1),

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from core.cli import Parser
 from core.errors import UsageError, run_cli
+from core.files import writing
 from training.checkpoint import CheckpointError, write_checkpoint
 from training.sharded import SafeReader, dcp_error, load_sharded_state
 
@@ -104,7 +105,8 @@ def convert(source: Path, target: Path) -> dict:
         "rng": state["rng"],
         "ranks": state["ranks"],
     }
-    write_checkpoint(target, single)
+    with writing(target):
+        write_checkpoint(target, single)
     return single
 
 
