@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("source", type=Path, help="a sharded checkpoint folder (step-N.dcp)")
     parser.add_argument("target", type=Path, help="the single-file checkpoint to write")
     args = parser.parse_args(argv)
-    if args.target.exists() and args.target.is_dir():
-        raise UsageError(f"{args.target}: a directory; name the file to write")
+    with writing(args.target):  # a name too long to look up is refused here too
+        if args.target.is_dir():
+            raise UsageError(f"{args.target}: a directory; name the file to write")
     state = convert(args.source, args.target)  # a CheckpointError is a UsageError: one line
     print(f"wrote {args.target}: step {state['step']}, {len(state['model'])} tensors")
 

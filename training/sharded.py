@@ -50,6 +50,7 @@ import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,7 @@ from training.checkpoint.contents import CheckpointError, rng_state, set_rng_sta
 from training.checkpoint.files import (
     _check_archive,
     _fsync_dir,
+    check_zip,
     file_kind,
     load_error_reason,
     point,
@@ -156,6 +158,15 @@ class SafeReader(dcp.FileSystemReader):
     def read_data(self, plan, planner):
         return super().read_data(plan, _WeightsOnlyBytes(planner, self.folder))
 
+    def _slice_file(self, file, sinfo: _StorageInfo) -> IO[bytes]:
+        """Each item is a torch.save archive: its CRC-32s checked (torch.load does not), so
+        a corrupt item is refused, re-signed or not, rather than read as wrong numbers."""
+        file.seek(sinfo.offset)
+        item = io.BytesIO(file.read(sinfo.length))
+        check_zip(item, f"{self.folder / sinfo.relative_path} (item at byte {sinfo.offset})")
+        item.seek(0)
+        return item
+
 
 class _WeightsOnlyBytes:
     """`planner` with its non-tensor items loaded by `weights_only=True` first: the planner's
@@ -204,6 +215,20 @@ def _check_metadata(metadata, folder: Path, signed: dict) -> None:
         metadata.storage_data, dict
     ):
         raise bad("its index is not a dict")
+    # planner_data: where each flat key sits in the nested dict (a path of keys and list
+    # indices), which DCP's loaders rebuild, padding a list up to each index: a list index
+    # can be no larger than the number of entries the metadata lists.
+    entries = len(metadata.state_dict_metadata)
+    paths = metadata.planner_data
+    if paths is not None and not (
+        isinstance(paths, dict)
+        and all(
+            isinstance(path, (list, tuple))
+            and all(type(k) is str or (type(k) is int and 0 <= k < entries) for k in path)
+            for path in paths.values()
+        )
+    ):
+        raise bad("planner data")
     data_files = {n for n in signed if n not in (".metadata", STATE)}
     held = sum((folder / n).stat().st_size for n in data_files)
     declared = 0
