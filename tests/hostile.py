@@ -100,14 +100,11 @@ def payload_runs(kind: str, bad: Path, marker: Path) -> bool:
     else:
         with open(bad / ".metadata", "rb") as f:
             metadata = pickle.load(f)
-        info = next(  # the item appended last: it ends where its file ends
-            v
-            for v in metadata.storage_data.values()
-            if v.offset + v.length == (bad / v.relative_path).stat().st_size
-        )
-        with open(bad / info.relative_path, "rb") as f:
-            f.seek(info.offset)
-            torch.load(io.BytesIO(f.read(info.length)), weights_only=False)
+        for info in metadata.storage_data.values():  # the last item of each shard file
+            if info.offset + info.length == (bad / info.relative_path).stat().st_size:
+                with open(bad / info.relative_path, "rb") as f:
+                    f.seek(info.offset)
+                    torch.load(io.BytesIO(f.read(info.length)), weights_only=False)
     ran = marker.exists()
     marker.unlink(missing_ok=True)
     return ran
