@@ -406,6 +406,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         backend, nproc = rank_backend(args.backend), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if backend == "gloo":
         check_memory(nproc, size_list[-1])
+    with writing(Path(args.out_dir)):  # refused now, not after the whole sweep
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     launch_unless_ranked("study.bench", argv, args)
     with distributed(rank_backend(args.backend)) as env:
         threads = choose_threads(env.local_world_size, device=env.device.type)

@@ -601,7 +601,8 @@ def test_hostile_checkpoint_folders_bombs_and_bounds_each_get_one_line(tmp_path)
     # The python -m programs: bounds, files that never end, places that cannot be written.
     for argv in (["--min-bytes", "1000000G"], ["--max-bytes", str(10**15)], ["--nproc", "10000"],
                  ["--iters", str(10**12)], ["--warmup", str(10**12)],
-                 ["--step-factor", str(10**12)]):  # fmt: skip
+                 ["--step-factor", str(10**12)], ["--out-dir", "/dev/null/bench"],
+                 ["--out-dir", str(tmp_path / ("z" * 300))]):  # fmt: skip
         check(f"study.bench {' '.join(argv)}", bench.main, argv)
     with mock.patch.object(bench, "available_memory", lambda: 1 << 30):
         check("study.bench over memory", bench.main, ["--nproc", "4", "--max-bytes", "1G"],
