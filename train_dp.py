@@ -1,22 +1,14 @@
 """Data-parallel training with nn.DataParallel: one process drives every visible GPU.
 
-    # every GPU of this machine, one process, no launcher
-    python train_dp.py --dataset cifar10 --data-dir data
-    # two of them
-    python train_dp.py --gpus 0,1
-    # no GPU: the plain module on the CPU; step for step the same run as
-    # `torchrun --nproc-per-node 2 train_ddp.py --epochs 1` (2 ranks x 32 = 64 per step)
-    python train_dp.py --epochs 1
+    python train_dp.py --dataset cifar10 --data-dir data  # every GPU of this machine
+    python train_dp.py --gpus 0,1  # two of them
+    python train_dp.py --epochs 1  # no GPU: the CPU, step for step train_ddp.py's 2-rank run
 
-One process holds the model on the first device. Every forward, DataParallel copies it to
-the other devices, splits the batch between the copies, runs them in one thread each and
-gathers their outputs on the first device; backward sends each copy's gradients back into
-the one set of parameters, where autograd sums them. parallel/dataparallel.py does the same
-in a page of code; docs/dp-vs-ddp.md says where the time goes and why DDP is faster.
-
---batch-size is the *global* batch: one optimizer step sees batch_size x grad_accum
-samples, however many devices share them. The multi-process twin is train_ddp.py, where
---batch-size is per rank.
+Every forward, DataParallel copies the model from the first device to the others, splits
+the batch between the copies, runs them in one thread each and gathers their outputs; backward
+sums their gradients into the one model (parallel/dataparallel.py: the same in a page).
+--batch-size is the *global* batch, which DataParallel splits between the devices;
+an optimizer step sees the global batch x --grad-accum samples.
 
 `diff -u train_dp.py train_ddp.py` shows what DDP changes (docs/dp-vs-ddp.md reads it).
 """
@@ -24,13 +16,10 @@ samples, however many devices share them. The multi-process twin is train_ddp.py
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
-import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from core.dist import DistEnv
@@ -38,34 +27,30 @@ from core.errors import UsageError, run_cli
 from data.datasets import build_datasets
 from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
 from parallel.clip import GradClip
-from training.checkpoint import CheckpointManager, param_checksum
+from training.checkpoint import param_checksum
 from training.cli import make_parser, validate
 from training.devices import gpu_list, pick_devices
 from training.faults import fault_hook
-from training.guard import LossWatch
-from training.metrics import Totals, evaluate
+from training.loop import Steps, TrainLoop, make_checkpoints
+from training.metrics import evaluate
 from training.models import build_model
-from training.observe import Observer
 from training.optim import autocast_dtype, make_optimizer, make_scheduler
-from training.preempt import Preemption
 from training.runlog import RunLog
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = make_parser(
         description=__doc__,
-        batch_size_help="samples per micro-step, split between the devices (global batch: "
-        "this x --grad-accum)",
+        batch_size_help="samples per micro-step, split between the devices (the global batch)",
         default_batch_size=64,
         default_out_dir="runs/dp",
     )
-    g = parser.add_argument_group("devices")
+    g = parser.add_argument_group("parallelism")
     g.add_argument(
         "--gpus",
         type=gpu_list,
         default="all",
-        help="CUDA devices to spread each batch over: all, none (the CPU) or indices "
-        "such as 0,1; the first one holds the model and gathers the outputs",
+        help="CUDA devices to spread each batch over: all, none (the CPU) or indices as 0,1",
     )
     return parser.parse_args(argv)
 
@@ -73,12 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if os.environ.get("WORLD_SIZE", "1") != "1":
-        raise UsageError(
-            "train_dp.py is one process for all devices; under torchrun use train_ddp.py"
-        )
+        raise UsageError("train_dp.py is one process for all GPUs; under torchrun use train_ddp.py")
     devices = pick_devices(args.gpus)  # --gpus, or every visible GPU; [cpu] without one
-    # One process is the whole job: a world of one, whose device is where batches arrive.
-    env = DistEnv(
+    env = DistEnv(  # one process is the whole job: a world of one, on the batches' device
         rank=0, local_rank=0, world_size=1, local_world_size=1, backend="none", device=devices[0]
     )
     return train(args, env, devices)
@@ -110,8 +92,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         trust_files=args.trust_data_dir,
     )
     pin = env.device.type == "cuda"
-    # A world of one: every sample, in the epoch's seeded order, which is the order that
-    # train_ddp.py's ranks deal out between them (so both scripts take the same steps).
+    # A world of one: every sample, in the seeded order that train_ddp.py's ranks deal out.
     sampler = ResumableDistributedSampler(
         data.train,
         num_replicas=1,
@@ -126,19 +107,12 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     evaluation = eval_loader(
         data.eval,
         args.batch_size,
-        rank=0,
-        world_size=1,
+        rank=env.rank,
+        world_size=env.world_size,
         workers=args.workers,
         pin_memory=pin,
     )
-    steps_per_epoch = len(loader) // args.grad_accum
-    if steps_per_epoch == 0:
-        raise UsageError(
-            f"--grad-accum {args.grad_accum} is more than the {len(loader)} batches per epoch"
-        )
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
+    steps = Steps.count(len(loader), args)  # per epoch, and in all (--epochs, --max-steps)
 
     # ---- model: one copy, on the first device; DataParallel re-copies it every forward
     torch.manual_seed(args.seed)
@@ -146,81 +120,48 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     dtype = getattr(torch, args.dtype)  # float32; float64 for exact comparisons
     model = model.to(env.device, dtype)
     if len(devices) > 1:
-        model = nn.DataParallel(model, device_ids=devices, output_device=env.device)
+        model = torch.nn.DataParallel(model, device_ids=devices, output_device=env.device)
         run.info("nn.DataParallel over %d GPUs, outputs gathered on %s", len(devices), env.device)
     elif env.device.type == "cuda":
         run.info("one GPU: no DataParallel wrapper, there is nothing to split a batch across")
     else:
         run.info("no GPU: training the plain module on the CPU (DataParallel needs GPUs)")
     optimizer = make_optimizer(model, args)
-    scheduler = make_scheduler(optimizer, args, total_steps)
+    scheduler = make_scheduler(optimizer, args, steps.total)
     amp_dtype = autocast_dtype(args.amp)
+    autocast = torch.autocast(
+        env.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
+    )  # --amp; a no-op without it
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     clip = GradClip(args.clip_grad_norm, model, env.device)  # --clip-grad-norm; 0: off
 
     # ---- resume: the checkpoint names the epoch, and the step inside it, to go on from
-    checkpoints = CheckpointManager(out_dir, args.keep, env, run.info, devices)
+    checkpoints = make_checkpoints(out_dir, args.keep, env, run.info, devices)
     at = checkpoints.resume(
-        args.resume, args, model, optimizer, scheduler, scaler, steps_per_epoch=steps_per_epoch
+        args.resume, args, model, optimizer, scheduler, scaler, steps_per_epoch=steps.per_epoch
     )  # checked whole (types, ranges, fit) before anything changes
-    step, start_epoch, skip_steps = at.step, at.epoch, at.step_in_epoch
-    if (previous := run.finished(at.step, total_steps)) is not None:
+    if (previous := run.finished(at.step, steps.total)) is not None:
         return previous  # re-run of a finished job: its summary.json stays as it is
+
+    # ---- train: the step in plain sight; training/loop.py keeps the books around it
     fault = fault_hook(env.rank)  # test-only crash/hang injection, off unless TRAIN_FAULT is set
-
-    def save(epoch: int, step_in_epoch: int) -> None:
-        checkpoints.save_training(
-            args,
-            model,
-            optimizer,
-            scheduler,
-            scaler,
-            epoch=epoch,
-            step=step,
-            step_in_epoch=step_in_epoch,
-        )
-
-    # ---- train, watched by --trace-comm and --profile (off, and free, unless asked for)
-    totals = Totals(env.device)
-    watch = LossWatch(args, env.device)  # a non-finite loss stops the run at the next log line
-    history, train_time, samples = [], 0.0, 0
-    final_train, metrics = {}, {}
-    # SIGTERM, --preempt-signal: finish the step, save, leave the `with` (training/preempt.py)
-    preempt = Preemption(args.preempt_signal, env)
-    with Observer(args, env, model, out_dir) as observer, preempt:
-        for epoch in range(start_epoch, args.epochs):
-            if step >= total_steps:
-                break
-            if epoch > start_epoch and preempt.requested():  # came during eval or the save
-                preempt.stop(step)  # the epoch's checkpoint is this step's
-            sampler.set_epoch(epoch)  # forget this and every epoch repeats the same order
-            first = skip_steps if epoch == start_epoch else 0
-            sampler.start_at(first * args.grad_accum * args.batch_size)
-            n_steps = min(steps_per_epoch - first, total_steps - step)
-            batches = itertools.islice(loader, n_steps * args.grad_accum)
+    loop = TrainLoop(
+        args, env, run, steps, at, checkpoints, clip, fault, model, optimizer, scheduler, scaler
+    )
+    with loop:  # --trace-comm, --profile; SIGTERM: finish the step, save, leave the `with`
+        for epoch in loop.epochs():  # from the checkpoint's step to --epochs or --max-steps
+            sampler.set_epoch(epoch)  # DistributedSampler's order: reshuffled only when told
             model.train()
-            bar = run.progress(n_steps, f"epoch {epoch}")
-            tic = time.perf_counter()
-            for micro, (images, labels) in enumerate(batches):
+            for micro, (images, labels) in enumerate(loop.batches(loader, sampler)):
                 images = images.to(env.device, dtype, non_blocking=True)
                 labels = labels.to(env.device, non_blocking=True)
                 last_micro = (micro + 1) % args.grad_accum == 0
-                # Nothing to skip on accumulation micro-steps: there is no all-reduce, each
-                # replica's gradients land in the one set of parameters during backward.
-                with torch.autocast(
-                    env.device.type,
-                    dtype=amp_dtype or torch.bfloat16,
-                    enabled=amp_dtype is not None,
-                ):
+                # No all-reduce to skip on accumulation micro-steps: the gradients just add up.
+                with autocast:
                     logits = model(images)  # scatter, replicate, parallel forward, gather
                 loss = F.cross_entropy(logits.to(dtype), labels)  # float32 also under autocast
                 scaler.scale(loss / args.grad_accum).backward()
-                totals.add(
-                    loss.detach() * labels.numel(),
-                    (logits.argmax(1) == labels).sum(),
-                    labels.numel(),
-                )
-                watch.see(loss, step + 1)  # step + 1: the one this micro-batch belongs to
+                loop.count(loss, logits, labels)  # summed on the device, read at log lines
                 if not last_micro:
                     continue
                 clip(optimizer, scaler)  # --clip-grad-norm: once per step, the step's gradient
@@ -228,99 +169,23 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)  # after the step: the next one starts at 0
                 scheduler.step()
-                step += 1
-                bar.update()
-                done = (micro + 1) // args.grad_accum  # steps of this epoch's slice so far
-                due = args.save_every and step % args.save_every == 0
-                if due and done < n_steps:
-                    save(epoch, first + done)  # the slice's last step is saved after it, below
-                fault(step)
-                if step % args.log_every == 0 or step == total_steps:
-                    final_train = totals.reduce()
-                    watch.check(final_train["loss"], step)
-                    run.info(
-                        "step %d  epoch %d  loss %.4f  acc %.3f  lr %.4g",
-                        step,
-                        epoch,
-                        final_train["loss"],
-                        final_train["accuracy"],
-                        scheduler.get_last_lr()[0],
-                    )
-                    run.scalars(
-                        step,
-                        **{
-                            "train/loss": final_train["loss"],
-                            "train/accuracy": final_train["accuracy"],
-                            "lr": scheduler.get_last_lr()[0],
-                        },
-                    )
-                    clip.log(run, step)  # the pre-clip gradient norms since the last line
-                # Every rank asks after every step (a collective), so all stop after the same
-                # one; at the slice's last step the epoch ends first (eval, its checkpoint).
-                if preempt.requested() and done < n_steps:
-                    if not due:
-                        save(epoch, first + done)
-                    preempt.stop(step)
-                run.scalars(step, **observer.step())  # the step's collectives, the log's too
-            train_time += time.perf_counter() - tic
-            bar.close()
-            samples += n_steps * global_batch
-            run.scalars(step, samples_per_s=samples / max(train_time, 1e-9))
-
+                loop.after_step()  # save when due, the log line, the preemption check
+            metrics = {}  # --no-eval
             if not args.no_eval:
                 # No collective inside, so the wrapper may stay: eval batches are split too.
                 metrics = evaluate(model, evaluation, env.device, dtype, amp_dtype)
-                run.info(
-                    "epoch %d  eval loss %.4f  eval acc %.4f  (%d samples)",
-                    epoch,
-                    metrics["loss"],
-                    metrics["accuracy"],
-                    metrics["count"],
-                )
-                run.scalars(
-                    step, **{"eval/loss": metrics["loss"], "eval/accuracy": metrics["accuracy"]}
-                )
-            history.append(
-                {"epoch": epoch, "step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
-            )
-            done_epoch = n_steps == steps_per_epoch - first
-            save(epoch + 1 if done_epoch else epoch, 0 if done_epoch else first + n_steps)
-
-    if preempt.stopped_at is not None:  # no summary.json: the run is not over
-        stopped = preempt.report(run.info, total_steps, out_dir)
-        run.close()
-        return stopped
+            loop.end_epoch(metrics)  # the eval log line, the checkpoint at the epoch's end
+    if (stopped := loop.stopped()) is not None:
+        return stopped  # preempted: no summary.json, the run is not over
 
     checksum = param_checksum(model)
-    summary = {
-        "script": "train_dp.py",
-        "world_size": env.world_size,
-        "backend": None,  # no process group: the replicas are threads of this process
-        "devices": [str(d) for d in devices],
-        "sync": "dataparallel" if len(devices) > 1 else "none",
-        "steps": step,
-        "global_batch": global_batch,
-        "samples": samples,
-        "samples_per_s": samples / max(train_time, 1e-9),
-        "final_train_loss": final_train.get("loss"),
-        "final_train_accuracy": final_train.get("accuracy"),
-        "eval_loss": metrics.get("loss"),
-        "eval_accuracy": metrics.get("accuracy"),
-        "eval_samples": metrics.get("count"),
-        "param_checksum": checksum,  # of the model the checkpoint holds
-        "history": history,
-        **clip.summary(),
-        **observer.summary(),
-    }
-    run.write_summary(summary)
-    run.info(
-        "done: %d steps, %.1f samples/s, checkpoint and summary.json in %s",
-        step,
-        summary["samples_per_s"],
-        out_dir,
+    return loop.finish(
+        checksum,  # of the model the checkpoint holds
+        script=Path(__file__).name,
+        backend=None,  # no process group: the replicas are threads of this process
+        devices=[str(d) for d in devices],
+        sync="dataparallel" if len(devices) > 1 else "none",
     )
-    run.close()
-    return summary
 
 
 if __name__ == "__main__":

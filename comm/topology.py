@@ -162,7 +162,8 @@ def inter_node_bytes_per_rank(nbytes: int, nodes: int, per_node: int) -> dict[st
     }
 
 
-# The --sync modes whose averaging goes through Sync.all_reduce (parallel/).
+# The --sync modes that take an `all_reduce` to average with (parallel/allreduce.py,
+# overlap.py, local_sgd.py: dist.all_reduce unless given this one).
 TOPOLOGY_MODES = ("allreduce", "overlap", "local-sgd")
 
 

@@ -51,6 +51,7 @@ import torch.distributed as dist
 from comm.algorithms import rhd_all_reduce, tree_all_reduce
 from comm.compat import all_gather_single, reduce_scatter_single
 from comm.ring import bus_factor, naive_all_reduce, ring_all_reduce
+from comm.shm import shm_all_reduce
 from core.cli import Parser, bounded_int
 from core.dist import BACKENDS, DistEnv, choose_threads, distributed, rank0_logger
 from core.errors import UsageError, run_cli
@@ -63,14 +64,18 @@ OPS = (
     "naive_all_reduce",
     "tree_all_reduce",
     "rhd_all_reduce",
+    "shm_all_reduce",
     "all_gather",
     "reduce_scatter",
     "broadcast",
     "all_to_all",
 )
-# The other hand-made all-reduces (comm/algorithms.py) on request: `make model` sweeps them.
+# The other hand-made all-reduces (comm/algorithms.py; comm/shm.py's, one node and CPU only) on
+# request: `make model` sweeps the first three, benchmarks/bench_shm.py the last.
 DEFAULT_OPS = tuple(
-    op for op in OPS if op not in ("naive_all_reduce", "tree_all_reduce", "rhd_all_reduce")
+    op
+    for op in OPS
+    if op not in ("naive_all_reduce", "tree_all_reduce", "rhd_all_reduce", "shm_all_reduce")
 )
 COLUMNS = ("op", "bytes", "count", "world_size", "backend", "time_us", "algbw_gbs", "busbw_gbs")
 MAX_BYTES = 1 << 32  # 4G: the largest message size
@@ -217,6 +222,7 @@ def make_op(op: str, nbytes: int, env: DistEnv) -> tuple[Callable[[], object], i
         "naive_all_reduce": lambda: naive_all_reduce(x),
         "tree_all_reduce": lambda: tree_all_reduce(x),
         "rhd_all_reduce": lambda: rhd_all_reduce(x),
+        "shm_all_reduce": lambda: shm_all_reduce(x),
         "all_gather": lambda: all_gather_single(x, part),
         "reduce_scatter": lambda: reduce_scatter_single(part, x),
         "broadcast": lambda: dist.broadcast(x, src=0),

@@ -131,7 +131,7 @@ def test_run_cli_error_file(tmp_path: Path, monkeypatch, capsys: pytest.CaptureF
 @pytest.mark.slow
 def test_usage_error_under_torchrun(tmp_path: Path) -> None:
     """Under torchrun: one `error:` line from rank 0 and no traceback of ours; torchrun's own
-    report names rank 0 as the root cause with that line. torchrun itself exits 1 after any
+    report names a rank as the root cause with that line. torchrun itself exits 1 after any
     failed worker and prints its report after a traceback through its own frames
     (torch/distributed/run.py raises ChildFailedError): that part is torchrun's, and the
     test pins it so that docs/launching.md stays true."""
@@ -145,7 +145,9 @@ def test_usage_error_under_torchrun(tmp_path: Path) -> None:
         assert len(ours) == 1 and ours[0].startswith(line)
         assert r.stderr.count("Traceback") == 1  # torchrun's own ChildFailedError
         report = r.stderr.split("Root Cause")[1]
-        assert "rank      : 0 (local_rank: 0)" in report
+        # torchrun names the first rank to exit, which under load may be a silent one: every
+        # rank leaves the line as its error file, so the report shows it whichever it names.
+        assert "(local_rank: " in report
         assert f"traceback : {ours[0]}" in report
         assert 'train_ddp.py", line' not in r.stderr  # no frame of ours anywhere
 

@@ -37,6 +37,8 @@ RUNS = {
     "ddp": [],
     "allreduce": ["--sync", "allreduce"],
     "overlap": ["--sync", "overlap"],
+    "allreduce-shm": ["--sync", "allreduce", "--transport", "shm"],  # comm/shm.py's all-reduce
+    "overlap-shm": ["--sync", "overlap", "--transport", "shm"],
     "ddp-accum-sgd": ACCUM_SGD,
     "allreduce-accum-sgd": ["--sync", "allreduce", *ACCUM_SGD],
     "overlap-accum-sgd-small-buckets": ["--sync", "overlap", *ACCUM_SGD],
@@ -158,6 +160,8 @@ def test_allreduce_and_overlap_reach_ddps_parameters(runs):
     for ddp, mine in [
         ("ddp", "allreduce"),
         ("ddp", "overlap"),
+        ("ddp", "allreduce-shm"),
+        ("ddp", "overlap-shm"),
         ("ddp-accum-sgd", "allreduce-accum-sgd"),
         ("ddp-accum-sgd", "overlap-accum-sgd-small-buckets"),
         ("ddp-accum-sgd", "local-sgd-1-accum-sgd"),

@@ -24,6 +24,7 @@ from core.cli import (
 from core.dist import DistEnv
 from core.errors import UsageError
 from data.datasets import DATASETS
+from parallel.factory import add_sync_flags, check_transport_flags
 from training.guard import check_same_flags
 from training.models import FACTORY_ARGS, MODELS, model_name
 from training.optim import OPTIMIZERS
@@ -293,6 +294,8 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
             "--trace-comm records torch.distributed collectives and train_dp.py runs none "
             "(DataParallel copies between GPUs inside one process); --profile shows its copies"
         )
+    if getattr(args, "sync_bn", False) and not cuda:  # train_ddp.py's --sync-bn
+        raise UsageError("--sync-bn needs CUDA: torch's SyncBatchNorm does not run on CPU")
     if args.amp == "fp16" and not cuda:
         raise UsageError("--amp fp16 needs CUDA (use --amp bf16 on CPU)")
     if args.amp != "none" and args.dtype != "float32":
@@ -303,8 +306,23 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
         raise UsageError(f"--download: there is nothing to download for --dataset {args.dataset}")
     if hasattr(args, "topology"):  # train_ddp.py's --topology, --inter-node-gbps
         check_topology_flags(args.topology, args.inter_node_gbps, args.sync, env.world_size)
+        check_transport_flags(args, env)  # --transport shm: parallel/factory.py
     if args.download and args.trust_data_dir:
         raise UsageError(
             "--download fetches the official files and --trust-data-dir is for a copy that is "
             "not: choose one of them"
         )
+
+
+def add_extension_flags(group: argparse._ArgumentGroup) -> None:
+    """train_ddp.py's flags that are this repository's own rather than DDP's, in one call so
+    that they cost the pair's diff one line: --stall-timeout (training/heartbeat.py) and
+    --sync with its settings, --topology and compression (parallel/factory.py)."""
+    group.add_argument(
+        "--stall-timeout",
+        type=non_negative,
+        default=45,
+        help="seconds a rank may stay behind the others in the training loop before the job "
+        "fails naming it (0: off, only --timeout)",
+    )
+    add_sync_flags(group)  # --sync, --sync-every, --topology, --comm-hook, --compress, ...

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from core.dist import DistEnv
 from parallel.base import Sync
+from parallel.diloco import DILOCO_EVERY
 from parallel.local_sgd import LOCAL_SGD_EVERY
 from training.checkpoint.contents import CheckpointError, restore_training_state, training_state
 from training.checkpoint.files import load_checkpoint, point, pointed_to, write_checkpoint
@@ -61,6 +62,13 @@ def _sync_mode(args: dict) -> str:
     mode = args.get("sync") or "ddp"
     if mode == "local-sgd":
         return f"local-sgd --sync-every {args.get('sync_every') or LOCAL_SGD_EVERY}"
+    if mode == "diloco":  # the outer optimizer's settings belong to the trajectory too
+        return (
+            f"diloco --sync-every {args.get('sync_every') or DILOCO_EVERY} --outer-lr "
+            f"{args.get('outer_lr')} --outer-momentum {args.get('outer_momentum')} "
+            f"--diloco-fragments {args.get('diloco_fragments')} --outer-dtype "
+            f"{args.get('outer_dtype')}"
+        )
     return mode
 
 

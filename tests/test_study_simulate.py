@@ -1,0 +1,92 @@
+"""study/simulate.py: one process plays one rank of a W-rank job on torch's fake process
+group; what it counts (storages, traced collectives) equals the formulas of
+parallel/memory.py exactly, for every mode at W = 8, 64 and 1024.
+
+Bytes held are integers and must be equal. Bytes sent are the ring model's (W-1)/W x
+payload summed over the step's collectives in float64: equal to the formula up to the
+rounding of that sum (~1e-16 relative per term, a few hundred terms), so 1e-12 relative.
+All cases run in one subprocess: the fake group must not meet this process's own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from parallel.memory import KINDS, SIMULATED_MODES
+from tests.multiproc import ROOT
+
+WORLDS = (8, 64, 1024)
+SCRIPT = f"""
+import json, sys
+from study.simulate import parse_args, simulate
+model, worlds = sys.argv[1], sys.argv[2:]
+for mode in {SIMULATED_MODES!r}:
+    for world in worlds:
+        out = simulate(parse_args(["--world", world, "--sync", mode, "--model", model]))
+        print(json.dumps(out), flush=True)
+"""
+
+
+def simulated(model: str, worlds: tuple[int, ...]) -> list[dict]:
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, model, *map(str, worlds)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(SIMULATED_MODES) * len(worlds)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    return simulated("cnn", WORLDS)
+
+
+def assert_counts_are_the_formulas(rows: list[dict]) -> None:
+    for row in rows:
+        case = (row["sync"], row["model"], row["world"])
+        for kind in KINDS:
+            assert row[f"{kind}_bytes"] == row[f"formula_{kind}_bytes"], (case, kind)
+        sent, formula = row["bytes_sent_per_rank"], row["formula_bytes_sent_per_rank"]
+        assert sent > 0 and abs(sent - formula) <= 1e-12 * formula, (case, sent, formula)
+
+
+@pytest.mark.oracle
+def test_counted_bytes_equal_the_formulas(rows):
+    assert_counts_are_the_formulas(rows)
+
+
+@pytest.mark.slow
+@pytest.mark.oracle
+def test_counted_bytes_equal_the_formulas_with_buffers_and_many_units():
+    """resnet18: BatchNorm buffers (broadcast by the hand-made modes) and 60 units."""
+    assert_counts_are_the_formulas(simulated("resnet18", (64,)))
+
+
+def test_sharding_shrinks_what_a_rank_holds(rows):
+    """The point of the modes, as a sanity check on the counts: at 1024 ranks zero3 and fsdp2
+    hold a sliver of what ddp holds, zero2 drops the gradients, zero1 the optimizer state."""
+    at = {(r["sync"], r["model"]): r for r in rows if r["world"] == 1024}
+    ddp = at["ddp", "cnn"]
+    assert at["zero1", "cnn"]["optimizer_bytes"] * 500 < ddp["optimizer_bytes"]
+    assert at["zero2", "cnn"]["grads_bytes"] * 500 < ddp["grads_bytes"]
+    for mode in ("zero3", "fsdp2"):
+        assert at[mode, "cnn"]["params_bytes"] * 50 < ddp["params_bytes"]
+
+
+def test_usage_errors_are_one_line():
+    for argv, says in [
+        (["--world", "1", "--sync", "ddp"], "--world must be 2 to"),
+        (["--world", "8", "--sync", "zero3", "--rank", "8"], "not a rank of a world of 8"),
+    ]:
+        done = subprocess.run(
+            [sys.executable, "-m", "study.simulate", *argv],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert says in done.stderr
