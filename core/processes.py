@@ -38,6 +38,20 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         os.kill(os.getpid(), sig)
 
 
+def available_memory() -> int | None:
+    """Bytes this node can still give to new processes (MemAvailable: free memory and the
+    caches the kernel would drop), or None where /proc does not say. What a program checks
+    a size against before it allocates: past it, the kernel's OOM killer ends the process
+    without a line."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below `pid`, read from /proc (empty where there is none)."""
     children: dict[int, list[int]] = {}

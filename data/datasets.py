@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from core.errors import UsageError
+from core.processes import available_memory
 
 DATASETS = ("synthetic", "mnist", "fashion-mnist", "cifar10", "imagefolder")
 
@@ -94,14 +95,11 @@ def _check_synthetic_memory(samples: int) -> None:
     """Refuse synthetic data the machine cannot hold: the allocation would fail with a
     traceback, or the kernel would kill the run with no line at all."""
     need = samples * SYNTHETIC_SAMPLE_BYTES * 2  # the samples, and the noise they are made of
-    try:
-        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):  # not on this platform: no check
-        return
-    if need > pages:
+    free = available_memory()
+    if free is not None and need > free:
         raise UsageError(
             f"--train-size/--eval-size: {samples} synthetic samples need about "
-            f"{need / 1e9:.1f} GB of memory, this machine has {pages / 1e9:.1f} GB free"
+            f"{need / 1e9:.1f} GB of memory, this machine has {free / 1e9:.1f} GB available"
         )
 
 

@@ -56,7 +56,7 @@ from core.cli import Parser, bounded_int
 from core.dist import BACKENDS, DistEnv, choose_threads, distributed, rank0_logger
 from core.errors import UsageError, run_cli
 from core.files import writing
-from core.processes import die_with_parent
+from core.processes import available_memory, die_with_parent
 
 OPS = (
     "all_reduce",
@@ -170,17 +170,6 @@ def parse_size(text: str) -> int:
     if value > MAX_BYTES:
         raise UsageError(f"size {text!r} is larger than {human(MAX_BYTES)}, the most timed here")
     return value
-
-
-def available_memory() -> int | None:
-    """Bytes this node can still give (MemAvailable), or None where /proc does not say."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def check_memory(ranks: int, max_bytes: int) -> None:
