@@ -33,6 +33,9 @@ from training.preempt import EXTRA_SIGNALS
 # --train-size and --eval-size: sample counts a sampler's int64 indices hold with room to
 # spare (the synthetic data's memory is checked against the machine: data/datasets.py).
 SAMPLES = bounded_int(0, 2**31 - 1, "a sample count")
+# DataLoader worker processes per rank: each is a process of its own (hundreds of MB), and a
+# typo such as --workers 10000 would start that many per rank.
+MAX_WORKERS = 128
 # The longest file name a run writes inside --out-dir (checkpoints/.step-00000001.pt.tmp-PID,
 # and the like), added to the folder's own length when it is checked.
 LONGEST_INSIDE = 64
@@ -113,7 +116,7 @@ def make_parser(
     )
     d.add_argument(
         "--workers",
-        type=non_negative,
+        type=bounded_int(0, MAX_WORKERS, "--workers"),
         default=0,
         help="DataLoader worker processes per rank (0: load in the main process)",
     )
