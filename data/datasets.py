@@ -5,25 +5,31 @@ folder of images sorted into one sub-folder per class (torchvision's ImageFolder
 What `--data-dir D` must hold (what `--download` writes for the torchvision ones):
 
     mnist          D/MNIST/raw/train-images-idx3-ubyte, train-labels-idx1-ubyte,
-                   t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (or the same names + .gz)
+                   t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, uncompressed:
+                   torchvision (0.29) reads no .gz; the official .gz files alone unpack
+                   with --download, which checks their MD5 and then fetches nothing
     fashion-mnist  D/FashionMNIST/raw/ with the same four file names
     cifar10        D/cifar-10-batches-py/data_batch_1 ... data_batch_5, test_batch,
                    batches.meta (the python version of the archive, unpacked)
     imagefolder    D/train/<class>/<image> and D/val/<class>/<image>: the same class folder
-                   names in both, images of one size (png, jpg, ...; converted to RGB)
+                   names in both, images of one size (png, jpg, ...; converted to RGB), at
+                   most MAX_PIXELS pixels each
 
 Dataset files are untrusted input, like checkpoints. CIFAR-10's are pickles, which can run
 code when unpickled: each must match torchvision's MD5 sum of the official file, unless
 --trust-data-dir says the folder is a copy the user vouches for, and either way it is read
 by an unpickler that builds numpy arrays, lists and strings only. MNIST's idx files and
-image folders are parsed, never unpickled.
+image folders are parsed, never unpickled. An image's size is read from its header before
+it is decoded: a small PNG can declare 12000 x 12000 pixels (1.7 GB as a float tensor).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +39,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from core.errors import UsageError
+from core.processes import available_memory
 from data import DATASETS
 
 # Where torchvision looks inside --data-dir (the module docstring has the file names).
@@ -78,6 +85,22 @@ def synthetic(
     noise = 4.0 * torch.randn(n, channels, size, size, generator=g)
     images = contrast * templates[labels] + brightness + noise
     return TensorDataset(images, labels)
+
+
+# Bytes of one synthetic sample: a 3 x 32 x 32 float32 image and an int64 label.
+SYNTHETIC_SAMPLE_BYTES = 3 * 32 * 32 * 4 + 8
+
+
+def _check_synthetic_memory(samples: int) -> None:
+    """Refuse synthetic data the machine cannot hold: the allocation would fail with a
+    traceback, or the kernel would kill the run with no line at all."""
+    need = samples * SYNTHETIC_SAMPLE_BYTES * 2  # the samples, and the noise they are made of
+    free = available_memory()
+    if free is not None and need > free:
+        raise UsageError(
+            f"--train-size/--eval-size: {samples} synthetic samples need about "
+            f"{need / 1e9:.1f} GB of memory, this machine has {free / 1e9:.1f} GB available"
+        )
 
 
 def _torchvision(
@@ -225,6 +248,72 @@ def _check_labels(ds: Dataset, split: str, num_classes: int = 10) -> None:
         raise ValueError(f"a {split} label is {found}; labels are 0 to {num_classes - 1}")
 
 
+# The most pixels an image-folder image may have (4096 x 4096; 200 MB as a float tensor,
+# which this module makes of it without resizing). PIL's own bound (MAX_IMAGE_PIXELS, 89M)
+# only warns below twice that.
+MAX_PIXELS = 4096 * 4096
+
+
+class DataFileError(UsageError):
+    """A data file refused while a batch is loaded. A DataLoader worker re-raises its
+    exception in the main process as `cls(message)` with the worker's traceback as the
+    message: keep its last line's message, so the refusal stays one line."""
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """(width, height) from the image's header, nothing decoded; a DataFileError if it is
+    no image or has more than MAX_PIXELS pixels."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():  # PIL warns above its own bound: the line below says it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                size = image.size
+    except Exception as e:  # noqa: BLE001 - not an image, unreadable, PIL's own bomb check
+        raise DataFileError(f"{path}: not a readable image ({_one_line(e)})") from None
+    if size[0] * size[1] > MAX_PIXELS:
+        raise DataFileError(
+            f"{path}: {size[0]} x {size[1]} pixels, more than the {MAX_PIXELS} an image may "
+            "have here (resize the images first)"
+        )
+    return size
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
+
+
+class _CheckedLoader:
+    """ImageFolder's loader, checked: the header first (`_image_size`, and the size of the
+    first image: batches stack images of one size), then the decode, whose errors (a
+    truncated file) name the file in one line. A class, not a closure: DataLoader workers
+    started by spawn receive it pickled."""
+
+    def __init__(self, size: tuple[int, int] | None) -> None:
+        self.size = size
+
+    def __call__(self, path: str):
+        from PIL import Image
+
+        size = _image_size(path)
+        if size != self.size:
+            raise DataFileError(
+                f"{path}: {size[0]} x {size[1]} pixels, the first image has {self.size[0]} x "
+                f"{self.size[1]}; an image folder needs images of one size"
+            )
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - truncated, corrupt
+            raise DataFileError(f"{path}: not a readable image ({_one_line(e)})") from None
+
+
 def _limit(ds: Dataset, n: int) -> Dataset:
     return ds if n <= 0 or n >= len(ds) else Subset(ds, range(n))
 
@@ -246,6 +335,7 @@ def build_datasets(
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if name == "synthetic":
+        _check_synthetic_memory((train_size or 8192) + (eval_size or 2000))
         return DataSpec(
             synthetic(train_size or 8192, seed=seed, split=0),
             synthetic(eval_size or 2000, seed=seed, split=1),
@@ -272,7 +362,13 @@ def build_datasets(
         msg = " ".join(str(e).split())[:300] or type(e).__name__  # one line
         # torchvision's hint names its own API ("You can use download=True ..."): ours instead
         msg = re.sub(r"\s*You can use download=True to download it\.?", "", msg)
-        if "not found" in msg.lower() and not download:
+        raw = root / LAYOUT[name].split("/")[1] / "raw"
+        if "not found" in msg.lower() and any(raw.glob("*-ubyte.gz")):
+            msg += (
+                f" ({raw} holds .gz files: torchvision reads them unpacked; gunzip them, or "
+                "add --download, which checks official ones and unpacks them offline)"
+            )
+        elif "not found" in msg.lower() and not download:
             msg += "; add --download to fetch it"
         raise UsageError(
             f"cannot read {name} from --data-dir {root} (expected: {LAYOUT[name]}): {msg}"
@@ -305,10 +401,24 @@ def _image_folders(data_dir: str | None, train_size: int, eval_size: int) -> Dat
             datasets.ImageFolder(str(root / split), transform=transforms.ToTensor())
             for split in ("train", "val")
         )
+        size = _image_size(train.samples[0][0]) if train.samples else None
+        train.loader = evals.loader = _CheckedLoader(size)
         image, _ = train[0]
-    except Exception as e:  # no class folders, no image files, an unreadable image
-        msg = " ".join(str(e).split())[:300] or type(e).__name__
-        raise UsageError(f"cannot read image folders from {root}: {msg}") from None
+    except UsageError:  # already one line that names the file
+        raise
+    except Exception as e:  # no class folders, no image files
+        raise UsageError(f"cannot read image folders from {root}: {_one_line(e)}") from None
+    for ds, split in ((train, "train"), (evals, "val")):
+        # ImageFolder follows symlinks to folders; one that points back up (a loop) repeats
+        # the same files, down to the system's limit on nested links, as new samples.
+        seen: dict[str, str] = {}
+        for path, _ in ds.samples:
+            first = seen.setdefault(os.path.realpath(path), path)
+            if first != path:
+                raise UsageError(
+                    f"{root}/{split}: {path} is {first} again (a symlink loop, or a link to a "
+                    "folder already read); each image must appear once"
+                )
     if evals.classes != train.classes:
         raise UsageError(
             f"{root}/val has the classes {evals.classes}, {root}/train has {train.classes}: "

@@ -26,6 +26,11 @@ other hand-made all-reduces: naive_all_reduce, tree_all_reduce and rhd_all_reduc
 
 Output on rank 0: an aligned table on stdout, <out-dir>/bench.csv (one row per op and size)
 and <out-dir>/bench.png (busbw against size, one line per op).
+
+Bounded: sizes up to 4G, at most MAX_RANKS ranks, and on CPU no more than the node's available
+memory can hold (`check_memory`: each rank holds about three buffers of the largest size
+besides torch itself); every rank ends when torchrun does, and torchrun when its launcher does
+(core/processes.py's die_with_parent), so a killed launcher leaves no rank behind.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -46,9 +52,11 @@ from comm.algorithms import rhd_all_reduce, tree_all_reduce
 from comm.compat import all_gather_single, reduce_scatter_single
 from comm.ring import bus_factor, naive_all_reduce, ring_all_reduce
 from comm.shm import shm_all_reduce
-from core.cli import Parser, non_negative, positive
+from core.cli import Parser, bounded_int
 from core.dist import BACKENDS, DistEnv, choose_threads, distributed, rank0_logger
 from core.errors import UsageError, run_cli
+from core.files import writing
+from core.processes import available_memory, die_with_parent
 
 OPS = (
     "all_reduce",
@@ -70,6 +78,10 @@ DEFAULT_OPS = tuple(
     if op not in ("naive_all_reduce", "tree_all_reduce", "rhd_all_reduce", "shm_all_reduce")
 )
 COLUMNS = ("op", "bytes", "count", "world_size", "backend", "time_us", "algbw_gbs", "busbw_gbs")
+MAX_BYTES = 1 << 32  # 4G: the largest message size
+MAX_RANKS = 256  # ranks a launcher may start on one node
+MAX_CALLS = 100_000  # --warmup and --iters, per size
+RANK_OVERHEAD = 400 << 20  # what a CPU rank holds before its buffers (torch, gloo): ~400 MB
 
 
 def fitting_world(backend: str | None, nproc: int | None, gpus: int) -> tuple[str, int]:
@@ -100,7 +112,8 @@ def launch(module: str, argv: Sequence[str], backend: str | None, nproc: int | N
     cmd += [f"--nproc-per-node={nproc}", "-m", module, *rank_argv(argv), "--backend", chosen]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     sys.stdout.flush()
-    return subprocess.call(cmd, env=env)
+    # torchrun ends (and ends its ranks) when this launcher does, however it ends.
+    return subprocess.call(cmd, env=env, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
 
 
 def launch_unless_ranked(module: str, argv: Sequence[str] | None, args: argparse.Namespace) -> None:
@@ -110,6 +123,7 @@ def launch_unless_ranked(module: str, argv: Sequence[str] | None, args: argparse
     if "RANK" not in os.environ:
         own_argv = sys.argv[1:] if argv is None else argv
         raise SystemExit(launch(module, own_argv, args.backend, args.nproc))
+    die_with_parent()  # a rank outlives no torchrun: nothing is left to report to
 
 
 def rank_argv(argv: Sequence[str]) -> list[str]:
@@ -135,7 +149,7 @@ def add_world_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--nproc",
-        type=positive,
+        type=bounded_int(1, MAX_RANKS, "--nproc"),
         default=None,
         help="ranks to start when not run under torchrun (default: one per GPU with 2+ GPUs, "
         "else 2 on CPU)",
@@ -153,7 +167,22 @@ def parse_size(text: str) -> int:
         raise UsageError(f"not a size: {text!r} (use e.g. 4096, 64K, 16M)") from None
     if value < 4:
         raise UsageError(f"size {text!r} is smaller than one float32")
+    if value > MAX_BYTES:
+        raise UsageError(f"size {text!r} is larger than {human(MAX_BYTES)}, the most timed here")
     return value
+
+
+def check_memory(ranks: int, max_bytes: int) -> None:
+    """Refuse a CPU world whose buffers the node cannot hold: an out-of-memory kill would end
+    torchrun without a line and leave ranks behind."""
+    need = ranks * (RANK_OVERHEAD + 3 * max_bytes)
+    free = available_memory()
+    if free is not None and need > free:
+        raise UsageError(
+            f"{ranks} CPU rank(s) timing up to {human(max_bytes)} need about "
+            f"{need / 1e9:.1f} GB of memory, this node has {free / 1e9:.1f} GB available: "
+            "lower --max-bytes or --nproc"
+        )
 
 
 def sizes(min_bytes: int, max_bytes: int, factor: int) -> list[int]:
@@ -280,11 +309,12 @@ def human(nbytes: int) -> str:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 HIGHLIGHT = ("all_reduce", "ring_all_reduce")  # the comparison the README draws
@@ -327,8 +357,9 @@ def plot(rows: list[dict], path: Path, title: str):
     right.legend(fontsize=8)
     fig.suptitle(f"collectives, {title}; bold: gloo all_reduce vs the hand-made ring")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, metadata={"Title": fig.get_suptitle()})  # readable without eyes
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, metadata={"Title": fig.get_suptitle()})  # readable too
     plt.close(fig)
     return fig  # closed, but its axes can still be inspected (the tests do)
 
@@ -344,13 +375,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     p.add_argument("--min-bytes", default="1K", help="smallest size (e.g. 4096, 64K, 16M)")
     p.add_argument("--max-bytes", default="64M", help="largest size")
-    p.add_argument("--step-factor", type=int, default=4, help="each size is this x the last")
-    p.add_argument("--warmup", type=non_negative, default=3, help="untimed calls per size")
-    p.add_argument("--iters", type=positive, default=10, help="timed calls per size")
+    p.add_argument(
+        "--step-factor",
+        type=bounded_int(2, MAX_BYTES, "--step-factor"),
+        default=4,
+        help="each size is this x the last",
+    )
+    p.add_argument(
+        "--warmup",
+        type=bounded_int(0, MAX_CALLS, "--warmup"),
+        default=3,
+        help="untimed calls per size",
+    )
+    p.add_argument(
+        "--iters",
+        type=bounded_int(1, MAX_CALLS, "--iters"),
+        default=10,
+        help="timed calls per size",
+    )
     p.add_argument("--out-dir", default="bench_out", help="bench.csv and bench.png go here")
     add_world_flags(p)
     args = p.parse_args(argv)
     size_list = sizes(parse_size(args.min_bytes), parse_size(args.max_bytes), args.step_factor)
+    if "RANK" not in os.environ:
+        backend, nproc = fitting_world(args.backend, args.nproc, torch.cuda.device_count())
+    else:
+        backend, nproc = rank_backend(args.backend), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if backend == "gloo":
+        check_memory(nproc, size_list[-1])
+    with writing(Path(args.out_dir)):  # refused now, not after the whole sweep
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     launch_unless_ranked("study.bench", argv, args)
     with distributed(rank_backend(args.backend)) as env:
         threads = choose_threads(env.local_world_size, device=env.device.type)

@@ -32,13 +32,15 @@ in the same weighted sense.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.cli import Parser, positive
+from core.cli import Parser, bounded_int, positive_float
 from core.errors import UsageError, run_cli
+from core.files import read_bounded, writing
 
 ALGORITHMS = ("ring", "tree", "rhd", "naive")
 # study.bench's op names -> (collective, algorithm); "gloo" is the library's own all_reduce.
@@ -135,10 +137,19 @@ def fit_line(nbytes: list[float], seconds: list[float]) -> Fit:
     return Fit(alpha, beta, r2, len(nbytes))
 
 
+# World sizes the formulas are asked about (the extrapolation's largest is 1024).
+WORLD = bounded_int(1, 1 << 20, "--world")
+# A study.bench CSV has a row per op and size (a few hundred, ~100 bytes each): far below.
+MAX_CSV_BYTES = 64 << 20
+MAX_JSON_BYTES = 256 << 20  # a run's summary.json, one rank's timeline
+
+
 def read_bench(path: Path) -> list[dict]:
-    """The rows of a study.bench CSV, numbers parsed; a UsageError names what is wrong."""
+    """The rows of a study.bench CSV, numbers parsed; a UsageError names what is wrong.
+    Only a regular file of at most MAX_CSV_BYTES is read (/dev/zero or a fifo never ends)."""
+    raw = read_bounded(path, MAX_CSV_BYTES, "a study.bench CSV")
     try:
-        with open(path, newline="") as f:
+        with io.StringIO(raw.decode(), newline="") as f:
             reader = csv.DictReader(f)
             missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
             if missing:
@@ -159,13 +170,15 @@ def read_bench(path: Path) -> list[dict]:
                     raise UsageError(
                         f"{path}, line {line}: not a number where one belongs"
                     ) from None
-                if parsed["bytes"] <= 0 or not parsed["seconds"] > 0 or parsed["world_size"] < 1:
+                if (
+                    parsed["bytes"] <= 0
+                    or not 0 < parsed["seconds"] < math.inf
+                    or parsed["world_size"] < 1
+                ):
                     raise UsageError(
-                        f"{path}, line {line}: sizes, times and ranks must be positive"
+                        f"{path}, line {line}: sizes, times and ranks must be positive and finite"
                     )
                 rows.append(parsed)
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror}") from None
     except (UnicodeDecodeError, csv.Error) as e:
         raise UsageError(f"{path} is not a CSV file: {e}") from None
     if not rows:
@@ -231,17 +244,17 @@ def traced_step_seconds(run_dir: Path) -> tuple[int, int, list[list[float]]]:
     collectives carry exactly the gradient bytes on every rank (no metric reduction on
     them), the first step (warm-up) left out."""
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads(read_bounded(run_dir / "summary.json", MAX_JSON_BYTES, "a summary"))
         grad_bytes = int(summary["comm"]["model_grad_bytes"])
         files = sorted((run_dir / "timeline").glob("rank*.json"))
-        ranks = [json.loads(f.read_text())["steps"] for f in files]
+        ranks = [json.loads(read_bounded(f, MAX_JSON_BYTES, "a timeline"))["steps"] for f in files]
         steps, buckets = [], set()
         for i in range(1, min(len(r) for r in ranks) if ranks else 0):
             comms = [gradient_collectives(r[i]["comm"]) for r in ranks]
             if all(sum(c["bytes"] for c in comm) == grad_bytes for comm in comms):
                 steps.append([sum(c["seconds"] for c in comm) for comm in comms])
                 buckets.update(len(comm) for comm in comms)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, OverflowError) as e:
         raise UsageError(
             f"{run_dir} is not a finished train_ddp.py --trace-comm run ({type(e).__name__}: {e})"
         ) from None
@@ -606,8 +619,9 @@ def plot(out: dict, alpha: float, beta: float, path: Path) -> None:
         f"alpha-beta model, ASSUMED datacentre link: alpha {alpha * 1e6:g} us, {1e-9 / beta:g} GB/s"
     )
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -621,39 +635,41 @@ def main(argv: list[str] | None = None) -> object:
     q = sub.add_parser("predict", help="one all-reduce time from the textbook formulas")
     q.add_argument("--op", default="all_reduce", help="the collective (only all_reduce)")
     q.add_argument("--algo", choices=ALGORITHMS, default="ring", help="the algorithm")
-    q.add_argument("--world", type=positive, required=True, help="number of ranks")
+    q.add_argument("--world", type=WORLD, required=True, help="number of ranks")
     q.add_argument("--bytes", required=True, help="message size (e.g. 4096, 64K, 16M)")
     q.add_argument(
         "--alpha-us",
-        type=float,
+        type=positive_float,
         default=DATACENTRE_ALPHA_US,
         help="alpha in us (default: the assumed datacentre link)",
     )
-    q.add_argument("--gbps", type=float, default=DATACENTRE_GBPS, help="1/beta in GB/s")
+    q.add_argument("--gbps", type=positive_float, default=DATACENTRE_GBPS, help="1/beta in GB/s")
     q.set_defaults(handler=cmd_predict)
     k = sub.add_parser(
         "pick", help="does one fitted link make the formulas pick the measured fastest algorithm?"
     )
     k.add_argument("csv", help="a study.bench CSV with ring/tree/rhd/naive_all_reduce")
-    k.add_argument("--world", type=positive, default=4, help="the world size to look at")
+    k.add_argument("--world", type=WORLD, default=4, help="the world size to look at")
     k.set_defaults(handler=cmd_pick)
     d = sub.add_parser("ddp", help="a DDP step's communication: model against the tracer")
     d.add_argument("csv", help="a study.bench CSV measured on the run's world size")
     d.add_argument("run", help="a train_ddp.py --trace-comm output directory")
     d.add_argument("--op", default="all_reduce", help="the CSV op whose fit predicts the buckets")
     d.add_argument(
-        "--window", type=float, default=4.0, help="the local fit takes sizes within this factor"
+        "--window",
+        type=positive_float,
+        default=4.0,
+        help="the local fit takes sizes within this factor",
     )
     d.set_defaults(handler=cmd_ddp)
     e = sub.add_parser("extrapolate", help="8 to 1024 ranks on an assumed datacentre link")
-    e.add_argument("--alpha-us", type=float, default=DATACENTRE_ALPHA_US, help="alpha in us")
-    e.add_argument("--gbps", type=float, default=DATACENTRE_GBPS, help="1/beta in GB/s")
+    e.add_argument(
+        "--alpha-us", type=positive_float, default=DATACENTRE_ALPHA_US, help="alpha in us"
+    )
+    e.add_argument("--gbps", type=positive_float, default=DATACENTRE_GBPS, help="1/beta in GB/s")
     e.add_argument("--plot", help="write the plot here (PNG)")
     e.set_defaults(handler=cmd_extrapolate)
     args = p.parse_args(argv)
-    for name in ("alpha_us", "gbps"):
-        if getattr(args, name, 1.0) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive")
     return args.handler(args)
 
 

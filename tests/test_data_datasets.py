@@ -1,8 +1,15 @@
 """Datasets and sharding, checked without processes: the samplers are pure functions of
 (rank, world size, seed, epoch), so the DDP data contract can be checked directly."""
 
+import gzip
+import io
+import re
+import struct
+import zlib
+
 import pytest
 import torch
+from PIL import Image
 
 from core.errors import UsageError
 from data.datasets import build_datasets, synthetic
@@ -126,3 +133,65 @@ def test_missing_or_malformed_data_dir_is_one_clear_error(tmp_path):
     with pytest.raises(UsageError, match="cannot read mnist") as info:
         build_datasets("mnist", str(tmp_path), seed=0)
     assert "\n" not in str(info.value)
+
+
+def _png_declaring(path, width: int, height: int) -> None:
+    """A 1 x 1 PNG whose header says `width` x `height`: a bomb's size in a few bytes."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's fields, then its CRC
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+def _image_folders(root, n: int = 3):
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                noise = Image.effect_noise((16, 16), 50).convert("RGB")
+                noise.save(root / split / cls / f"{i}.png")
+    return root
+
+
+def _read_all(root) -> None:
+    spec = build_datasets("imagefolder", str(root), seed=0)
+    for i in range(len(spec.train)):
+        spec.train[i]
+
+
+@pytest.mark.parametrize("kind", ["bomb", "truncated", "other size", "symlink loop", "link loop"])
+def test_a_bad_image_folder_is_one_line_before_anything_large_is_decoded(tmp_path, kind):
+    root = _image_folders(tmp_path)
+    later = root / "train" / "b" / "1.png"  # not the first image: found when it is loaded
+    if kind == "bomb":
+        _png_declaring(later, 12000, 12000)  # 1.7 GB as a float tensor, if decoded
+        says = "12000 x 12000 pixels, more than the 16777216"
+    elif kind == "truncated":
+        later.write_bytes(later.read_bytes()[: later.stat().st_size // 2])
+        says = "1.png: not a readable image (image file is truncated"
+    elif kind == "other size":
+        Image.new("RGB", (17, 16)).save(later)
+        says = "17 x 16 pixels, the first image has 16 x 16"
+    elif kind == "symlink loop":
+        (root / "train" / "a" / "up").symlink_to("..")
+        says = "again (a symlink loop"
+    else:
+        later.unlink()
+        later.symlink_to("2.png")
+        (root / "train" / "b" / "2.png").unlink()
+        (root / "train" / "b" / "2.png").symlink_to("1.png")
+        says = "Too many levels of symbolic links"
+    with pytest.raises(UsageError, match=re.escape(says)) as info:
+        _read_all(root)
+    assert "\n" not in str(info.value)
+
+
+def test_mnist_gz_files_alone_are_refused_with_the_way_to_read_them(tmp_path):
+    write_mnist(tmp_path)
+    for raw in (tmp_path / "MNIST" / "raw").iterdir():
+        raw.with_name(raw.name + ".gz").write_bytes(gzip.compress(raw.read_bytes()))
+        raw.unlink()
+    with pytest.raises(UsageError, match="holds .gz files: torchvision reads them unpacked"):
+        build_datasets("mnist", str(tmp_path), seed=0)

@@ -4,15 +4,25 @@ and a non-zero exit: no traceback, no silent exit, and (refused before training)
 --out-dir created. Most run in this process through the scripts' real entry point
 (`run_cli(main, argv)`: parsing, validation, the run's set-up, the resume); a handful run as
 real commands, under torchrun too, where the ranks must agree and end within seconds.
+Then issue 25's hostile files and bombs: sharded checkpoint folders carrying a payload in
+each file, re-signed (proved live, left unrun), a stride-0 tensor that reads as 10^12
+values, /dev/zero and fifos, image folders with a 12000 x 12000 PNG, a truncated image or a
+symlink loop, sizes and names no machine or filesystem holds, and the python -m programs'
+bounds; and a benchmark launcher SIGKILLed, which must leave no rank behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import io
 import math
 import os
 import pickle
 import re
+import shutil
+import signal
+import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,9 +57,9 @@ FLAGS = {
     "--keep": NOT_POSITIVE,
     "--log-every": NOT_POSITIVE,
     "--max-steps": NOT_COUNT,
-    "--train-size": NOT_COUNT,
-    "--eval-size": NOT_COUNT,
-    "--workers": NOT_COUNT,
+    "--train-size": [*NOT_COUNT, str(2**31), str(10**18)],
+    "--eval-size": [*NOT_COUNT, str(2**31), str(10**18)],
+    "--workers": [*NOT_COUNT, "10000"],
     "--warmup-steps": NOT_COUNT,
     "--save-every": NOT_COUNT,
     "--lr": ["0", "-1", "nan", "inf", "-inf", "1e400", "x", ""],
@@ -427,3 +437,256 @@ def test_bad_input_under_real_commands_and_torchrun(tmp_path):
     assert not (tmp_path / "evil-run").exists() and not (tmp_path / "mismatch").exists()
     assert wall < 150  # far below the 600 s a mismatched collective would wait
     assert ROOT.is_dir()
+
+
+# ---------------------------------------------------------------- hostile files and bombs
+
+
+def _pngs(root: Path, n: int = 3) -> Path:
+    """An image folder of 16 x 16 PNGs: train/ and val/, classes a and b."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                noise = Image.effect_noise((16, 16), 50).convert("RGB")
+                noise.save(root / split / cls / f"{i}.png")
+    return root
+
+
+def image_cases(tmp: Path) -> dict[str, Path]:
+    """Image folders that fail only at an image after the first."""
+    from PIL import Image
+
+    cases = {}
+    for kind in ("12000x12000 png", "truncated png", "symlink loop", "file link loop"):
+        root = _pngs(tmp / kind.replace(" ", "-"))
+        later = root / "train" / "b" / "1.png"
+        if kind == "12000x12000 png":
+            Image.new("L", (12000, 12000)).save(later)  # 0.14 MB of file, 1.7 GB as floats
+        elif kind == "truncated png":
+            later.write_bytes(later.read_bytes()[: later.stat().st_size // 2])
+        elif kind == "symlink loop":
+            (root / "train" / "a" / "up").symlink_to("..")
+        else:
+            later.unlink()
+            later.symlink_to("1.png")
+        cases[kind] = root
+    return cases
+
+
+def _dump_with_inf(folder: Path) -> Path:
+    folder.mkdir()
+    entry = {"collective_seq_id": math.inf, "profiling_name": "gloo:all_reduce",
+             "process_group": ["0", ""], "input_sizes": [[4]]}  # fmt: skip
+    (folder / "gloo_trace_rank_0").write_bytes(pickle.dumps({"entries": [entry]}))
+    return folder
+
+
+def test_hostile_checkpoint_folders_bombs_and_bounds_each_get_one_line(tmp_path):
+    """Issue 25's hostile files, bombs and bounds. Every sharded checkpoint file carries a
+    payload, re-signed, proved live (a plain unpickler creates the marker) and inert here
+    (refused in one line, no marker) on --resume and in tools.convert, for a mode whose
+    checkpoint holds only tensors (zero1) and one with non-tensor items (fsdp2)."""
+    from study import bench, cost_model
+    from tests import hostile
+    from tests.fake_datasets import write_mnist
+    from tools import convert, frdiff
+
+    outcomes: list[tuple[str, str | None]] = []
+    n = 0
+
+    def check(label, main, argv, out=None, says=None):
+        code, err = _call(main, argv)
+        problem = _verdict(code, err)
+        if problem is None and out is not None and out.exists():
+            problem = f"refused, but created {out}"
+        if problem is None and says is not None and says not in err:
+            problem = f"does not say {says!r}: {err!r}"
+        outcomes.append((label, problem))
+
+    def fresh() -> Path:
+        nonlocal n
+        n += 1
+        return tmp_path / "runs" / f"out{n}"
+
+    tiny = [*BASE[:-2], "--epochs", "1"]
+    resume = [*tiny[:-1], "2"]
+    marker = tmp_path / "marker"
+    for mode in ("zero1", "fsdp2"):
+        good_run = tmp_path / f"good-{mode}"
+        assert run_cli(train_ddp.main, [*tiny, "--sync", mode, "--out-dir", str(good_run)]) == 0
+        good = good_run / "checkpoints" / "step-00000008.dcp"
+        for kind in hostile.KINDS:
+            bad = tmp_path / f"{mode}-{kind.replace(' ', '-')}.dcp"
+            hostile.make_hostile(kind, good, bad, marker)
+            live = hostile.payload_runs(kind, bad, marker)
+            outcomes.append((f"{mode} {kind}: payload live", None if live else "it did not run"))
+            out = fresh()
+            check(f"{mode} {kind}: --resume", train_ddp.main,
+                  [*resume, "--sync", mode, "--resume", str(bad), "--out-dir", str(out)],
+                  out=out / "checkpoints", says="nothing was run")  # fmt: skip
+            target = tmp_path / f"{mode}-{kind.replace(' ', '-')}.pt"
+            check(f"{mode} {kind}: convert", convert.main, [str(bad), str(target)], out=target,
+                  says="nothing was run")  # fmt: skip
+            if marker.exists():
+                outcomes.append((f"{mode} {kind}", "the payload ran"))
+                marker.unlink()
+        # Corrupt shard bytes, re-signed: DCP's own error, as one line.
+        bad = tmp_path / f"{mode}-corrupt.dcp"
+        shutil.copytree(good, bad)
+        shard = next(bad.glob("*.distcp"))
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64
+        shard.write_bytes(bytes(data))
+        hostile._sign(bad)
+        out = fresh()
+        check(f"{mode} corrupt shard, re-signed: --resume", train_ddp.main,
+              [*resume, "--sync", mode, "--resume", str(bad), "--out-dir", str(out)],
+              out=out / "checkpoints")  # fmt: skip
+        check(f"{mode} corrupt shard, re-signed: convert", convert.main,
+              [str(bad), str(tmp_path / f"{mode}-corrupt.pt")])  # fmt: skip
+
+    # The single file: a stride-0 view of one float that reads as 10^12 (the issue's: 10 GB).
+    good_run = tmp_path / "good-ddp"
+    assert run_cli(train_ddp.main, [*tiny, "--out-dir", str(good_run)]) == 0
+    state = torch.load(good_run / "checkpoints" / "step-00000008.pt", weights_only=True)
+    name = next(iter(state["model"]))
+    state["model"][name] = torch.zeros(1).expand(10**6, 10**6)
+    bomb = tmp_path / "bomb.pt"
+    torch.save(state, bomb)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for label, path, says in (
+        ("stride-0 bomb", bomb, "a view that repeats its data"),
+        ("/dev/zero", Path("/dev/zero"), "not a regular file (a character device)"),
+        ("a fifo", fifo, "not a regular file (a fifo)"),
+    ):
+        for script, main in SCRIPTS.items():
+            out = fresh()
+            argv = [*resume, "--resume", str(path), "--out-dir", str(out)]
+            check(f"{script} --resume {label}", main, argv, out=out, says=says)
+
+    # Data: image folders that fail after the first image (a whole epoch reads every one);
+    # MNIST as .gz only.
+    for label, root in image_cases(tmp_path / "images").items():
+        for workers in ("0", "2"):
+            out = fresh()
+            check(f"imagefolder {label}, --workers {workers}", train_ddp.main,
+                  [*tiny, "--dataset", "imagefolder", "--data-dir", str(root), "--workers",
+                   workers, "--batch-size", "2", "--out-dir", str(out)])  # fmt: skip
+    mnist = tmp_path / "mnist-gz"
+    write_mnist(mnist)
+    for raw in (mnist / "MNIST" / "raw").iterdir():
+        raw.with_name(raw.name + ".gz").write_bytes(gzip.compress(raw.read_bytes()))
+        raw.unlink()
+    out = fresh()
+    check("mnist .gz only", train_ddp.main,
+          [*BASE, "--dataset", "mnist", "--data-dir", str(mnist), "--out-dir", str(out)],
+          out=out, says="holds .gz files")  # fmt: skip
+
+    # Sizes: samples that do not fit in memory, names the filesystem cannot hold.
+    for flag in ("--train-size", "--eval-size"):
+        for value in ("100000000000", "1000000000"):
+            out = fresh()
+            check(f"{flag} {value}", train_ddp.main,
+                  [*BASE, flag, value, "--out-dir", str(out)], out=out)  # fmt: skip
+    for label, long in (
+        ("a 300-byte name", tmp_path / ("x" * 300)),
+        ("a 5000-byte path", tmp_path.joinpath(*["y" * 200] * 25)),
+    ):
+        check(f"--out-dir {label}", train_ddp.main, [*BASE, "--out-dir", str(long)])
+
+    # The python -m programs: bounds, files that never end, places that cannot be written.
+    for argv in (["--min-bytes", "1000000G"], ["--max-bytes", str(10**15)], ["--nproc", "10000"],
+                 ["--iters", str(10**12)], ["--warmup", str(10**12)],
+                 ["--step-factor", str(10**12)], ["--out-dir", "/dev/null/bench"],
+                 ["--out-dir", str(tmp_path / ("z" * 300))]):  # fmt: skip
+        check(f"study.bench {' '.join(argv)}", bench.main, argv)
+    with mock.patch.object(bench, "available_memory", lambda: 1 << 30):
+        check("study.bench over memory", bench.main, ["--nproc", "4", "--max-bytes", "1G"],
+              says="GB of memory")  # fmt: skip
+    for argv in (
+        ["fit", "/dev/zero"],
+        ["fit", str(fifo)],
+        ["predict", "--world", "4", "--bytes", "1M", "--gbps", "inf"],
+        ["predict", "--world", "4", "--bytes", "1M", "--alpha-us", "nan"],
+        ["predict", "--world", str(10**12), "--bytes", "1M"],
+        ["extrapolate", "--plot", "/dev/null/x.png"],
+        ["extrapolate", "--plot", "/proc/x.png"],
+        ["extrapolate", "--plot", str(tmp_path / ("z" * 300) / "x.png")],
+    ):
+        check(f"study.cost_model {' '.join(argv)}", cost_model.main, argv)
+    check("tools.frdiff, a dump holding inf", frdiff.main, [str(_dump_with_inf(tmp_path / "fr"))])
+    for target in ("/dev/null/x.pt", "/proc/x.pt", str(tmp_path / ("z" * 300) / "x.pt")):
+        check(f"tools.convert to {target[:40]}", convert.main,
+              [str(tmp_path / "good-zero1" / "checkpoint.dcp"), target])  # fmt: skip
+
+    failed = [f"{label}: {problem}" for label, problem in outcomes if problem]
+    assert not failed, f"{len(failed)} of {len(outcomes)} cases:\n" + "\n".join(failed)
+    assert len(outcomes) >= 68, len(outcomes)
+
+
+def test_no_bench_rank_outlives_its_launcher(tmp_path):
+    """`python -m study.bench` starts torchrun, torchrun its ranks; the launcher is then
+    SIGKILLed (as the kernel's OOM killer would): torchrun and every rank end within
+    seconds."""
+    from core.processes import descendants
+
+    argv = [PYTHON, "-m", "study.bench", "--nproc", "2", "--iters", "100000", "--min-bytes",
+            "16M", "--max-bytes", "16M", "--out-dir", str(tmp_path)]  # fmt: skip
+    launcher = subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    started = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(started) < 3 and time.monotonic() < deadline:  # torchrun and two ranks
+            time.sleep(0.5)
+            started = descendants(launcher.pid)
+        assert len(started) >= 3, started
+        time.sleep(3)  # the ranks are timing
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in started if _alive(p)]
+    finally:
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_hostile_sharded_folder_under_torchrun(tmp_path):
+    """At two ranks: every rank reads `.metadata` (the agreement before the load), and a
+    non-tensor item fails inside dcp.load on one rank, whose error DCP gathers to all. One
+    `error:` line, the payload never run."""
+    from tests import hostile
+
+    flags = [*BASE[:-2], "--batch-size", "4", "--sync", "zero1", "--epochs"]
+    good = tmp_path / "good"
+    done = torchrun(["train_ddp.py", *flags, "1", "--out-dir", str(good)], timeout=150)
+    assert done.returncode == 0, done.stderr
+    marker = tmp_path / "marker"
+    jobs = {}
+    for kind in ("metadata", "bytes item"):
+        bad = tmp_path / f"{kind.replace(' ', '-')}.dcp"
+        hostile.make_hostile(kind, good / "checkpoints" / "step-00000008.dcp", bad, marker)
+        assert hostile.payload_runs(kind, bad, marker)
+        out = tmp_path / f"out-{kind.replace(' ', '-')}"
+        argv = ["train_ddp.py", *flags, "2", "--resume", str(bad), "--out-dir", str(out)]
+        jobs[kind] = lambda argv=argv: torchrun(argv, timeout=150)
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        for future in [pool.submit(job) for job in jobs.values()]:
+            _one_line(future.result(), "nothing was run")
+    assert not marker.exists()

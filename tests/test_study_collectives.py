@@ -473,7 +473,7 @@ def test_launch_hands_torchrun_a_command_it_accepts(monkeypatch):
     its command line under torchrun: torchrun's own parser must accept it, and the ranks
     get the benchmark's flags without the world flags the launcher used up."""
     calls = []
-    monkeypatch.setattr(bench.subprocess, "call", lambda cmd, env: calls.append(cmd) or 0)
+    monkeypatch.setattr(bench.subprocess, "call", lambda cmd, **_: calls.append(cmd) or 0)
     argv = ["--out-dir", "x", "--nproc", "3", "--backend", "gloo", "--iters", "2", "--nproc=3"]
     assert bench.launch("study.bench", argv, "gloo", 3) == 0
     parsed = get_args_parser().parse_args(calls[0][3:])  # after `python -m torch.distributed.run`

@@ -2,10 +2,12 @@
 rename, every kind of bad file refused with one clear line, and all-or-nothing restore."""
 
 import hashlib
+import io
 import multiprocessing as mp
 import os
 import random
 import signal
+import zipfile
 from argparse import Namespace
 from pathlib import Path
 
@@ -184,6 +186,13 @@ def _tamper(kind: str, good: dict, raw: bytes, path: Path) -> None:
         torch.save([1, 2, 3], path)
     elif kind == "arbitrary object":
         torch.save({"model": _Anything()}, path)
+    elif kind == "compressed entries":  # a zip bomb's form: small file, large entries
+        with zipfile.ZipFile(io.BytesIO(raw)) as src, zipfile.ZipFile(path, "w") as dst:
+            for info in src.infolist():
+                dst.writestr(info.filename, src.read(info), zipfile.ZIP_DEFLATED)
+    elif kind == "fifo":
+        path.unlink(missing_ok=True)
+        os.mkfifo(path)
     else:
         state = dict(good)
         if kind == "wrong architecture":
@@ -196,6 +205,10 @@ def _tamper(kind: str, good: dict, raw: bytes, path: Path) -> None:
             state["args"] = {**state["args"], "momentum": 0.5, "lr": 0.5}
         elif kind == "other batches":
             state["world_size"] = 2  # 4 per rank x 2 ranks: 8 samples per step, not 4
+        elif kind == "stride-0 bomb":
+            # One stored float read as 10^12: the nan scan alone would allocate a terabyte.
+            name = next(iter(state["model"]))
+            state["model"] = {**state["model"], name: torch.zeros(1).expand(10**6, 10**6)}
         torch.save(state, path)
 
 
@@ -212,6 +225,9 @@ BAD = {
     "other flags": f"written with --lr 0.5 (this run: {train_ddp.parse_args([]).lr}), "
     "--momentum 0.5 (this run: 0.9)",
     "other batches": "written by a run with 8 samples per optimizer step (4 x 2 rank(s) x 1",
+    "stride-0 bomb": "has shape [1000000, 1000000] (4000000000000 bytes) over 4 bytes of data",
+    "compressed entries": "not a checkpoint written by torch.save (entry ",
+    "fifo": "not a regular file (a fifo)",
 }
 
 

@@ -6,12 +6,15 @@ sharded mode from its step-4 checkpoint with the same 16 samples per step (4 x 4
 The oracle: every run ends at `--sync ddp`'s parameters (read back by converting its last
 checkpoint to the single-file format); train_dp.py resumed from a converted step-4
 checkpoint too. Then a rank SIGKILLed inside a sharded save must leave the previous
-checkpoint as the newest, and bad checkpoints are refused in one line.
+checkpoint as the newest, and bad checkpoints are refused in one line; hostile ones (a payload
+in any file of the folder, the sha256 list refreshed) too, with the payload proved live and
+left unrun (tests/hostile.py).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import signal
 from pathlib import Path
@@ -23,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 import train_ddp
 import train_dp
 from core.errors import run_cli
+from tests import hostile
 from tests.multiproc import WorldFailed, run_world
 from tools import convert
 from training.checkpoint import load_checkpoint
@@ -211,3 +215,74 @@ def test_a_bad_sharded_checkpoint_is_refused_in_one_line(one_rank_zero1, tmp_pat
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and BAD[kind] in err, err
         assert not target.exists()
+
+
+# ---- hostile folders: nothing in a checkpoint folder runs code, even re-signed
+
+
+@pytest.mark.parametrize("kind", hostile.KINDS)
+def test_a_hostile_resigned_folder_runs_nothing_on_resume_or_convert(
+    one_rank_zero1, tmp_path, capsys, kind
+):
+    good, _ = one_rank_zero1
+    bad, marker = tmp_path / "bad.dcp", tmp_path / "marker"
+    hostile.make_hostile(kind, good, bad, marker)
+    assert hostile.payload_runs(kind, bad, marker)  # live: a plain unpickler runs it
+    out, target = tmp_path / "out", tmp_path / "full.pt"
+    capsys.readouterr()
+    codes = [
+        run_cli(train_ddp.main, [*flags(1, out, "--sync", "zero1"), "--resume", str(bad)]),
+        run_cli(convert.main, [str(bad), str(target)]),
+    ]
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert codes == [2, 2] and len(lines) == 2, (codes, err)
+    for line in lines:  # refused by the allow-lists, not by a later check
+        assert line.startswith("error: ") and "nothing was run" in line, err
+        assert "io.open" in line and "weights_only" not in line, err
+    assert not marker.exists()  # inert
+    assert not (out / "checkpoints").exists() and not target.exists()
+
+
+def _metadata_bomb(kind: str, metadata) -> None:
+    fqn, md = next((k, v) for k, v in metadata.state_dict_metadata.items() if hasattr(v, "chunks"))
+    if kind == "declared size":  # 10^12 elements: a loader allocates what is declared
+        md.size = torch.Size([10**12])
+        md.chunks[0].sizes = torch.Size([10**12])
+    elif kind == "list index":  # DCP pads a list up to each index it rebuilds
+        metadata.planner_data[fqn] = ("flat", 10**12)
+    elif kind == "outside the folder":
+        for info in metadata.storage_data.values():
+            info.relative_path = "../../etc/passwd"
+    else:  # "past its file": an offset beyond the end of the shard
+        for info in metadata.storage_data.values():
+            info.offset += 10**9
+
+
+@pytest.mark.parametrize(
+    "kind", ["declared size", "list index", "outside the folder", "past its file"]
+)
+def test_metadata_that_declares_more_than_its_folder_holds_is_refused(
+    one_rank_zero1, tmp_path, capsys, kind
+):
+    """Each of these, re-signed, would make DCP allocate or read what the folder does not
+    hold; refused before any of it, in one line, by the resume and the converter alike."""
+    good, _ = one_rank_zero1
+    bad = tmp_path / "bad.dcp"
+    shutil.copytree(good, bad)
+    with open(bad / ".metadata", "rb") as f:
+        metadata = pickle.load(f)  # our own, trusted copy
+    _metadata_bomb(kind, metadata)
+    with open(bad / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+    hostile._sign(bad)
+    out, target = tmp_path / "out", tmp_path / "full.pt"
+    capsys.readouterr()
+    codes = [
+        run_cli(train_ddp.main, [*flags(1, out, "--sync", "zero1"), "--resume", str(bad)]),
+        run_cli(convert.main, [str(bad), str(target)]),
+    ]
+    lines = capsys.readouterr().err.splitlines()
+    assert codes == [2, 2] and len(lines) == 2, (codes, lines)
+    assert all(line.startswith("error: ") and "malformed DCP metadata" in line for line in lines)
+    assert not (out / "checkpoints").exists() and not target.exists()

@@ -4,7 +4,9 @@
     python train_dp.py --resume runs/zero/full.pt ...      # or train_ddp.py --sync ddp
 
 Runs in one process, without a process group: DCP reads every rank's files and puts the
-slices together (torch.distributed.checkpoint.format_utils.dcp_to_torch_save); this module
+slices together (as torch.distributed.checkpoint.format_utils.dcp_to_torch_save does, but
+through training/sharded.py's SafeReader: the folder is untrusted, nothing in it is
+unpickled without an allow-list); this module
 then cuts the flat vectors of zero1/zero2/zero3 back into named tensors (the names and
 shapes are in the checkpoint's train_state.pt), maps FSDP2's and ZeroRedundancyOptimizer's
 per-name optimizer state to the plain optimizer's per-index state, and writes the file that
@@ -14,18 +16,19 @@ converted checkpoint continues the same run under `--sync ddp` or in train_dp.py
 
 from __future__ import annotations
 
-import io
 import math
-import tempfile
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from core.cli import Parser
 from core.errors import UsageError, run_cli
-from training.checkpoint import write_checkpoint
-from training.sharded import load_sharded_state
+from core.files import writing
+from training.checkpoint import CheckpointError, write_checkpoint
+from training.sharded import SafeReader, dcp_error, load_sharded_state
 
 
 def _split(flat: torch.Tensor, shapes: list[list[int]]) -> list[torch.Tensor]:
@@ -64,12 +67,26 @@ def _per_name(state: dict, full: dict) -> tuple[dict, dict]:
 def convert(source: Path, target: Path) -> dict:
     """Write `target`, the single-file checkpoint of the sharded checkpoint `source`."""
     state = load_sharded_state(source)
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(source, Path(tmp) / "full.pt")
-        raw = (Path(tmp) / "full.pt").read_bytes()
-    full = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    model, by_name = _per_name(state, full)
-    names = [name for name, _ in state["layout"]["params"]]
+    reader = SafeReader(source, state["files"])
+    reader.read_metadata()  # a refusal here is one line (inside DCP it logs a traceback)
+    full: dict = {}  # filled with every tensor the metadata lists (its sizes are checked)
+    try:
+        _load_state_dict(  # what dcp_to_torch_save calls, with our reader
+            full,
+            storage_reader=reader,
+            planner=_EmptyStateDictLoadPlanner(),
+            no_dist=True,
+        )
+    except (Exception, CheckpointException) as e:
+        raise dcp_error(e, f"{source}: not loaded") from None
+    try:
+        model, by_name = _per_name(state, full)
+        names = [name for name, _ in state["layout"]["params"]]
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(
+            f"{source}: its tensors do not fit the layout its train_state.pt lists "
+            f"({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     group = {**state["param_group"], "params": list(range(len(names)))}
     args = {**state["args"], "sync": "ddp", "converted_from": state["args"].get("sync")}
     single = {
@@ -88,7 +105,8 @@ def convert(source: Path, target: Path) -> dict:
         "rng": state["rng"],
         "ranks": state["ranks"],
     }
-    write_checkpoint(target, single)
+    with writing(target):
+        write_checkpoint(target, single)
     return single
 
 
@@ -97,8 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("source", type=Path, help="a sharded checkpoint folder (step-N.dcp)")
     parser.add_argument("target", type=Path, help="the single-file checkpoint to write")
     args = parser.parse_args(argv)
-    if args.target.exists() and args.target.is_dir():
-        raise UsageError(f"{args.target}: a directory; name the file to write")
+    with writing(args.target):  # a name too long to look up is refused here too
+        if args.target.is_dir():
+            raise UsageError(f"{args.target}: a directory; name the file to write")
     state = convert(args.source, args.target)  # a CheckpointError is a UsageError: one line
     print(f"wrote {args.target}: step {state['step']}, {len(state['model'])} tensors")
 

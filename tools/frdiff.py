@@ -113,7 +113,7 @@ def _ranks_of(config: object) -> list[int] | None:
         ranks = re.findall(r"-?\d+", ranks)
     try:
         return sorted(int(r) for r in ranks) if ranks is not None else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
@@ -149,7 +149,7 @@ def load_dump(path: Path, rank: int) -> Dump:
                 dtypes=tuple(str(d) for d in e.get("input_dtypes", [])),
                 where=_site(e.get("frames")),
             )
-        except (KeyError, IndexError, TypeError, ValueError) as err:
+        except (KeyError, IndexError, TypeError, ValueError, OverflowError) as err:  # inf
             raise UsageError(
                 f"{path}: entry {i} is malformed ({type(err).__name__}: {err})"
             ) from None

@@ -14,6 +14,7 @@ preempt.py read them from here.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import TYPE_CHECKING
 
 from core.cli import (
@@ -69,6 +70,46 @@ def gpu_list(value: str) -> list[int] | None:
     return ids
 
 
+# --train-size and --eval-size: sample counts a sampler's int64 indices hold with room to
+# spare (the synthetic data's memory is checked against the machine: data/datasets.py).
+SAMPLES = bounded_int(0, 2**31 - 1, "a sample count")
+# DataLoader worker processes per rank: each is a process of its own (hundreds of MB), and a
+# typo such as --workers 10000 would start that many per rank.
+MAX_WORKERS = 128
+# The longest file name a run writes inside --out-dir (checkpoints/.step-00000001.pt.tmp-PID,
+# and the like), added to the folder's own length when it is checked.
+LONGEST_INSIDE = 64
+
+
+def run_dir(value: str) -> str:
+    """--out-dir: a folder name (core.cli.out_dir) the filesystem can hold with the run's
+    files in it: each part at most NAME_MAX bytes, the whole at most PATH_MAX with room for
+    the longest name written inside. A longer one would fail at the first write
+    (ENAMETOOLONG), after the set-up."""
+    value = out_dir(value)
+    name_max = _pathconf("PC_NAME_MAX", 255)
+    path_max = _pathconf("PC_PATH_MAX", 4096)
+    full = os.fsencode(os.path.abspath(value))
+    longest = max(full.split(b"/"), key=len)
+    if len(longest) > name_max:
+        raise argparse.ArgumentTypeError(
+            f"a folder name of {len(longest)} bytes; the filesystem allows {name_max}"
+        )
+    if len(full) + LONGEST_INSIDE > path_max:
+        raise argparse.ArgumentTypeError(
+            f"a path of {len(full)} bytes; with the run's files inside it must stay under "
+            f"{path_max}"
+        )
+    return value
+
+
+def _pathconf(name: str, default: int) -> int:
+    try:
+        return os.pathconf("/", name)
+    except (OSError, ValueError, AttributeError):  # not on this platform
+        return default
+
+
 def make_parser(
     description: str, batch_size_help: str, default_batch_size: int, default_out_dir: str
 ) -> Parser:
@@ -103,19 +144,19 @@ def make_parser(
     )
     d.add_argument(
         "--train-size",
-        type=non_negative,
+        type=SAMPLES,
         default=0,
         help="use the first N training samples (0: all; synthetic default 8192)",
     )
     d.add_argument(
         "--eval-size",
-        type=non_negative,
+        type=SAMPLES,
         default=0,
         help="use the first N eval samples (0: all; synthetic default 2000)",
     )
     d.add_argument(
         "--workers",
-        type=non_negative,
+        type=bounded_int(0, MAX_WORKERS, "--workers"),
         default=0,
         help="DataLoader worker processes per rank (0: load in the main process)",
     )
@@ -223,7 +264,7 @@ def make_parser(
     r = p.add_argument_group("output and resume")
     r.add_argument(
         "--out-dir",
-        type=out_dir,
+        type=run_dir,
         default=default_out_dir,
         help="checkpoints/, checkpoint.pt (the newest), summary.json and tb/ go here",
     )

@@ -32,20 +32,33 @@ The guarantees of the single-file checkpoint hold here too:
 - resumable at another world size with the same samples per step; each rank takes its own
   RNG states when the world size is the same, else rank 0's.
 - convertible to the single-file format: `python -m tools.convert` (tools/convert.py).
+- read without running code (`SafeReader`): the folder is untrusted input, and the sha256
+  list is written by whoever writes the folder, so it catches corruption, not tampering.
+  torch's own reader unpickles `.metadata` with a full unpickler and its load planner reads
+  every non-tensor item with `torch.load(weights_only=False)`; here `.metadata` goes through
+  an allow-list of DCP's own classes, and each such item through `weights_only=True`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import math
 import os
+import pathlib
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
@@ -57,6 +70,8 @@ from training.checkpoint.contents import CheckpointError, rng_state, set_rng_sta
 from training.checkpoint.files import (
     _check_archive,
     _fsync_dir,
+    check_zip,
+    file_kind,
     load_error_reason,
     point,
     pointed_to,
@@ -78,6 +93,180 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# What DCP's `.metadata` pickles (found by listing the globals of the metadata that every
+# sharded mode writes, on torch 2.11 .. 2.14): its own dataclasses, torch.Size, the dtypes,
+# a layout by name and the checkpoint id as a path. Nothing else is admitted.
+_DCP_CLASSES = (
+    dcp_metadata.Metadata,
+    dcp_metadata.MetadataIndex,
+    dcp_metadata.StorageMeta,
+    dcp_metadata.TensorProperties,
+    dcp_metadata.TensorStorageMetadata,
+    dcp_metadata.BytesStorageMetadata,
+    dcp_metadata.ChunkStorageMetadata,
+    dcp_metadata._MEM_FORMAT_ENCODING,
+    _StorageInfo,
+    torch.Size,
+    pathlib.PosixPath,
+    pathlib.PurePosixPath,
+)
+_ALLOWED = {(c.__module__, c.__qualname__): c for c in _DCP_CLASSES}
+_ALLOWED["torch.serialization", "_get_layout"] = torch.serialization._get_layout
+_ALLOWED.update({("torch", n): v for n, v in vars(torch).items() if isinstance(v, torch.dtype)})
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """An unpickler that builds DCP's metadata and nothing else: any other global (a
+    function to call, a class to build) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it asks for the global {module}.{name}") from None
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader for a folder `load_sharded_state` has checked, that runs no code from
+    it and allocates nothing the folder's files cannot hold: `.metadata` through the
+    allow-list above, checked (`_check_metadata`) against the files `signed` lists; every
+    non-tensor item through `torch.load(weights_only=True)` (the tensors torch's reader
+    already loads so)."""
+
+    def __init__(self, path: Path, signed: dict) -> None:
+        super().__init__(path)
+        self.folder = Path(path)
+        self.signed = signed
+
+    def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
+        file = self.folder / ".metadata"
+        try:
+            with open(file, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except Exception as e:  # noqa: BLE001 - whatever a hostile pickle raises: refused
+            raise CheckpointError(
+                f"{file}: not DCP metadata, refused and nothing was run ({_reason(e)})"
+            ) from None
+        _check_metadata(metadata, self.folder, self.signed)
+        if metadata.storage_meta is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def read_data(self, plan, planner):
+        return super().read_data(plan, _WeightsOnlyBytes(planner, self.folder))
+
+    def _slice_file(self, file, sinfo: _StorageInfo) -> IO[bytes]:
+        """Each item is a torch.save archive: its CRC-32s checked (torch.load does not), so
+        a corrupt item is refused, re-signed or not, rather than read as wrong numbers."""
+        file.seek(sinfo.offset)
+        item = io.BytesIO(file.read(sinfo.length))
+        check_zip(item, f"{self.folder / sinfo.relative_path} (item at byte {sinfo.offset})")
+        item.seek(0)
+        return item
+
+
+class _WeightsOnlyBytes:
+    """`planner` with its non-tensor items loaded by `weights_only=True` first: the planner's
+    own `torch.load(weights_only=False)` then reads only the re-serialised result, which
+    holds nothing but what the weights-only unpickler admits (containers, numbers, strings,
+    tensors)."""
+
+    def __init__(self, planner, folder: Path) -> None:
+        self._planner = planner
+        self._folder = folder
+
+    def __getattr__(self, name: str):
+        return getattr(self._planner, name)
+
+    def load_bytes(self, item, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - refused, whatever the file holds
+            raise CheckpointError(
+                f"{self._folder}: item {item.storage_index.fqn} not loaded: {load_error_reason(e)}"
+            ) from None
+        clean = io.BytesIO()
+        torch.save(obj, clean)
+        clean.seek(0)
+        self._planner.load_bytes(item, clean)
+
+
+def _reason(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _check_metadata(metadata, folder: Path, signed: dict) -> None:
+    """The unpickled metadata has DCP's shape, names only signed files of its folder at
+    offsets inside them, and declares no more tensor bytes than those files hold (a reader
+    allocates what it declares)."""
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{folder / '.metadata'}: malformed DCP metadata ({what})")
+
+    def sizes(value) -> bool:
+        return isinstance(value, torch.Size) and all(type(n) is int and n >= 0 for n in value)
+
+    if not isinstance(metadata, dcp_metadata.Metadata):
+        raise bad(f"a {type(metadata).__name__}")
+    if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(
+        metadata.storage_data, dict
+    ):
+        raise bad("its index is not a dict")
+    # planner_data: where each flat key sits in the nested dict (a path of keys and list
+    # indices), which DCP's loaders rebuild, padding a list up to each index: a list index
+    # can be no larger than the number of entries the metadata lists.
+    entries = len(metadata.state_dict_metadata)
+    paths = metadata.planner_data
+    if paths is not None and not (
+        isinstance(paths, dict)
+        and all(
+            isinstance(path, (list, tuple))
+            and all(type(k) is str or (type(k) is int and 0 <= k < entries) for k in path)
+            for path in paths.values()
+        )
+    ):
+        raise bad("planner data")
+    data_files = {n for n in signed if n not in (".metadata", STATE)}
+    held = sum((folder / n).stat().st_size for n in data_files)
+    declared = 0
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, dcp_metadata.BytesStorageMetadata):
+            continue
+        if not (
+            isinstance(md, dcp_metadata.TensorStorageMetadata)
+            and sizes(md.size)
+            and isinstance(md.properties, dcp_metadata.TensorProperties)
+            and isinstance(md.properties.dtype, torch.dtype)
+            and isinstance(md.chunks, list)
+            and all(
+                isinstance(c, dcp_metadata.ChunkStorageMetadata)
+                and sizes(c.offsets)
+                and sizes(c.sizes)
+                and len(c.offsets) == len(c.sizes) == len(md.size)
+                and all(o + n <= s for o, n, s in zip(c.offsets, c.sizes, md.size, strict=True))
+                for c in md.chunks
+            )
+        ):
+            raise bad(f"entry {fqn!r}")
+        declared += math.prod(md.size) * md.properties.dtype.itemsize
+    if declared > held:
+        raise bad(f"it declares {declared} bytes of tensors, its files hold {held}")
+    for index, info in metadata.storage_data.items():
+        if not (
+            isinstance(index, dcp_metadata.MetadataIndex)
+            and isinstance(info, _StorageInfo)
+            and info.relative_path in data_files
+            and type(info.offset) is int
+            and type(info.length) is int
+            and info.offset >= 0
+            and info.length >= 0
+            and info.offset + info.length <= (folder / info.relative_path).stat().st_size
+            and not info.transform_descriptors
+        ):
+            raise bad(f"storage of {getattr(index, 'fqn', index)!r}")
 
 
 def layout(model: nn.Module) -> dict:
@@ -260,6 +449,8 @@ class ShardedCheckpoints:
             if path is not None:
                 state = load_sharded_state(path)
                 notes = check_resumable(state, args, self.env.world_size, path, steps_per_epoch)
+                reader = SafeReader(path, state["files"])
+                metadata = reader.read_metadata()
                 live = {k for k in optimizer.param_groups[0] if k != "params"}
                 saved = state["param_group"]
                 if not isinstance(saved, dict) or set(saved) != live:
@@ -278,12 +469,11 @@ class ShardedCheckpoints:
         if path is None:
             return Position()
         try:
-            reader = dcp.FileSystemReader(path)
-            tensors = self.tensors(optimizer, reader.read_metadata())
+            tensors = self.tensors(optimizer, metadata)
             dcp.load(tensors, storage_reader=reader)
-        except Exception as e:  # every rank gets DCP's error: all of them stop here
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise CheckpointError(f"{path}: does not fit this run ({first[:200]})") from None
+        # Every rank gets DCP's error (a CheckpointException is no Exception): all stop here.
+        except (Exception, CheckpointException) as e:
+            raise dcp_error(e, f"{path}: does not fit this run") from None
         if isinstance(self.sync, FSDP2Sync):
             set_state_dict(
                 self.sync.model,
@@ -316,6 +506,18 @@ class ShardedCheckpoints:
         return Position(state["step"], state["epoch"], state["step_in_epoch"])
 
 
+def dcp_error(e: BaseException, context: str) -> CheckpointError:
+    """One line for an error out of dcp.load: our own refusal as it is (DCP wraps each rank's
+    exception in a CheckpointException), anything else after `context`."""
+    if isinstance(e, CheckpointException):  # {rank: (exception, its stack)}
+        e = next(iter(e.failures.values()), (e,))[0]
+    if isinstance(e, CheckpointError):
+        return e
+    if isinstance(e, pickle.UnpicklingError):  # a tensor item torch's reader refused
+        return CheckpointError(f"{context}: {load_error_reason(e)}")
+    return CheckpointError(f"{context} ({_reason(e)})")
+
+
 def _all_finite(tree) -> bool:
     """No nan or inf in the floating-point tensors of a nested dict (this rank's shards)."""
     if isinstance(tree, dict):
@@ -335,6 +537,8 @@ def load_sharded_state(path: Path) -> dict:
             "checkpoint folder (step-N.dcp; tools/convert.py goes the other way)"
         )
     if not path.is_dir():
+        if path.exists():
+            raise CheckpointError(f"{path}: not a checkpoint folder ({file_kind(path)})")
         raise CheckpointError(f"{path}: no such checkpoint folder")
     if not (path / STATE).is_file():
         raise CheckpointError(f"{path}: not a sharded checkpoint of this project (no {STATE})")
@@ -353,7 +557,8 @@ def load_sharded_state(path: Path) -> dict:
             raise CheckpointError(f"{path}: {STATE} names a file outside its folder")
         file = path / name
         if not file.is_file():
-            raise CheckpointError(f"{path}: {name} is missing")
+            what = f"not a regular file ({file_kind(file)})" if file.exists() else "missing"
+            raise CheckpointError(f"{path}: {name} is {what}")
         if _sha256(file) != digest:
             raise CheckpointError(f"{path}: {name} is corrupt (its sha256 differs)")
     ranks = state.get("ranks")

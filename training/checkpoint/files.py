@@ -13,8 +13,10 @@ import io
 import os
 import pickle
 import re
+import stat
 import zipfile
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -67,22 +69,40 @@ def _check_archive(path: Path) -> None:
     """torch.save writes a zip archive with a CRC-32 per entry, but torch.load never checks
     them: a flipped bit inside a tensor loads silently as a wrong number. zipfile does."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
+        with open(path, "rb") as f:
+            check_zip(f, path)
     except OSError as e:  # unreadable (permissions, an I/O error): the file may be fine
         raise CheckpointError(f"{path}: cannot read the file ({e.strerror or e})") from None
+
+
+def check_zip(file: IO[bytes], where: Path | str) -> None:
+    """The zip archive torch.save wrote into `file` (`where` names it in a refusal): every
+    entry stored uncompressed, as torch.save stores them (a compressed one could declare
+    gigabytes in a small file, a zip bomb, which torch.load would allocate and inflate),
+    and every entry's CRC-32 right."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            packed = [i.filename for i in archive.infolist() if i.compress_type != 0]
+            if packed:
+                raise CheckpointError(
+                    f"{where}: not a checkpoint written by torch.save (entry {packed[0]} is "
+                    "compressed; torch.save stores its entries uncompressed)"
+                )
+            bad = archive.testzip()
+    except (CheckpointError, OSError):
+        raise
     except zipfile.BadZipFile:
         raise CheckpointError(
-            f"{path}: not a readable checkpoint (truncated, or not written by torch.save: "
+            f"{where}: not a readable checkpoint (truncated, or not written by torch.save: "
             "its zip directory is missing)"
         ) from None
     except Exception as e:  # a damaged header can fail in many ways (bad names, bad sizes)
         raise CheckpointError(
-            f"{path}: not a readable checkpoint (corrupt zip structure: {type(e).__name__})"
+            f"{where}: not a readable checkpoint (corrupt zip structure: {type(e).__name__})"
         ) from None
     if bad is not None:
         raise CheckpointError(
-            f"{path}: not a readable checkpoint (corrupt: entry {bad} fails its CRC-32 check)"
+            f"{where}: not a readable checkpoint (corrupt: entry {bad} fails its CRC-32 check)"
         )
 
 
@@ -112,6 +132,21 @@ def load_error_reason(e: BaseException) -> str:
     return reason or type(e).__name__
 
 
+def file_kind(path: Path) -> str:
+    """What a path that is not a regular file is, in words."""
+    mode = path.stat().st_mode
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a fifo"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
 def load_checkpoint(path: Path) -> dict:
     """Read and check a checkpoint; any problem is a CheckpointError naming the file."""
     path = Path(path)
@@ -124,6 +159,8 @@ def load_checkpoint(path: Path) -> dict:
             )
         raise CheckpointError(f"{path}: a directory; name a checkpoint file in it")
     if not path.is_file():
+        if path.exists():  # /dev/zero, a fifo: reading would never end, or block
+            raise CheckpointError(f"{path}: not a regular file ({file_kind(path)})")
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: checkpoint file is empty")

@@ -51,14 +51,36 @@ def check_counters(state: dict, source: Path | str) -> None:
         raise CheckpointError(f"{source}: scheduler state is missing or malformed")
 
 
+def check_sizes(tensors, source: Path | str, what: str) -> None:
+    """Each tensor of `tensors` ((name, tensor) pairs) is dense and spans no more bytes than
+    its storage holds, checked from its sizes alone, before any value is read. A view can
+    repeat a small storage (stride 0: `expand`): 3 MB of file that reads as 10 GB of values
+    when a check such as the nan scan below materialises it. torch.load itself refuses a
+    storage larger than its record in the file, so what passes here is bounded by the file."""
+    for name, value in tensors:
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.layout != torch.strided:
+            raise CheckpointError(f"{source}: {what} {name} is a {value.layout} tensor, not dense")
+        span = value.numel() * value.element_size()
+        held = value.untyped_storage().nbytes()
+        if span > held:
+            raise CheckpointError(
+                f"{source}: {what} {name} has shape {list(value.shape)} ({span} bytes) over "
+                f"{held} bytes of data: a view that repeats its data, not a saved tensor"
+            )
+
+
 def check_contents(state: dict, source: Path | str) -> None:
     """What a single-file checkpoint holds besides its counters: the model, the optimizer
-    and RNG states (the counters and `args`: `check_counters`, when a run resumes it)."""
+    and RNG states (the counters and `args`: `check_counters`, when a run resumes it). Sizes
+    first (`check_sizes`), values after."""
     model = state["model"]
     if not isinstance(model, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()
     ):
         raise CheckpointError(f"{source}: model is not a state_dict of named tensors")
+    check_sizes(model.items(), source, "weight")
     bad = non_finite(model.items())
     if bad is not None:
         raise CheckpointError(
@@ -72,11 +94,12 @@ def check_contents(state: dict, source: Path | str) -> None:
         and all(isinstance(s, dict) for s in optimizer["state"].values())
     ):
         raise CheckpointError(f"{source}: optimizer state is malformed")
-    entries = (
+    entries = [
         (f"{index}.{name}", value)
         for index, entry in optimizer["state"].items()
         for name, value in entry.items()
-    )
+    ]
+    check_sizes(entries, source, "optimizer state")
     bad = non_finite(entries)
     if bad is not None:
         raise CheckpointError(f"{source}: optimizer state {bad} holds nan or inf")
