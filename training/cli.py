@@ -167,6 +167,13 @@ def make_parser(
         help="autocast dtype; fp16 (CUDA only) adds a GradScaler",
     )
     m.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="keep only each block's input for backward and recompute the rest of its "
+        "activations there: less memory for one more forward per step "
+        "(training/models.py, checkpoint_activations)",
+    )
+    m.add_argument(
         "--dtype",
         default="float32",
         choices=("float32", "float64"),
@@ -260,6 +267,12 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
         raise UsageError("--amp fp16 needs CUDA (use --amp bf16 on CPU)")
     if args.amp != "none" and args.dtype != "float32":
         raise UsageError(f"--amp {args.amp} goes with --dtype float32, not {args.dtype}")
+    if args.activation_checkpointing and getattr(args, "sync", None) == "zero3":
+        raise UsageError(
+            "--activation-checkpointing does not combine with --sync zero3: its forward hooks "
+            "free each unit after use, and the recomputation inside backward would free it "
+            "again before the unit's backward reads it (use --sync fsdp2)"
+        )
     if args.dataset != "synthetic" and not args.data_dir:
         raise UsageError(f"--dataset {args.dataset} needs --data-dir")
     if args.download and args.dataset in ("synthetic", "imagefolder"):
