@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+import torch
 import torch.nn as nn
 
 from comm.communicate import (
@@ -22,7 +23,7 @@ from parallel.ddp import DDPSync
 from parallel.local_sgd import LOCAL_SGD_EVERY, LocalSGDSync
 from parallel.overlap import OverlapSync
 from parallel.torch_twins import FSDP2Sync, TorchZero1Sync
-from parallel.zero1 import Zero1Sync
+from parallel.zero1 import FULL, Precision, Zero1Sync
 from parallel.zero2 import Zero2Sync
 from parallel.zero3 import Zero3Sync
 
@@ -30,6 +31,10 @@ from parallel.zero3 import Zero3Sync
 # parallel/zero1.py, parallel/zero2.py, parallel/zero3.py, parallel/torch_twins.py.
 SHARDED_MODES = ("zero1", "zero2", "zero3", "torch-zero1", "fsdp2")
 SYNC_MODES = ("ddp", "allreduce", "overlap", "local-sgd", *SHARDED_MODES)
+# The modes with mixed precision: float32 masters, low-precision compute copies and collectives.
+MIXED_PRECISION_MODES = ("zero1", "zero2", "zero3", "fsdp2")
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+REDUCE_DTYPES = ("float32", "bfloat16")
 
 
 def add_compress_flags(group: argparse._ArgumentGroup) -> None:
@@ -88,6 +93,21 @@ def add_sync_flags(group: argparse._ArgumentGroup) -> None:
         help=f"--sync local-sgd only: average the replicas every K optimizer steps "
         f"(unset: {LOCAL_SGD_EVERY})",
     )
+    group.add_argument(
+        "--param-dtype",
+        default=None,
+        choices=PARAM_DTYPES,
+        help=f"--sync {'/'.join(MIXED_PRECISION_MODES)} only: forward and backward compute with "
+        "copies of the parameters in this dtype, while the optimizer steps the --dtype masters "
+        "(unset: the masters' dtype; parallel/zero1.py)",
+    )
+    group.add_argument(
+        "--reduce-dtype",
+        default=None,
+        choices=REDUCE_DTYPES,
+        help="the dtype the gradients cross the network in, with --param-dtype's modes "
+        "(unset: --param-dtype's)",
+    )
     add_topology_flags(group)  # --topology, --inter-node-gbps: comm/topology.py
     add_compress_flags(group)  # --comm-hook, --compress, ...: parallel/compressed.py
 
@@ -101,12 +121,14 @@ def make_sync(
     bucket_bytes: int | None = None,
     all_reduce: CommOp | None = None,
     compression: Compression = NO_COMPRESSION,
+    precision: Precision = FULL,
 ) -> Sync:
     """The strategy for `--sync mode`, around `model` (for ddp and torch-zero1, a DDP model or
     a plain one to wrap). `sync_every` is local-sgd's K; `bucket_bytes` caps the gradient
     buckets of ddp, allreduce and overlap (None: each mode's default); `all_reduce` replaces
     dist.all_reduce in allreduce, overlap and local-sgd (None: keep it); `compression` is
-    --comm-hook (ddp) or --compress (allreduce), comm/compress.py."""
+    --comm-hook (ddp) or --compress (allreduce), comm/compress.py; `precision` is
+    --param-dtype and --reduce-dtype (MIXED_PRECISION_MODES)."""
     if all_reduce is not None and compression.active:
         raise UsageError(
             "--topology and --compress/--comm-hook do not combine: the compressed all-reduces "
@@ -119,6 +141,11 @@ def make_sync(
     if bucket_bytes is not None and mode in SHARDED_MODES:
         raise UsageError(f"--sync {mode} has no gradient buckets to size")
     compression.check(mode)
+    if precision != FULL and mode not in MIXED_PRECISION_MODES:
+        raise UsageError(
+            f"--param-dtype and --reduce-dtype apply to --sync {', '.join(MIXED_PRECISION_MODES)}"
+            f", not --sync {mode} (for the others: --amp)"
+        )
     if mode == "ddp" and compression.active:
         return CompressedDDPSync(model, env, compression)
     if mode == "ddp":
@@ -136,7 +163,18 @@ def make_sync(
     if mode == "torch-zero1":
         return TorchZero1Sync(model, env)
     sharded = {"zero1": Zero1Sync, "zero2": Zero2Sync, "zero3": Zero3Sync, "fsdp2": FSDP2Sync}
-    return sharded[mode](model)
+    return sharded[mode](model, precision)
+
+
+def precision_from_args(args: argparse.Namespace) -> Precision:
+    """--param-dtype and --reduce-dtype (unset: None, the masters' dtype)."""
+
+    def dtype(name: str | None) -> torch.dtype | None:
+        return getattr(torch, name) if name else None
+
+    return Precision(
+        dtype(getattr(args, "param_dtype", None)), dtype(getattr(args, "reduce_dtype", None))
+    )
 
 
 def sync_from_args(
@@ -153,4 +191,5 @@ def sync_from_args(
         bucket_bytes=bucket_bytes,
         all_reduce=topology_all_reduce(args.topology, args.inter_node_gbps),
         compression=Compression.from_args(args),
+        precision=precision_from_args(args),
     )

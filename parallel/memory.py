@@ -6,6 +6,9 @@ and behind the optimizer's per-element state (momentum, Adam's moments; the scal
 counters are left out). Views share a storage and are counted once, so a model whose
 parameters are views into one flat buffer counts that buffer, padding included; a storage
 freed by resizing it to 0 bytes (parallel/zero3.py between uses) counts 0.
+
+`predicted_bytes` is the formula the measurement is tested against (tests/test_parallel_zero.py,
+tests/test_parallel_mixed_precision.py, benchmarks/bench_zero.py), mixed precision included.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+
+from comm.ring import bus_factor
+from parallel.zero1 import shard_range
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -53,3 +59,58 @@ def rank_memory(model: torch.nn.Module, optimizer) -> dict[str, int]:
         "grads": storage_bytes(p.grad for p in params),
         "optimizer": storage_bytes(optimizer_tensors(optimizer)),
     }
+
+
+def predicted_bytes(
+    mode: str,
+    units: list[int],
+    world_size: int,
+    rank: int,
+    *,
+    master: int,
+    param: int | None = None,
+    reduce: int | None = None,
+    state: int = 2,
+) -> dict[str, float]:
+    """What `rank_memory` reads on `rank` right after optimizer.step() in `--sync mode`
+    (ddp, zero1, zero2, zero3), and the bytes the rank sends in one step (comm/tracer.py's ring
+    model), for a model whose zero3 units have `units` elements. Element sizes in bytes:
+    `master` the parameters' own (the optimizer's), `param` the compute copies'
+    (--param-dtype; None: master), `reduce` the gradients' on the wire (--reduce-dtype; None:
+    param); `state` tensors of optimizer state per element (AdamW 2, SGD with momentum 1).
+
+    With S = ceil(P/W) and o the elements this rank owns (S, less on the last ranks):
+    zero1/zero2 keep W x S compute elements (the padded flat buffer) and, in mixed precision,
+    their o master elements apart; the gradient the optimizer gets is a view of the kept
+    buffer (zero1: W x S, zero2: S) when it is in the master's dtype, else a copy of the o
+    elements. zero3 keeps its units' padded master slices and frees the gathered units."""
+    p, w = sum(units), world_size
+    param = param or master
+    reduce = reduce or param
+    mixed = param != master
+    if mode == "ddp":
+        everything = p * master
+        sent = bus_factor("all_reduce", w) * p * master
+        return dict(params=everything, grads=everything, optimizer=state * everything, sent=sent)
+    size, _, owned = shard_range(p, w, rank)
+    optimizer = state * owned * master
+    params = w * size * param + (owned * master if mixed else 0)
+    if mode == "zero1":
+        copy = mixed or reduce != master
+        grads = w * size * param + (owned * master if copy else 0)
+        sent = bus_factor("all_reduce", w) * p * reduce + (w - 1) * size * param
+        return dict(params=params, grads=grads, optimizer=optimizer, sent=sent)
+    if mode == "zero2":
+        grads = (size if reduce == master else owned) * master
+        return dict(
+            params=params, grads=grads, optimizer=optimizer, sent=(w - 1) * size * (reduce + param)
+        )
+    if mode != "zero3":
+        raise ValueError(f"no formula for --sync {mode}")
+    slices = [shard_range(u, w, rank) for u in units]
+    return dict(
+        params=sum(s for s, _, _ in slices) * master,
+        grads=sum(s if reduce == master else o for s, _, o in slices) * master,
+        optimizer=state * sum(o for _, _, o in slices) * master,
+        sent=sum((w - 1) * s * (2 * param + reduce) for s, _, _ in slices),
+    )
