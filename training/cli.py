@@ -267,6 +267,11 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
         raise UsageError("--amp fp16 needs CUDA (use --amp bf16 on CPU)")
     if args.amp != "none" and args.dtype != "float32":
         raise UsageError(f"--amp {args.amp} goes with --dtype float32, not {args.dtype}")
+    if args.amp != "none" and getattr(args, "param_dtype", None):
+        raise UsageError(
+            f"--amp {args.amp} and --param-dtype {args.param_dtype} are two ways to compute in "
+            "low precision: choose one (--param-dtype for the sharded --sync modes)"
+        )
     if args.activation_checkpointing and getattr(args, "sync", None) == "zero3":
         raise UsageError(
             "--activation-checkpointing does not combine with --sync zero3: its forward hooks "
