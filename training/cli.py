@@ -167,6 +167,13 @@ def make_parser(
         help="autocast dtype; fp16 (CUDA only) adds a GradScaler",
     )
     m.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (with --sync ddp: split at DDP's buckets by dynamo's "
+        "DDPOptimizer; training/compiled.py, docs/compile.md); the first steps pay the "
+        "compilation",
+    )
+    m.add_argument(
         "--activation-checkpointing",
         action="store_true",
         help="keep only each block's input for backward and recompute the rest of its "
