@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from core.dist import DistEnv
+from core.errors import UsageError
 from parallel.factory import make_sync
 from tests.multiproc import run_world
 from training.checkpoint import unwrap
@@ -151,3 +152,11 @@ def test_compiled_equals_eager_aot_eager():
 @pytest.mark.oracle
 def test_compiled_equals_eager_inductor():
     check(run_world(world, 2, "inductor", MODES, timeout=900, pg_timeout=600), MODES, 1e-12)
+
+
+def test_refusals_and_no_flag():
+    net = model()
+    maybe_compile(net, argparse.Namespace(compile=False))  # no flag: nothing happens
+    assert net._compiled_call_impl is None
+    with pytest.raises(UsageError, match="--compile does not combine with --sync fsdp2"):
+        maybe_compile(net, argparse.Namespace(compile=True, sync="fsdp2"))

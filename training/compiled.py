@@ -21,13 +21,15 @@ same state_dict keys: checkpoints, `unwrap` and every --sync mode see the model 
   skipped `_inside_ddp_forward`.) Compiled autograd (torch._dynamo.config.compiled_autograd
   with optimize_ddp = "python_reducer") would trace backward and its all-reduces as well, but
   DDP reads that setting in its constructor: see docs/compile.md.
-- The hand-made modes (allreduce, overlap, local-sgd, zero1/2/3, fsdp2): the plain model they
-  hold is compiled. Their hooks keep working: forward pre-hooks and forward hooks on the
+- The hand-made modes (allreduce, overlap, local-sgd, zero1/2/3): the plain model they hold
+  is compiled. Their hooks keep working: forward pre-hooks and forward hooks on the
   root are traced with it (a collective inside one, as the buffer broadcast of models with
   BatchNorm, breaks the graph there and runs eagerly); the gradient hooks (overlap's
   post-accumulate-grad hooks, zero3's) run in the eager autograd engine after the compiled
-  backward, all at its end, so compiled overlap no longer overlaps anything. zero3's and
-  fsdp2's per-module gather hooks break the graph at every unit: correct, little gain.
+  backward, all at its end, so compiled overlap no longer overlaps anything. zero3's
+  per-unit gather hooks cut the model into 9 graphs (the cnn): correct, little gain.
+- fsdp2 is refused: dynamo captures no graph from fully_shard's root forward (0 graphs, one
+  break, docs/compile.md), so every step would run eagerly.
 - train_dp.py with DataParallel over several GPUs is refused: DataParallel copies the module
   to each GPU on every forward, and the copies would call the compiled original.
 """
@@ -51,6 +53,12 @@ def maybe_compile(
     "aot_eager": the same graph capture and autograd, without inductor's C++ build)."""
     if not getattr(args, "compile", False):
         return
+    if getattr(args, "sync", None) == "fsdp2":
+        raise UsageError(
+            "--compile does not combine with --sync fsdp2: dynamo captures no graph from "
+            "fully_shard's root forward on this torch, every step would run eagerly "
+            "(docs/compile.md)"
+        )
     if isinstance(model, nn.DataParallel):
         raise UsageError(
             "--compile does not combine with DataParallel over several GPUs: its per-forward "
