@@ -92,8 +92,8 @@ def measure(args: argparse.Namespace, env: DistEnv) -> list[dict]:
             buckets = cap if mode in ("ddp", "allreduce", "overlap") else None
             sync = make_sync(mode, model, env, bucket_bytes=buckets)
             opt = sync.make_optimizer(torch.optim.SGD, dict(lr=1e-3, momentum=0.9))
-            maybe_compile(model, argparse.Namespace(compile=variant == "compiled"), sync,
-                          backend=args.compile_backend)  # fmt: skip
+            compiled = argparse.Namespace(compile=variant == "compiled")
+            maybe_compile(sync.model, compiled, backend=args.compile_backend)
 
             def step(sync=sync, opt=opt) -> None:
                 F.cross_entropy(sync.model(x), y).backward()

@@ -75,7 +75,7 @@ def train(rank: int, world_size: int, mode: str, backend: str | None) -> dict:
     sync = make_sync(mode, model(), env, bucket_bytes=CAP if mode != "zero1" else None)
     opt = sync.make_optimizer(torch.optim.SGD, dict(lr=LR, momentum=MOMENTUM))
     if backend is not None:
-        maybe_compile(sync.model, argparse.Namespace(compile=True), sync, backend=backend)
+        maybe_compile(sync.model, argparse.Namespace(compile=True), backend=backend)
     for step in range(STEPS):
         g = torch.Generator().manual_seed(100 * step + rank)
         x = torch.randn(8, 16, generator=g, dtype=torch.float64)

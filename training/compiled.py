@@ -42,15 +42,13 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from core.errors import UsageError
-from parallel.base import Sync
 
 
-def maybe_compile(
-    model: nn.Module, args: argparse.Namespace, sync: Sync | None = None, backend: str = "inductor"
-) -> None:
-    """--compile: compile, in place, the module the training loop calls (`sync.model` in
-    train_ddp.py, the model in train_dp.py). `backend` is torch.compile's (tests use
-    "aot_eager": the same graph capture and autograd, without inductor's C++ build)."""
+def maybe_compile(model: nn.Module, args: argparse.Namespace, backend: str = "inductor") -> None:
+    """--compile: compile, in place, the model the training loop calls, once wrapped (the DDP
+    model or the plain one in train_ddp.py, DataParallel's or the plain one in train_dp.py: the
+    same line in both scripts). `backend` is torch.compile's (tests use "aot_eager": the same
+    graph capture and autograd, without inductor's C++ build)."""
     if not getattr(args, "compile", False):
         return
     if getattr(args, "sync", None) == "fsdp2":
@@ -64,7 +62,6 @@ def maybe_compile(
             "--compile does not combine with DataParallel over several GPUs: its per-forward "
             "copies of the module would call the compiled original (use train_ddp.py)"
         )
-    target = sync.model if sync is not None else model
-    if isinstance(target, DDP):  # the module inside: DDPOptimizer splits it at the buckets
-        target = target.module
-    target.compile(backend=backend)
+    if isinstance(model, DDP):  # the module inside: DDPOptimizer splits it at the buckets
+        model = model.module
+    model.compile(backend=backend)
