@@ -18,6 +18,10 @@ Every mode trains the same model with AdamW (2 state tensors per parameter) on a
 - step time: forward, backward, synchronisation, AdamW step; fastest of --rounds rounds,
   slowest rank (as benchmarks/bench_sync.py), and its ratio to ddp's.
 
+With --param-dtype/--reduce-dtype (mixed precision: float32 masters, 16-bit compute copies
+and collectives) the hand-made modes and fsdp2 run with them, ddp and torch-zero1 in float32;
+the predictions follow parallel/memory.py's predicted_bytes.
+
 The table goes to stdout, the rows to <out-dir>/bench_zero.csv and a plot to
 <out-dir>/bench_zero.png. Timings on a shared machine are noisy: compare rows of one run.
 """
@@ -26,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 from pathlib import Path
 
@@ -36,13 +39,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks.bench_sync import rounds_of
-from comm.ring import bus_factor
 from comm.tracer import CommTracer
 from core.cli import Parser, positive
 from core.dist import DistEnv, distributed, rank0_logger
 from core.errors import run_cli
-from parallel.factory import make_sync
-from parallel.memory import rank_memory
+from parallel.factory import (
+    MIXED_PRECISION_MODES,
+    PARAM_DTYPES,
+    REDUCE_DTYPES,
+    make_sync,
+    precision_from_args,
+)
+from parallel.memory import predicted_bytes, rank_memory
+from parallel.zero1 import FULL
 from study.bench import add_world_flags, launch_unless_ranked, rank_backend
 from training.models import MODELS, build_model
 
@@ -57,6 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=positive, default=5, help="timed steps per mode per round")
     p.add_argument("--rounds", type=positive, default=5, help="rounds; the fastest is reported")
     p.add_argument("--warmup", type=positive, default=2, help="untimed steps per mode first")
+    p.add_argument(
+        "--param-dtype", default=None, choices=PARAM_DTYPES, help="compute copies' dtype"
+    )
+    p.add_argument(
+        "--reduce-dtype", default=None, choices=REDUCE_DTYPES, help="gradients' dtype on the wire"
+    )
     add_world_flags(p)
     p.add_argument("--out-dir", default="bench_out", help="where the CSV and the PNG go")
     return p.parse_args(argv)
@@ -72,28 +87,26 @@ def units(model: nn.Module) -> list[int]:
 
 
 def predicted(
-    mode: str, sizes: list[int], w: int, element: int, tensors: int
+    mode: str,
+    sizes: list[int],
+    w: int,
+    element: int,
+    param: int | None,
+    reduce: int | None,
+    tensors: int,
 ) -> dict[str, float | None]:
-    """Bytes per rank (the largest rank) and bytes sent per step, from the formulas; the
-    hand-made modes add their used map, an int32 per parameter tensor (parallel/base.py)."""
-    p, s = sum(sizes), math.ceil(sum(sizes) / w)
-    slices = sum(math.ceil(u / w) for u in sizes)
-    allreduce = bus_factor("all_reduce", w) * p * element
-    used_map = bus_factor("all_reduce", w) * 4 * tensors / element
+    """Bytes per rank (the largest rank, rank 0) and bytes sent per step, from the formulas
+    (parallel/memory.py), in units of `element` bytes; the hand-made modes add their used map,
+    an int32 per parameter tensor (parallel/base.py)."""
+    if mode not in ("ddp", "zero1", "zero2", "zero3"):
+        return dict(params=None, grads=None, optimizer=None, sent=None, element=element)
     if mode == "ddp":
-        return dict(params=p, grads=p, optimizer=2 * p, sent=allreduce / element) | {
-            "element": element
-        }
-    if mode == "zero1":
-        sent = allreduce / element + (w - 1) * s + used_map
-        return dict(params=w * s, grads=w * s, optimizer=2 * s, sent=sent, element=element)
-    if mode == "zero2":
-        sent = 2 * (w - 1) * s + used_map
-        return dict(params=w * s, grads=s, optimizer=2 * s, sent=sent, element=element)
-    if mode == "zero3":
-        sent = 3 * (w - 1) * slices + used_map
-        return dict(params=slices, grads=slices, optimizer=2 * slices, sent=sent, element=element)
-    return dict(params=None, grads=None, optimizer=None, sent=None, element=element)
+        param = reduce = None  # ddp runs in float32
+    tensors = 0 if mode == "ddp" else tensors
+    got = predicted_bytes(
+        mode, sizes, w, 0, master=element, param=param, reduce=reduce, tensors=tensors
+    )
+    return {k: v / element for k, v in got.items()} | {"element": element}
 
 
 def measure(args: argparse.Namespace, env: DistEnv) -> list[dict]:
@@ -105,7 +118,8 @@ def measure(args: argparse.Namespace, env: DistEnv) -> list[dict]:
         torch.manual_seed(0)
         model = build_model(args.model, 3, 32, 10).to(env.device)
         sizes = units(model)
-        sync = make_sync(mode, model, env)
+        precision = precision_from_args(args) if mode in MIXED_PRECISION_MODES else FULL
+        sync = make_sync(mode, model, env, precision=precision)
         optimizer = sync.make_optimizer(torch.optim.AdamW, dict(lr=1e-3))
         held: dict[str, int] = {}
 
@@ -128,9 +142,12 @@ def measure(args: argparse.Namespace, env: DistEnv) -> list[dict]:
         largest = [None] * env.world_size
         dist.all_gather_object(largest, held)
         row = {k: max(r[k] for r in largest) for k in KINDS}
+        param = precision.param_dtype.itemsize if precision.param_dtype else None
+        reduce = precision.reduce_dtype.itemsize if precision.reduce_dtype else None
         tensors = sum(1 for _ in model.parameters())
-        expected = predicted(mode, sizes, env.world_size, 4, tensors)
-        row.update(mode=mode, sent=sent, predicted=expected)
+        guess = predicted(mode, sizes, env.world_size, 4, param, reduce, tensors)
+        row.update(mode=mode, sent=sent, predicted=guess)
+
         rows.append(row)
         steps[mode] = step
     times = rounds_of(steps, args.rounds, args.steps, env)
@@ -147,12 +164,15 @@ def report(args: argparse.Namespace, env: DistEnv, rows: list[dict]) -> None:
     p = sum(units(build_model(args.model, 3, 32, 10)))
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     log.info(
-        "%d ranks, %s, torch %s, --model %s (P = %d parameters, float32), AdamW",
+        "%d ranks, %s, torch %s, --model %s (P = %d parameters, float32; --param-dtype %s "
+        "--reduce-dtype %s), AdamW",
         env.world_size,
         env.backend,
         torch.__version__,
         args.model,
         p,
+        args.param_dtype,
+        args.reduce_dtype,
     )
     log.info(
         "load average %s on %d cores (times: fastest round, slowest rank)", load, os.cpu_count()

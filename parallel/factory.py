@@ -25,6 +25,7 @@ from parallel.flags import (
     DDP_MODES,
     DILOCO_EVERY,
     LOCAL_SGD_EVERY,
+    MIXED_PRECISION_MODES,
     SHARDED_MODES,
     SYNC_MODES,
     TRANSPORT_MODES,
@@ -33,7 +34,7 @@ from parallel.flags import add_sync_flags as add_sync_flags  # train_ddp.py impo
 from parallel.local_sgd import LocalSGDSync
 from parallel.overlap import OverlapSync
 from parallel.torch_twins import FSDP2Sync, TorchZero1Sync
-from parallel.zero1 import Zero1Sync
+from parallel.zero1 import FULL, Precision, Zero1Sync
 from parallel.zero2 import Zero2Sync
 from parallel.zero3 import Zero3Sync
 
@@ -49,13 +50,15 @@ def make_sync(
     compression: Compression = NO_COMPRESSION,
     diloco: dict | None = None,
     find_unused_parameters: bool = False,
+    precision: Precision = FULL,
 ) -> Sync:
     """The strategy for `--sync mode`, around `model` (for ddp and torch-zero1, a DDP model or
     a plain one to wrap). `sync_every` is local-sgd's K; `bucket_bytes` caps the gradient
     buckets of ddp, allreduce and overlap (None: each mode's default); `all_reduce` replaces
     dist.all_reduce in allreduce, overlap and local-sgd (None: keep it); `compression` is
     --comm-hook (ddp) or --compress (allreduce), comm/compress.py; `find_unused_parameters`
-    is DDP's option (ddp, torch-zero1: a model to wrap is wrapped with it)."""
+    is DDP's option (ddp, torch-zero1: a model to wrap is wrapped with it); `precision` is
+    --param-dtype and --reduce-dtype (MIXED_PRECISION_MODES)."""
     if all_reduce is not None and compression.active:
         raise UsageError(
             "--topology/--transport shm and --compress/--comm-hook do not combine: the "
@@ -79,6 +82,11 @@ def make_sync(
         )
     compression.check(mode)
     unused = {"find_unused_parameters": find_unused_parameters}
+    if precision != FULL and mode not in MIXED_PRECISION_MODES:
+        raise UsageError(
+            f"--param-dtype and --reduce-dtype apply to --sync {', '.join(MIXED_PRECISION_MODES)}"
+            f", not --sync {mode} (for the others: --amp)"
+        )
     if mode == "ddp" and compression.active:
         return CompressedDDPSync(model, env, compression, **unused)
     if mode == "ddp":
@@ -98,7 +106,18 @@ def make_sync(
     if mode == "torch-zero1":
         return TorchZero1Sync(model, env, **unused)
     sharded = {"zero1": Zero1Sync, "zero2": Zero2Sync, "zero3": Zero3Sync, "fsdp2": FSDP2Sync}
-    return sharded[mode](model)
+    return sharded[mode](model, precision)
+
+
+def precision_from_args(args: argparse.Namespace) -> Precision:
+    """--param-dtype and --reduce-dtype (unset: None, the masters' dtype)."""
+
+    def dtype(name: str | None) -> torch.dtype | None:
+        return getattr(torch, name) if name else None
+
+    return Precision(
+        dtype(getattr(args, "param_dtype", None)), dtype(getattr(args, "reduce_dtype", None))
+    )
 
 
 def sync_from_args(
@@ -117,6 +136,7 @@ def sync_from_args(
         compression=Compression.from_args(args),
         diloco=diloco_settings(args),
         find_unused_parameters=args.find_unused_parameters,
+        precision=precision_from_args(args),
     )
 
 

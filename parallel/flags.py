@@ -21,6 +21,10 @@ DDP_MODES = ("ddp", "torch-zero1")  # train_ddp.py wraps the model in DDP for th
 # --transport: the process group's own all-reduce, or comm/shm.py's (one node, CPU tensors).
 TRANSPORTS = ("gloo", "shm")
 TRANSPORT_MODES = ("allreduce", "overlap", "local-sgd")
+# The modes with mixed precision: float32 masters, low-precision compute copies and collectives.
+MIXED_PRECISION_MODES = ("zero1", "zero2", "zero3", "fsdp2")
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+REDUCE_DTYPES = ("float32", "bfloat16")
 
 
 def add_compress_flags(group: argparse._ArgumentGroup) -> None:
@@ -120,6 +124,21 @@ def add_sync_flags(group: argparse._ArgumentGroup) -> None:
         "where a parameter may get no gradient (a branch skipped by an `if`, a layer frozen "
         "mid-run); costs a graph walk and an all-reduce of a per-parameter map every step. "
         "The other modes always handle such parameters",
+    )
+    group.add_argument(
+        "--param-dtype",
+        default=None,
+        choices=PARAM_DTYPES,
+        help=f"--sync {'/'.join(MIXED_PRECISION_MODES)} only: forward and backward compute with "
+        "copies of the parameters in this dtype, while the optimizer steps the --dtype masters "
+        "(unset: the masters' dtype; parallel/zero1.py)",
+    )
+    group.add_argument(
+        "--reduce-dtype",
+        default=None,
+        choices=REDUCE_DTYPES,
+        help="the dtype the gradients cross the network in, with --param-dtype's modes "
+        "(unset: --param-dtype's)",
     )
     add_topology_flags(group)  # --topology, --inter-node-gbps: comm/topology.py
     add_compress_flags(group)  # --comm-hook, --compress, ...: parallel/compressed.py

@@ -6,6 +6,9 @@ and behind the optimizer's per-element state (momentum, Adam's moments; the scal
 counters are left out). Views share a storage and are counted once, so a model whose
 parameters are views into one flat buffer counts that buffer, padding included; a storage
 freed by resizing it to 0 bytes (parallel/zero3.py between uses) counts 0.
+
+`predicted_bytes` is the formula the measurement is tested against (tests/test_parallel_zero.py,
+tests/test_parallel_mixed_precision.py, benchmarks/bench_zero.py), mixed precision included.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+
+from comm.ring import bus_factor
+from parallel.zero1 import shard_range
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -70,41 +76,87 @@ def _units(model: torch.nn.Module) -> list[list[torch.Tensor]]:
 
 def expected_bytes(mode: str, model: torch.nn.Module, world: int, element: int) -> dict[str, int]:
     """Rank 0's bytes of parameters, gradients and AdamW state (two tensors per element), and
-    the bytes it sends per step (ring model: (W-1)/W of each all-gather and reduce-scatter
-    payload, 2(W-1)/W of each all-reduce), for `--sync mode` with `world` ranks.
-
-    Flat shards (zero1/2, one buffer for the model; zero3, one per unit) are padded to W x S
-    with S = ceil(n / W); rank 0's slice is never short. FSDP2 shards each tensor along its
-    first dimension, padded to a multiple of W rows. The hand-made modes extra rank 0's
-    buffers (BatchNorm statistics) before each training forward, as DDP does (DDP's own
-    extra runs in C++, where the tracer does not see it: not counted for ddp), and
-    all-reduce which parameters got a gradient."""
+    the bytes it sends per step, for `--sync mode` with `world` ranks and `model` itself:
+    `predicted_bytes` for ddp and the hand-made modes (allreduce sends what ddp sends),
+    FSDP2's own rule (each tensor sharded along its first dimension, padded to a multiple of
+    W rows; per unit two all-gathers and a reduce-scatter), and what the hand-made modes
+    send besides: rank 0's buffers (BatchNorm statistics) broadcast before each training
+    forward, as DDP does in C++ (where the tracer does not see it), and the used map."""
     units = _units(model)
+    sizes = [sum(t.numel() for t in u) for u in units]
+    tensors = sum(len(u) for u in units)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    extra = 0 if mode in ("ddp", "fsdp2") else buffers  # a broadcast sends its payload
-    # The hand-made modes agree which parameters got a gradient: one int32 per tensor,
-    # all-reduced once per step (parallel/base.py's used_anywhere).
-    if mode not in ("ddp", "fsdp2"):
-        extra += 2 * (world - 1) * 4 * sum(len(u) for u in units) / world
-    p = sum(t.numel() for u in units for t in u)
-    s = -(-p // world)
-    all_reduce = 2 * (world - 1) * p * element / world
-    if mode in ("ddp", "allreduce"):
-        return dict(params=p * element, grads=p * element, optimizer=2 * p * element,
-                    sent=all_reduce + extra)  # fmt: skip
-    if mode == "zero1":  # all-reduce the gradients, step a slice, all-gather the parameters
-        sent = all_reduce + (world - 1) * s * element + extra
-        return dict(params=world * s * element, grads=world * s * element,
-                    optimizer=2 * s * element, sent=sent)  # fmt: skip
-    if mode == "zero2":  # reduce-scatter the gradients instead: only the slice is kept
-        return dict(params=world * s * element, grads=s * element, optimizer=2 * s * element,
-                    sent=2 * (world - 1) * s * element + extra)  # fmt: skip
-    if mode == "zero3":  # per unit: all-gather in forward and backward, reduce-scatter
-        slices = sum(-(-sum(t.numel() for t in u) // world) for u in units)
-    elif mode == "fsdp2":  # the same three collectives, per tensor row-padded shards
+    if mode == "fsdp2":
         slices = sum(-(-t.shape[0] // world) * (t.numel() // max(t.shape[0], 1))
                      for u in units for t in u)  # fmt: skip
-    else:
+        held = slices * element
+        return dict(params=held, grads=held, optimizer=2 * held, sent=3 * (world - 1) * held)
+    if mode == "ddp":
+        return predicted_bytes("ddp", sizes, world, 0, master=element)
+    out = predicted_bytes(
+        "ddp" if mode == "allreduce" else mode, sizes, world, 0, master=element, tensors=tensors
+    )
+    used_map = 2 * (world - 1) * 4 * tensors / world if mode == "allreduce" else 0
+    return {**out, "sent": out["sent"] + buffers + used_map}
+
+
+def predicted_bytes(
+    mode: str,
+    units: list[int],
+    world_size: int,
+    rank: int,
+    *,
+    master: int,
+    param: int | None = None,
+    reduce: int | None = None,
+    state: int = 2,
+    tensors: int = 0,
+) -> dict[str, float]:
+    """What `rank_memory` reads on `rank` right after optimizer.step() in `--sync mode`
+    (ddp, zero1, zero2, zero3), and the bytes the rank sends in one step (comm/tracer.py's ring
+    model), for a model whose zero3 units have `units` elements. Element sizes in bytes:
+    `master` the parameters' own (the optimizer's), `param` the compute copies'
+    (--param-dtype; None: master), `reduce` the gradients' on the wire (--reduce-dtype; None:
+    param); `state` tensors of optimizer state per element (AdamW 2, SGD with momentum 1).
+
+    With S = ceil(P/W) and o the elements this rank owns (S, less on the last ranks):
+    zero1/zero2 keep W x S compute elements (the padded flat buffer) and, in mixed precision,
+    their o master elements apart; the gradient the optimizer gets is a view of the kept
+    buffer (zero1: W x S, zero2: S) when it is in the master's dtype, else a copy of the o
+    elements. zero3 keeps its units' padded master slices and frees the gathered units.
+    `tensors`: the model's parameter tensors, of which the hand-made modes all-reduce an
+    int32 each per step (which got a gradient: parallel/base.py's used_anywhere)."""
+    p, w = sum(units), world_size
+    used_map = bus_factor("all_reduce", w) * 4 * tensors
+    param = param or master
+    reduce = reduce or param
+    mixed = param != master
+    if mode == "ddp":
+        everything = p * master
+        sent = bus_factor("all_reduce", w) * p * master
+        return dict(params=everything, grads=everything, optimizer=state * everything, sent=sent)
+    size, _, owned = shard_range(p, w, rank)
+    optimizer = state * owned * master
+    params = w * size * param + (owned * master if mixed else 0)
+    if mode == "zero1":
+        copy = mixed or reduce != master
+        grads = w * size * param + (owned * master if copy else 0)
+        sent = bus_factor("all_reduce", w) * p * reduce + (w - 1) * size * param + used_map
+        return dict(params=params, grads=grads, optimizer=optimizer, sent=sent)
+    if mode == "zero2":
+        grads = (size if reduce == master else owned) * master
+        return dict(
+            params=params,
+            grads=grads,
+            optimizer=optimizer,
+            sent=(w - 1) * size * (reduce + param) + used_map,
+        )
+    if mode != "zero3":
         raise ValueError(f"no formula for --sync {mode}")
-    return dict(params=slices * element, grads=slices * element, optimizer=2 * slices * element,
-                sent=3 * (world - 1) * slices * element + extra)  # fmt: skip
+    slices = [shard_range(u, w, rank) for u in units]
+    return dict(
+        params=sum(s for s, _, _ in slices) * master,
+        grads=sum(s if reduce == master else o for s, _, o in slices) * master,
+        optimizer=state * sum(o for _, _, o in slices) * master,
+        sent=sum((w - 1) * s * (2 * param + reduce) for s, _, _ in slices) + used_map,
+    )

@@ -13,7 +13,9 @@ parallel/zero3.py.
 - `fsdp2`: `torch.distributed.fsdp.fully_shard` on every module that owns parameters (the
   same units as parallel/zero3.py), then on the root. Each parameter becomes a DTensor sharded
   along its first dimension (padded per parameter, not per unit); forward and backward
-  all-gather each unit and free it after use; gradients are reduce-scattered.
+  all-gather each unit and free it after use; gradients are reduce-scattered. Mixed
+  precision (--param-dtype, --reduce-dtype) is its `MixedPrecisionPolicy(param_dtype,
+  reduce_dtype)`: the hand-made zero1/2/3 follow the same rules (parallel/zero1.py).
 
 Both match `--sync ddp` in float64 (tests/test_parallel_zero.py) and run on CPU with gloo.
 """
@@ -23,18 +25,22 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from parallel.base import Sync, broadcast_state
 from parallel.clip import clip_grad_norm_
 from parallel.ddp import DDPSync
+
+if TYPE_CHECKING:  # the --param-dtype/--reduce-dtype pair, shared with the hand-made modes
+    from parallel.zero1 import Precision
 
 
 class TorchZero1Sync(DDPSync):
@@ -55,7 +61,7 @@ class FSDP2Sync(Sync):
         # DTensor gradients: torch's total norm is itself a DTensor, made whole once here.
         return clip_grad_norm_(self.model.parameters(), max_norm)
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, precision: Precision | None = None) -> None:
         broadcast_state(model)  # fully_shard keeps each rank's own values: start from rank 0's
         # A parameter-less copy on the meta device: consolidated() fills it with the full model.
         self._template = copy.deepcopy(model).to("meta")
@@ -64,10 +70,13 @@ class FSDP2Sync(Sync):
         # while --backend gloo computes (and feeds its batches) on the CPU.
         self._device = next(model.parameters()).device
         mesh = init_device_mesh(self._device.type, (dist.get_world_size(),))
+        policy = MixedPrecisionPolicy()  # no cast: the parameters' own dtype
+        if precision is not None:
+            policy = MixedPrecisionPolicy(precision.param_dtype, precision.reduce_dtype)
         for module in model.modules():
             if module is not model and any(True for _ in module.parameters(recurse=False)):
-                fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+                fully_shard(module, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
         super().__init__(model)
         self._plain: nn.Module | None = None
 

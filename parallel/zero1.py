@@ -32,12 +32,25 @@ Traffic per step: an all-reduce of P elements, 2(W-1)/W x P, plus an all-gather 
 (W-1) x S: 3(W-1)/W x P when W divides P, half as much again as DDP (and the few bytes of
 the used map). zero2 (parallel/zero2.py)
 brings it back to DDP's by reduce-scattering instead of all-reducing.
+
+Mixed precision (`--param-dtype bfloat16|float16`, `--reduce-dtype`; `Precision`), as FSDP2's
+MixedPrecisionPolicy: the optimizer steps a float32 *master* copy of this rank's slice (its
+own tensor, S elements), while the model's parameters are views into a flat buffer in the
+low dtype, which forward and backward compute with (the model's floating-point inputs are
+cast to it) and which the all-gather fills (so it moves e_param bytes per element). Autograd
+produces the gradients in the low dtype; they cross the network in the reduce dtype (unset:
+the param dtype) and the optimizer is handed this rank's slice in the master's dtype. Between
+steps a rank holds W x S low-precision elements and S master ones (2 + 4 bytes instead of 4
+with bfloat16); the collectives move e_reduce and e_param bytes per element instead of 4.
+There is no loss scaling: float16 gradients below 6e-8 flush to zero.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -57,13 +70,15 @@ def shard_range(numel: int, world_size: int, rank: int) -> tuple[int, int, int]:
     return size, start, max(0, min(size, numel - start))
 
 
-def flat_views(params: list[nn.Parameter], flat: torch.Tensor) -> None:
-    """Make each parameter a view of its piece of `flat` (values copied in first)."""
+def flat_views(params: list[nn.Parameter], flat: torch.Tensor, *, copy: bool = True) -> None:
+    """Make each parameter a view of its piece of `flat` (values copied in first, cast to
+    flat's dtype, unless `copy` is False)."""
     offset = 0
     with torch.no_grad():
         for p in params:
             n = p.numel()
-            flat[offset : offset + n].copy_(p.reshape(-1))
+            if copy:
+                flat[offset : offset + n].copy_(p.reshape(-1))
             p.data = flat[offset : offset + n].view_as(p)
             offset += n
 
@@ -164,24 +179,76 @@ class ShardOptimizer(torch.optim.Optimizer):
                     self.steps = int(value.item())
 
 
+@dataclass(frozen=True)
+class Precision:
+    """--param-dtype and --reduce-dtype of the sharded modes; None: the parameters' own dtype
+    (the master's), and for the reduction the param dtype, as MixedPrecisionPolicy does."""
+
+    param_dtype: torch.dtype | None = None
+    reduce_dtype: torch.dtype | None = None
+
+    def dtypes(self, master: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+        """(compute, reduce) for parameters kept in `master`."""
+        compute = self.param_dtype or master
+        return compute, self.reduce_dtype or compute
+
+
+FULL = Precision()
+
+
+def cast_inputs(dtype_of):
+    """A forward pre-hook casting the floating-point inputs to the parameters' dtype now (the
+    low one while training, the master's inside consolidated()): MixedPrecisionPolicy's
+    cast_forward_inputs."""
+
+    def hook(module: nn.Module, args):
+        dtype = dtype_of()
+        return tuple(
+            a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args
+        )
+
+    return hook
+
+
+def reduced_slice(kept: torch.Tensor, master: torch.Tensor, size: int) -> torch.Tensor:
+    """Where a reduce-scatter leaves this rank's `size` elements: `kept`, the buffer the
+    optimizer's gradient is a view of, when it is in the master's dtype (then `kept` has
+    `size` elements, else none); in another dtype, a buffer for this step only, freed once
+    `to_master` has copied it, so that every byte a rank keeps is behind a .grad, where
+    parallel/memory.py counts it."""
+    return kept if kept.dtype == master.dtype else kept.new_empty(size)
+
+
+def to_master(grad: torch.Tensor, master: torch.Tensor) -> torch.Tensor:
+    """This rank's reduced gradient slice as the optimizer needs it: in the master's dtype."""
+    return grad if grad.dtype == master.dtype else grad.to(master.dtype)
+
+
 class Zero1Sync(GradientSync):
     """Sharded optimizer state; gradients all-reduced; stepped slices all-gathered."""
 
     sharded = True  # checkpoints go through training/sharded.py, one shard per rank
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, precision: Precision = FULL) -> None:
         super().__init__(model)  # every rank starts from rank 0's parameters
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         self.numel = sum(p.numel() for p in self.params)
         self.size, self.start, self.owned = shard_range(self.numel, self.world_size, self.rank)
         first = self.params[0]
+        self.compute_dtype, self.reduce_dtype = precision.dtypes(first.dtype)
         self.flat = first.new_zeros(self.size * self.world_size)
         flat_views(self.params, self.flat)
         # What the optimizer steps: this rank's real elements, a view into the flat buffer,
         # so a step updates the model's own parameters in place; one piece per parameter.
         self.shard = nn.Parameter(self.flat[self.start : self.start + self.owned])
-        self.pieces = pieces_of(self.params, self.shard, self.start)
+        self.mixed = self.compute_dtype != first.dtype
+        if self.mixed:  # the master slice becomes its own tensor; the model computes low
+            self.shard = nn.Parameter(self.shard.detach().clone())
+            self.flat = self.flat.to(self.compute_dtype)
+            flat_views(self.params, self.flat)
+            model.register_forward_pre_hook(cast_inputs(lambda: self.params[0].dtype))
+        self.pieces = pieces_of(self.params, self.shard, self.start)  # views of the master
         self.optimizer: ShardOptimizer | None = None
         self._got = [False] * len(self.params)  # which parameters got a gradient here
         for i, p in enumerate(self.params):
@@ -216,11 +283,16 @@ class Zero1Sync(GradientSync):
 
     def finish_backward(self) -> None:
         # Only the real P elements cross the network: the padding is all zeros anyway.
-        grad = self.flat_grad[: self.numel]
+        local = self.flat_grad[: self.numel]
+        grad = local.to(self.reduce_dtype)  # `local` itself when no cast is asked for
         dist.all_reduce(grad)
         grad.div_(self.world_size)  # gloo has no ReduceOp.AVG
         used = self._used()
-        self._step_pieces(self.flat_grad[self.start : self.start + self.owned], used)
+        mine = grad[self.start : self.start + self.owned]
+        # A view into flat_grad without mixed precision; else a copy of this rank's slice
+        # alone, in the master's dtype (a view would keep a whole cast buffer alive).
+        keep = grad is local and mine.dtype == self.shard.dtype
+        self._step_pieces(mine if keep else mine.to(self.shard.dtype, copy=True), used)
         for p, u in zip(self.params, used, strict=True):
             if not u:
                 p.grad = None  # as DDP leaves it; the view comes back after the step
@@ -229,12 +301,35 @@ class Zero1Sync(GradientSync):
         """Every rank's freshly stepped slice into every rank's flat parameters, in place."""
         mine = self.flat[self.start : self.start + self.size]
         with torch.no_grad():
+            if self.mixed:  # the stepped master slice, rounded to the compute dtype
+                mine[: self.owned].copy_(self.shard)
             all_gather_single(self.flat, mine)
 
     def after_step(self, optimizer) -> None:
         self.gather_params()
         self.flat_grad.zero_()  # the loop's zero_grad() only reaches the shard's gradient
         self._attach_grads()
+
+    @contextmanager
+    def consolidated(self, optimizer) -> Iterator[None]:
+        """With mixed precision, the block sees the master parameters (evaluation, the
+        checksum): every rank's master slice gathered into a full-precision flat buffer
+        that the parameters point at until the block ends."""
+        if not self.mixed:
+            with super().consolidated(optimizer):
+                yield
+            return
+        full = self.shard.new_zeros(self.size * self.world_size)
+        mine = full[self.start : self.start + self.size]
+        with torch.no_grad():
+            mine[: self.owned].copy_(self.shard)
+            all_gather_single(full, mine)
+        flat_views(self.params, full, copy=False)
+        try:
+            with super().consolidated(optimizer):
+                yield
+        finally:
+            flat_views(self.params, self.flat, copy=False)
 
     def flat_shards(self) -> dict[str, tuple[nn.Parameter, int]]:
         """Each flat vector this rank steps a slice of, with the vector's length: what a

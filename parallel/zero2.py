@@ -20,6 +20,9 @@ whole gradient (autograd's own .grad tensors) before it is reduced; they reduce 
 bucket during backward so that the whole gradient never exists at once. With --grad-accum
 the micro-steps before the last accumulate the whole local gradient (DDP's no_sync does
 the same), and only the last reduces it.
+
+Mixed precision as zero1's (parallel/zero1.py): the reduce-scatter runs in the reduce dtype
+into a slice kept in that dtype; the optimizer gets it in the master's.
 """
 
 from __future__ import annotations
@@ -30,14 +33,16 @@ from comm.communicate import flatten
 from comm.compat import reduce_scatter_single
 from parallel.base import gradients
 from parallel.clip import clip_grad_norm_
-from parallel.zero1 import Zero1Sync
+from parallel.zero1 import Zero1Sync, reduced_slice, to_master
 
 
 class Zero2Sync(Zero1Sync):
     """zero1 with the gradient reduce-scattered: each rank keeps only its slice of it."""
 
     def _grads(self) -> None:
-        self.grad_shard = self.flat.new_zeros(self.size)  # this rank's averaged slice
+        # This rank's averaged slice; kept only in the master's dtype (zero1.reduced_slice).
+        kept = self.size if self.reduce_dtype == self.shard.dtype else 0
+        self.grad_shard = self.flat.new_zeros(kept, dtype=self.reduce_dtype)
 
     def finish_backward(self) -> None:
         used = self._used()  # which parameters some rank gave a gradient
@@ -45,10 +50,12 @@ class Zero2Sync(Zero1Sync):
         flat_grad = flatten([*gradients(self.params), self.flat.new_zeros(pad)])
         for p in self.params:
             p.grad = None  # the whole gradient is freed: from here on only the slice
-        reduce_scatter_single(self.grad_shard, flat_grad)
+        grad_shard = reduced_slice(self.grad_shard, self.shard, self.size)
+        reduce_scatter_single(grad_shard, flat_grad.to(self.reduce_dtype))
         del flat_grad
-        self.grad_shard.div_(self.world_size)
-        self._step_pieces(self.grad_shard, used)
+        grad_shard.div_(self.world_size)
+        # The padding's gradient is dropped; the optimizer gets the master's dtype.
+        self._step_pieces(to_master(grad_shard, self.shard), used)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         # Each rank holds its slice of the gradient: the squared norms are summed across ranks.

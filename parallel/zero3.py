@@ -34,6 +34,11 @@ Gathering a unit is a collective, so every rank must run the same modules in the
 all-gather. A module that every rank skips, or a parameter frozen mid-run, is fine: its unit
 is reduced at finish_backward with zeros, the used map (parallel/base.used_anywhere) says no
 rank had a gradient, and its pieces keep `grad is None`, so the optimizer does not step them.
+Mixed precision (`Precision`, as parallel/zero1.py): the slice this rank keeps is the float32
+master; the gathered unit is in the param dtype (so the all-gathers move e_param bytes per
+element and forward and backward compute in it); the reduce-scatter runs in the reduce dtype
+and the optimizer gets the slice's gradient in the master's dtype. `consolidated()` points
+the parameters at the gathered masters instead.
 """
 
 from __future__ import annotations
@@ -51,11 +56,16 @@ from comm.compat import all_gather_single, reduce_scatter_single
 from parallel.base import GradientSync, gradients, used_anywhere
 from parallel.clip import clip_grad_norm_
 from parallel.zero1 import (
+    FULL,
+    Precision,
     ShardOptimizer,
+    cast_inputs,
     flat_views,
     grads_to_pieces,
     pieces_of,
+    reduced_slice,
     shard_range,
+    to_master,
 )
 
 
@@ -63,7 +73,9 @@ class Unit:
     """One module's parameters: a flat buffer that is gathered and freed, and this rank's
     padded slice of it, which the optimizer steps (without the padding)."""
 
-    def __init__(self, module: nn.Module, world_size: int, rank: int) -> None:
+    def __init__(
+        self, module: nn.Module, world_size: int, rank: int, precision: Precision = FULL
+    ) -> None:
         self.module = module
         self.params = [p for p in module.parameters(recurse=False) if p.requires_grad]
         self.world_size = world_size
@@ -75,7 +87,13 @@ class Unit:
         self.shard = nn.Parameter(self.padded[:owned])  # this rank's real elements
         self.pieces = pieces_of(self.params, self.shard, start)  # what the optimizer steps
         self.present = [False] * len(self.params)  # which got a gradient here (at reduce)
-        self.grad_shard = self.full.new_zeros(self.size)
+        compute, reduce = precision.dtypes(self.full.dtype)
+        if compute != self.full.dtype:  # the gathered unit in the low dtype
+            self.full = self.full.to(compute)
+            flat_views(self.params, self.full)
+        # Kept only in the master's dtype (zero1.reduced_slice).
+        kept = self.size if reduce == self.shard.dtype else 0
+        self.grad_shard = self.full.new_zeros(kept, dtype=reduce)
         self.ready = 0  # parameters whose gradient this backward has accumulated
         self.reduced = False
         self._bytes = self.full.untyped_storage().nbytes()
@@ -89,10 +107,18 @@ class Unit:
         if not self.gathered:
             self.full.untyped_storage().resize_(self._bytes)
             with torch.no_grad():
-                all_gather_single(self.full, self.padded)
+                all_gather_single(self.full, self.padded.to(self.full.dtype))
 
     def free(self) -> None:
         self.full.untyped_storage().resize_(0)
+
+    def point_at_master(self) -> None:
+        """Mixed precision, consolidated(): the parameters become views of every rank's
+        master slice, gathered; `flat_views(unit.params, unit.full, copy=False)` undoes it."""
+        master = self.padded.new_zeros(self.size * self.world_size)
+        with torch.no_grad():
+            all_gather_single(master, self.padded)
+        flat_views(self.params, master, copy=False)
 
     def reduce(self) -> None:
         """Average the unit's gradient across ranks, keep this rank's slice, free the rest."""
@@ -101,9 +127,10 @@ class Unit:
         flat_grad = flatten([*gradients(self.params), pad])
         for p in self.params:
             p.grad = None
-        reduce_scatter_single(self.grad_shard, flat_grad)
-        self.grad_shard.div_(self.world_size)
-        self.shard.grad = self.grad_shard[: self.shard.numel()]
+        grad_shard = reduced_slice(self.grad_shard, self.shard, self.size)
+        reduce_scatter_single(grad_shard, flat_grad.to(grad_shard.dtype))
+        grad_shard.div_(self.world_size)
+        self.shard.grad = to_master(grad_shard[: self.shard.numel()], self.shard)
         self.reduced = True
 
 
@@ -112,14 +139,17 @@ class Zero3Sync(GradientSync):
 
     sharded = True
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, precision: Precision = FULL) -> None:
         super().__init__(model)  # every rank starts from rank 0's parameters
         world_size, rank = dist.get_world_size(), dist.get_rank()
         self.units = [
-            Unit(m, world_size, rank)
+            Unit(m, world_size, rank, precision)
             for m in model.modules()
             if any(p.requires_grad for p in m.parameters(recurse=False))
         ]
+        self.mixed = self.units[0].full.dtype != self.units[0].padded.dtype
+        if self.mixed:
+            model.register_forward_pre_hook(cast_inputs(lambda: self.units[0].params[0].dtype))
         self.held = False  # inside consolidated(): every unit stays gathered
         self.on_gather = None  # test hook: called after each gather (the memory oracle)
         self.optimizer: ShardOptimizer | None = None
@@ -174,7 +204,7 @@ class Zero3Sync(GradientSync):
         used = used_anywhere(params, [x for unit in self.units for x in unit.present])
         for unit in self.units:
             mine, used = used[: len(unit.params)], used[len(unit.params) :]
-            grads_to_pieces(unit.pieces, unit.grad_shard, mine)
+            grads_to_pieces(unit.pieces, unit.shard.grad, mine)  # the master dtype
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -192,6 +222,8 @@ class Zero3Sync(GradientSync):
         """Every unit gathered for the block (evaluation, the checksum); freed after."""
         for unit in self.units:
             unit.gather()
+            if self.mixed:
+                unit.point_at_master()
         self.held = True
         try:
             with super().consolidated(optimizer):
@@ -199,6 +231,8 @@ class Zero3Sync(GradientSync):
         finally:
             self.held = False
             for unit in self.units:
+                if self.mixed:
+                    flat_views(unit.params, unit.full, copy=False)
                 unit.free()
 
     def flat_shards(self) -> dict[str, tuple[nn.Parameter, int]]:

@@ -40,6 +40,8 @@ SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [  # the first match wins
     (r"benchmarks\.bench_sync", "--steps 1 --rounds 1 --warmup 1", (0,)),
     (r"benchmarks\.bench_dp_ddp", "--steps 1 --repeats 1 --warmup 1", (0,)),
     (r"benchmarks\.bench_zero", "--steps 1 --rounds 1 --warmup 1", (0,)),
+    (r"benchmarks\.bench_compile",
+     "--steps 1 --rounds 1 --modes ddp --compile-backend aot_eager --batch-size 2", (0,)),
     (r"benchmarks\.bench_goals", "--rounds 1 --ring-mib 1 --steps 1 --model mlp", (0,)),
     (r"benchmarks\.bench_topology",
      "--max-bytes 4K --iters 1 --rounds 1 --warmup 0 --inter-node-gbps 1", (0,)),

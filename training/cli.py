@@ -248,6 +248,20 @@ def make_parser(
         help="autocast dtype; fp16 (CUDA only) adds a GradScaler",
     )
     m.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (with --sync ddp: split at DDP's buckets by dynamo's "
+        "DDPOptimizer; training/compiled.py, docs/compile.md); the first steps pay the "
+        "compilation",
+    )
+    m.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="keep only each block's input for backward and recompute the rest of its "
+        "activations there: less memory for one more forward per step "
+        "(training/models.py, checkpoint_activations)",
+    )
+    m.add_argument(
         "--dtype",
         default="float32",
         choices=("float32", "float64"),
@@ -356,6 +370,17 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
         )
     if args.amp != "none" and args.dtype != "float32":
         raise UsageError(f"--amp {args.amp} goes with --dtype float32, not {args.dtype}")
+    if args.amp != "none" and getattr(args, "param_dtype", None):
+        raise UsageError(
+            f"--amp {args.amp} and --param-dtype {args.param_dtype} are two ways to compute in "
+            "low precision: choose one (--param-dtype for the sharded --sync modes)"
+        )
+    if args.activation_checkpointing and getattr(args, "sync", None) == "zero3":
+        raise UsageError(
+            "--activation-checkpointing does not combine with --sync zero3: its forward hooks "
+            "free each unit after use, and the recomputation inside backward would free it "
+            "again before the unit's backward reads it (use --sync fsdp2)"
+        )
     if args.dataset != "synthetic" and not args.data_dir:
         raise UsageError(f"--dataset {args.dataset} needs --data-dir")
     if args.download and args.dataset in ("synthetic", "imagefolder"):

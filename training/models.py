@@ -8,11 +8,14 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 from core.errors import UsageError
 from training.cli import FACTORY_ARGS, MODELS  # the flags' choices, defined without torch
@@ -147,3 +150,93 @@ class DataParallel(nn.DataParallel):
     def parallel_apply(self, replicas, inputs, kwargs):  # noqa: ANN001, ANN201 (torch's)
         replicas = under_callers_autocast(replicas, self.src_device_obj.type)
         return super().parallel_apply(replicas, inputs, kwargs)
+
+
+def blocks_of(model: nn.Module) -> list[list[nn.Module]]:
+    """The blocks --activation-checkpointing recomputes, each a run of modules called in
+    turn. A model that lists its own (`model.blocks`, as --model gpt) gives them; an
+    nn.Sequential is cut before each child that owns parameters, so that a block is a layer
+    with the activations and pooling after it (a lone ReLU or max-pool gains nothing from
+    recomputation: checkpointed alone, it keeps its input instead of its output); any other
+    model (resnet18) checkpoints those of its top-level children that own parameters, which
+    its forward calls one by one (a lone in-place ReLU cannot be: it overwrites the input
+    the checkpoint keeps)."""
+    if isinstance(getattr(model, "blocks", None), nn.ModuleList | nn.Sequential | list):
+        return [[block] for block in model.blocks]
+    if isinstance(model, nn.Sequential):
+        runs: list[list[nn.Module]] = []
+        for child in model:
+            owns = any(True for _ in child.parameters())
+            if not runs or (owns and any(any(True for _ in m.parameters()) for m in runs[-1])):
+                runs.append([child])
+            else:
+                runs[-1].append(child)
+        return runs
+    return [[child] for child in model.children() if any(True for _ in child.parameters())]
+
+
+@contextmanager
+def _running_stats_kept(modules: list[nn.Module]) -> Iterator[None]:
+    """The recomputation runs BatchNorm's training forward a second time, which would update
+    its running statistics twice per step: they are put back as they were after it."""
+    norms = [m for mod in modules for m in mod.modules() if isinstance(m, _BatchNorm)]
+    kept = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(norms, kept, strict=True):
+                for name, value in buffers.items():
+                    getattr(m, name).copy_(value)
+
+
+def _checkpointed(modules: list[nn.Module], *, own_forward: bool = False):
+    """One block's forward under torch.utils.checkpoint: its activations are not kept for
+    backward but recomputed from its input when backward reaches it. `own_forward`: call the
+    class's forward directly (the block's forward on the instance is this function; its own
+    hooks already ran in nn.Module.__call__)."""
+
+    def run(*args, **kwargs):
+        for m in modules:
+            call = type(m).forward.__get__(m) if own_forward else m
+            args, kwargs = (call(*args, **kwargs),), {}
+        return args[0]
+
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():  # evaluation: nothing is saved, nothing to recompute
+            return run(*args, **kwargs)
+        first = [True]
+
+        def once_then_quietly(*a, **k):
+            if first[0]:
+                first[0] = False
+                return run(*a, **k)
+            with _running_stats_kept(modules):
+                return run(*a, **k)
+
+        # use_reentrant=False: torch's recommended variant; it handles keyword arguments and
+        # inputs that need no gradient, and works under torch.compile and FSDP2.
+        return checkpoint(once_then_quietly, *args, use_reentrant=False, **kwargs)
+
+    return forward
+
+
+def checkpoint_activations(model: nn.Module) -> nn.Module:
+    """--activation-checkpointing: recompute each block (`blocks_of`) in backward instead of
+    keeping its activations, trading one more forward per step for memory. The model's
+    modules, parameters and state_dict keys stay as they are (each block's forward is
+    replaced on the instance), so checkpoints and every --sync mode see the same model."""
+    blocks = blocks_of(model)
+    if isinstance(model, nn.Sequential) and not hasattr(model, "blocks"):
+        steps = [_checkpointed(run) for run in blocks]
+
+        def forward(x):
+            for step in steps:
+                x = step(x)
+            return x
+
+        model.forward = forward
+    else:
+        for (block,) in blocks:
+            block.forward = _checkpointed([block], own_forward=True)
+    return model

@@ -1,0 +1,159 @@
+"""--compile against eager: compile time, step time, and how many graphs and buckets.
+
+    python -m benchmarks.bench_compile --nproc 2                   # cnn: ddp, overlap, zero1
+    python -m benchmarks.bench_compile --nproc 2 --bucket-cap-mb 0.1 --model mlp
+
+For each --sync mode the same model is built twice, eager and compiled (training/compiled.py's
+maybe_compile, inductor unless --compile-backend), and trained on a fixed batch with SGD:
+
+- first step: the compiled one includes dynamo's tracing and the backend's compilation
+  (inductor writes and builds C++ kernels, cached in $TORCHINDUCTOR_CACHE_DIR: a second run
+  is much faster);
+- step time: fastest of --rounds rounds of --steps steps, slowest rank, eager and compiled
+  interleaved (benchmarks/bench_sync.py's rounds_of), and the speed-up;
+- graphs: dynamo's graphs (counters["stats"]["unique_graphs"]), graph breaks, and the pieces
+  the backend compiled (counters["aot_autograd"]["total"]): with --sync ddp one per bucket
+  of DDPOptimizer, whose own count is read from its log line.
+
+Timings on a shared machine are noisy: compare rows of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from benchmarks.bench_sync import rounds_of
+from core.cli import Parser, positive, positive_float
+from core.dist import DistEnv, distributed, rank0_logger
+from core.errors import run_cli
+from parallel.factory import SYNC_MODES, make_sync
+from study.bench import add_world_flags, launch_unless_ranked, rank_backend
+from training.compiled import maybe_compile
+from training.models import MODELS, build_model
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="cnn", choices=MODELS, help="network to train")
+    p.add_argument(
+        "--modes", nargs="+", default=["ddp", "overlap", "zero1"], choices=SYNC_MODES,
+        help="--sync modes to compare",
+    )  # fmt: skip
+    p.add_argument("--batch-size", type=positive, default=32, help="samples per rank per step")
+    p.add_argument("--steps", type=positive, default=5, help="timed steps per round")
+    p.add_argument("--rounds", type=positive, default=3, help="rounds; the fastest is reported")
+    p.add_argument(
+        "--bucket-cap-mb", type=positive_float, default=None,
+        help="DDP's and overlap's bucket cap (unset: 25); DDPOptimizer's first bucket is 1 MiB "
+        "whatever this says, and DDPOptimizer refuses a cap below it",
+    )  # fmt: skip
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend")
+    add_world_flags(p)
+    return p.parse_args(argv)
+
+
+class Lines(logging.Handler):
+    """DDPOptimizer's 'created N buckets' line, kept."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def measure(args: argparse.Namespace, env: DistEnv) -> list[dict]:
+    g = torch.Generator().manual_seed(1 + env.rank)
+    x = torch.randn(args.batch_size, 3, 32, 32, generator=g)
+    y = torch.randint(10, (args.batch_size,), generator=g)
+    lines = Lines()
+    logger = logging.getLogger("torch._dynamo.backends.distributed")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(lines)
+    rows = []
+    for mode in args.modes:
+        cap = None if args.bucket_cap_mb is None else int(args.bucket_cap_mb * 2**20)
+        steps, first, stats = {}, {}, {}
+        for variant in ("eager", "compiled"):
+            torch._dynamo.reset()
+            counters.clear()
+            lines.lines.clear()
+            torch.manual_seed(0)
+            model = build_model(args.model, 3, 32, 10)
+            buckets = cap if mode in ("ddp", "allreduce", "overlap") else None
+            sync = make_sync(mode, model, env, bucket_bytes=buckets)
+            opt = sync.make_optimizer(torch.optim.SGD, dict(lr=1e-3, momentum=0.9))
+            compiled = argparse.Namespace(compile=variant == "compiled")
+            maybe_compile(sync.model, compiled, backend=args.compile_backend)
+
+            def step(sync=sync, opt=opt) -> None:
+                F.cross_entropy(sync.model(x), y).backward()
+                sync.finish_backward()
+                opt.step()
+                sync.after_step(opt)
+                opt.zero_grad(set_to_none=True)
+
+            tic = time.perf_counter()
+            step()
+            first[variant] = time.perf_counter() - tic
+            step()  # DDP rebuilds its buckets after the first step
+            stats[variant] = dict(
+                graphs=counters["stats"]["unique_graphs"],
+                breaks=sum(counters["graph_break"].values()),
+                pieces=counters["aot_autograd"]["total"],
+                ddp_optimizer=next((s.strip() for s in lines.lines if "buckets" in s), ""),
+            )
+            steps[variant] = step
+        times = rounds_of(steps, args.rounds, args.steps, env)
+        rows.append(
+            dict(mode=mode, first=first, times=times, **stats["compiled"])
+        )  # fmt: skip
+    return rows
+
+
+def report(args: argparse.Namespace, env: DistEnv, rows: list[dict]) -> None:
+    if not env.is_main:
+        return
+    log = rank0_logger(env, "bench")
+    params = sum(p.numel() for p in build_model(args.model, 3, 32, 10).parameters())
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    log.info(
+        "%d ranks, %s, torch %s, --model %s (%d parameters, %.0f KB float32), batch %d per "
+        "rank, backend %s; load average %s on %d cores",
+        env.world_size, env.backend, torch.__version__, args.model, params, params * 4 / 1024,
+        args.batch_size, args.compile_backend, load, os.cpu_count(),
+    )  # fmt: skip
+    log.info(
+        "  %-10s %12s %14s %11s %13s %8s %7s %7s %7s",
+        "mode", "eager 1st s", "compiled 1st s", "eager ms", "compiled ms", "speedup",
+        "graphs", "breaks", "pieces",
+    )  # fmt: skip
+    for r in rows:
+        log.info(
+            "  %-10s %12.2f %14.2f %11.2f %13.2f %7.2fx %7d %7d %7d",
+            r["mode"], r["first"]["eager"], r["first"]["compiled"], r["times"]["eager"] * 1e3,
+            r["times"]["compiled"] * 1e3, r["times"]["eager"] / r["times"]["compiled"],
+            r["graphs"], r["breaks"], r["pieces"],
+        )  # fmt: skip
+        if r["ddp_optimizer"]:
+            log.info("    %s: %s", r["mode"], r["ddp_optimizer"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    launch_unless_ranked("benchmarks.bench_compile", argv, args)
+    with distributed(rank_backend(args.backend)) as env:
+        report(args, env, measure(args, env))
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
