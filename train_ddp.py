@@ -61,10 +61,11 @@ from parallel.clip import GradClip
 from parallel.factory import ddp_kwargs, sync_from_args
 from training.checkpoint import param_checksum, unwrap
 from training.cli import validate
+from training.compiled import maybe_compile
 from training.faults import fault_hook
 from training.loop import Steps, TrainLoop, make_checkpoints
 from training.metrics import evaluate
-from training.models import build_model, has_batchnorm
+from training.models import build_model, checkpoint_activations, has_batchnorm
 from training.optim import autocast_dtype, make_optimizer, make_scheduler
 from training.runlog import RunLog
 
@@ -145,6 +146,8 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     # ---- model: same seed on every rank, so every replica starts equal
     torch.manual_seed(args.seed)
     model = build_model(args.model, data.in_channels, data.image_size, data.num_classes)
+    if args.activation_checkpointing:  # recompute each block in backward: training/models.py
+        checkpoint_activations(model)
     if args.sync_bn:  # batch statistics over the global batch (CUDA only: validate() checks)
         if not has_batchnorm(model):
             raise UsageError(f"--sync-bn: model {args.model} has no BatchNorm layer")
@@ -154,6 +157,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     if args.sync in ("ddp", "torch-zero1"):  # torch-zero1: DDP, ZeroRedundancyOptimizer's step
         # Broadcasts rank 0's weights now; then backward all-reduces gradient buckets as they fill
         model = DDP(model, device_ids=env.device_ids, **ddp_kwargs(args))  # this rank's GPU
+    maybe_compile(model, args)  # --compile, once the model is wrapped: training/compiled.py
     sync = sync_from_args(args, model, env)  # --sync: parallel/factory.py (ddp: hands DDP on)
     optimizer = make_optimizer(model, args, sync)  # the sharded --sync modes: this rank's shard
     scheduler = make_scheduler(optimizer, args, steps.total)

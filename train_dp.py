@@ -54,11 +54,12 @@ from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
 from parallel.clip import GradClip
 from training.checkpoint import param_checksum
 from training.cli import validate
+from training.compiled import maybe_compile
 from training.devices import pick_devices
 from training.faults import fault_hook
 from training.loop import Steps, TrainLoop, make_checkpoints
 from training.metrics import evaluate
-from training.models import DataParallel, build_model
+from training.models import DataParallel, build_model, checkpoint_activations
 from training.optim import autocast_dtype, make_optimizer, make_scheduler
 from training.runlog import RunLog
 
@@ -125,6 +126,8 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     # ---- model: one copy, on the first device; DataParallel re-copies it every forward
     torch.manual_seed(args.seed)
     model = build_model(args.model, data.in_channels, data.image_size, data.num_classes)
+    if args.activation_checkpointing:  # recompute each block in backward: training/models.py
+        checkpoint_activations(model)
     dtype = getattr(torch, args.dtype)  # float32; float64 for exact comparisons
     model = model.to(env.device, dtype)
     if len(devices) > 1:
@@ -135,6 +138,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         run.info("one GPU: no DataParallel wrapper, there is nothing to split a batch across")
     else:
         run.info("no GPU: training the plain module on the CPU (DataParallel needs GPUs)")
+    maybe_compile(model, args)  # --compile, once the model is wrapped: training/compiled.py
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args, steps.total)
     amp_dtype = autocast_dtype(args.amp)
