@@ -127,6 +127,7 @@ def _checks(rank: int, world_size: int, out_root: str) -> dict:
         traced[name] = per_step
     out["bytes"] = traced
     out["param_bytes"] = sum(p.numel() * 4 for p in model.parameters())
+    out["tensors"] = sum(1 for _ in model.parameters())
     # 4. resume through train_ddp.py: straight 6 steps vs 3, then 3 more
     common = [
         "--sync", "diloco", "--sync-every", "2", "--optimizer", "adamw", "--lr", "0.01",
@@ -178,9 +179,10 @@ def test_bytes_are_one_hth_of_allreduce(results):
     _, runs = results
     b = runs[0]["bytes"]
     param_bytes = runs[0]["param_bytes"]
-    assert b["allreduce"] == [param_bytes] * 4  # the gradients every step
+    used_map = 4 * runs[0]["tensors"]  # allreduce's int32 per tensor: which got a gradient
+    assert b["allreduce"] == [param_bytes + used_map] * 4  # the gradients every step
     assert b["diloco"] == [0, 0, 0, param_bytes]  # the parameters' deltas every H = 4
-    assert sum(b["diloco"]) * 4 == sum(b["allreduce"])
+    assert sum(b["diloco"]) * 4 == sum(b["allreduce"]) - 4 * used_map
     assert b["diloco-bf16"] == [0, 0, 0, param_bytes // 2]
     assert sum(b["streaming"]) == param_bytes and max(b["streaming"]) < param_bytes
     assert b["streaming"][0] == b["streaming"][2] == 0  # fragments at steps 2 and 4
