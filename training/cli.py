@@ -22,7 +22,7 @@ from core.cli import (
 )
 from core.dist import DistEnv
 from core.errors import UsageError
-from data.datasets import DATASETS
+from data.datasets import DATASETS, TEXT_DATASETS
 from training.guard import check_same_flags
 from training.models import FACTORY_ARGS, MODELS, model_name
 from training.optim import OPTIMIZERS
@@ -38,8 +38,10 @@ def make_parser(
         "--dataset",
         default="synthetic",
         choices=DATASETS,
-        help="synthetic needs no files; the others are read from --data-dir: imagefolder is "
-        "your own images, in --data-dir/train/<class>/ and --data-dir/val/<class>/",
+        help="synthetic needs no files; stdlib is this Python's standard library as bytes "
+        "(for --model gpt); the others are read from --data-dir: imagefolder is your own "
+        "images, in --data-dir/train/<class>/ and --data-dir/val/<class>/; text is your own "
+        "text file or folder of them (for --model gpt; data/text.py)",
     )
     d.add_argument(
         "--data-dir",
@@ -65,13 +67,15 @@ def make_parser(
         "--train-size",
         type=non_negative,
         default=0,
-        help="use the first N training samples (0: all; synthetic default 8192)",
+        help="use the first N training samples (0: all; synthetic default 8192; text: N "
+        "windows of --context + 1 bytes spread over the split)",
     )
     d.add_argument(
         "--eval-size",
         type=non_negative,
         default=0,
-        help="use the first N eval samples (0: all; synthetic default 2000)",
+        help="use the first N eval samples (0: all; synthetic default 2000; text: N windows "
+        "spread over the split)",
     )
     d.add_argument(
         "--workers",
@@ -180,6 +184,8 @@ def make_parser(
         help="model init, data order, synthetic data (0 to 2**32-1)",
     )
 
+    add_gpt_flags(p)
+
     r = p.add_argument_group("output and resume")
     r.add_argument(
         "--out-dir",
@@ -246,6 +252,39 @@ def make_parser(
     return p
 
 
+def add_gpt_flags(p: Parser) -> None:
+    """--model gpt's sizes and --sample. The defaults train visibly in a few minutes on two
+    CPU processes (README, 'A small GPT on real text')."""
+    g = p.add_argument_group("language model (--model gpt; training/gpt.py)")
+    g.add_argument(
+        "--context",
+        type=bounded_int(1, 2**16, "bytes"),
+        default=128,
+        help="bytes the model sees at once: a sample is a window of --context + 1 bytes",
+    )
+    g.add_argument("--gpt-layers", type=positive, default=4, help="transformer blocks")
+    g.add_argument(
+        "--gpt-width",
+        type=bounded_int(1, 2**14, "a width"),
+        default=128,
+        help="embedding width (a multiple of --gpt-heads)",
+    )
+    g.add_argument("--gpt-heads", type=positive, default=4, help="attention heads per block")
+    g.add_argument(
+        "--sample",
+        type=non_negative,
+        default=0,
+        metavar="N",
+        help="at the end, global rank 0 prints N bytes the trained model writes (0: none)",
+    )
+    g.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        default=0.8,
+        help="--sample's softmax temperature, sampled with --seed (0: greedy)",
+    )
+
+
 def validate(args: argparse.Namespace, env: DistEnv) -> None:
     """Checks that involve more than one flag, or a flag and the job (single flags are
     checked by their type). First of all, the ranks compare their flags (one collective)."""
@@ -260,9 +299,10 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
         raise UsageError("--amp fp16 needs CUDA (use --amp bf16 on CPU)")
     if args.amp != "none" and args.dtype != "float32":
         raise UsageError(f"--amp {args.amp} goes with --dtype float32, not {args.dtype}")
-    if args.dataset != "synthetic" and not args.data_dir:
+    if args.dataset not in ("synthetic", "stdlib") and not args.data_dir:
         raise UsageError(f"--dataset {args.dataset} needs --data-dir")
-    if args.download and args.dataset in ("synthetic", "imagefolder"):
+    check_model_data(args)
+    if args.download and args.dataset in ("synthetic", "imagefolder", *TEXT_DATASETS):
         raise UsageError(f"--download: there is nothing to download for --dataset {args.dataset}")
     if hasattr(args, "topology"):  # train_ddp.py's --topology, --inter-node-gbps
         check_topology_flags(args.topology, args.inter_node_gbps, args.sync, env.world_size)
@@ -270,4 +310,24 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
         raise UsageError(
             "--download fetches the official files and --trust-data-dir is for a copy that is "
             "not: choose one of them"
+        )
+
+
+def check_model_data(args: argparse.Namespace) -> None:
+    """The language model reads bytes, the built-in image models read images: a pairing
+    across the two fails here in one line, not at the first forward. A model factory
+    (module:function) may take either."""
+    text = args.dataset in TEXT_DATASETS
+    if args.model == "gpt" and not text:
+        raise UsageError(
+            f"--model gpt reads text: use --dataset {' or '.join(TEXT_DATASETS)}, "
+            f"not {args.dataset}"
+        )
+    if text and args.model in MODELS and args.model != "gpt":
+        raise UsageError(f"--dataset {args.dataset} is text (bytes): use --model gpt")
+    if args.sample and args.model != "gpt":
+        raise UsageError("--sample: only --model gpt writes text")
+    if args.model == "gpt" and args.gpt_width % args.gpt_heads:
+        raise UsageError(
+            f"--gpt-width {args.gpt_width} is not a multiple of --gpt-heads {args.gpt_heads}"
         )

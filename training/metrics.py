@@ -1,6 +1,15 @@
-"""Metrics summed across ranks, and exact evaluation."""
+"""Metrics summed across ranks, and exact evaluation.
+
+One loss for both kinds of model: an image classifier's logits are (batch, classes) with
+labels (batch); a language model's are (batch, time, vocab) with labels (batch, time), one
+prediction per position. `loss_fn` flattens the positions into the batch, so the loss is the
+mean over every prediction and `accuracy` counts tokens. The repository's text is bytes (one
+token per byte, data/text.py), so a language model's mean loss in nats / ln 2 is its
+bits per byte, which the metrics add when a batch had positions."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -8,28 +17,68 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from training.models import model_input
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over every prediction: (B, C) vs (B), or (B, T, V) vs (B, T)."""
+    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction=reduction)
+
+
+def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many predictions (samples, or tokens) are right."""
+    return (logits.detach().argmax(-1) == labels).sum()
+
 
 class Totals:
-    """Running sums of (loss x samples, correct, samples), kept on the device so that adding
-    to them never waits for the GPU, and summed across ranks only when read."""
+    """Running sums of (loss x predictions, correct, predictions, predictions of per-position
+    models), kept on the device so that adding to them never waits for the GPU, and summed
+    across ranks only when read."""
 
     def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
 
-    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, count: int) -> None:
+    def add(
+        self, loss_sum: torch.Tensor, correct: torch.Tensor, count: int, positions: bool = False
+    ) -> None:
+        """`positions`: the predictions are a language model's, one per position."""
         self.sums[0] += loss_sum.detach().double()
         self.sums[1] += correct.double()
         self.sums[2] += count
+        if positions:  # bits per byte become meaningful
+            self.sums[3] += count
+
+    def add_batch(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """One batch's mean `loss` (from loss_fn) and its `logits` against `labels`."""
+        n = labels.numel()
+        self.add(loss.detach() * n, correct(logits, labels), n, positions=logits.dim() == 3)
 
     def reduce(self) -> dict[str, float]:
-        """All ranks' totals (a collective: every rank must call it), then reset."""
+        """All ranks' totals (a collective: every rank must call it), then reset. Counted in
+        predictions: samples for a classifier, tokens for a language model."""
         sums = self.sums.clone()
         if dist.is_initialized():
             dist.all_reduce(sums)
         self.sums.zero_()
-        loss, correct, count = sums.tolist()
+        loss, correct, count, tokens = sums.tolist()
         n = max(count, 1.0)
-        return {"loss": loss / n, "accuracy": correct / n, "count": int(count)}
+        out = {"loss": loss / n, "accuracy": correct / n, "count": int(count)}
+        if tokens:  # summed over all ranks, so every rank returns the same keys
+            out["bits_per_byte"] = loss / n / math.log(2)
+        return out
+
+
+def describe(metrics: dict[str, float]) -> str:
+    """The log line's part for `metrics`: loss and accuracy, and bits per byte if there."""
+    text = f"loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.3f}"
+    if "bits_per_byte" in metrics:
+        text += f"  bpb {metrics['bits_per_byte']:.3f}"
+    return text
+
+
+def scalars(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    """TensorBoard scalars `prefix`/loss, /accuracy and /bits_per_byte (when there)."""
+    return {f"{prefix}/{k}": v for k, v in metrics.items() if k != "count"}
 
 
 @torch.no_grad()  # no graph, no saved activations: evaluation needs no gradients
@@ -40,7 +89,8 @@ def evaluate(
     dtype: torch.dtype = torch.float32,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """Loss and accuracy over the whole eval set, each sample counted exactly once.
+    """Loss and accuracy (and bits per byte, for a language model) over the whole eval set,
+    each sample counted exactly once.
 
     Pass the *unwrapped* model: its forward runs no collective, so ranks with one batch
     more or less than their peers (the eval shards differ by up to one sample) cannot hang.
@@ -48,17 +98,14 @@ def evaluate(
     was_training = model.training
     model.eval()  # BatchNorm uses its running statistics, dropout is off
     totals = Totals(device)
-    for images, labels in loader:
-        images = images.to(device, dtype, non_blocking=True)
+    for inputs, labels in loader:
+        inputs = model_input(inputs, device, dtype)
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(
             device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
         ):
-            logits = model(images)
-        totals.add(
-            F.cross_entropy(logits.to(dtype), labels, reduction="sum"),
-            (logits.argmax(1) == labels).sum(),
-            labels.numel(),
-        )
+            logits = model(inputs)
+        loss_sum = loss_fn(logits.to(dtype), labels, reduction="sum")
+        totals.add(loss_sum, correct(logits, labels), labels.numel(), logits.dim() == 3)
     model.train(was_training)
     return totals.reduce()

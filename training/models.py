@@ -1,6 +1,7 @@
 """The models: small enough to train on CPU processes in seconds, real enough to show the
 mechanics. The default `cnn` has no dropout and no BatchNorm, so a DDP run and a
-single-process run with the same global batch compute the same function step for step."""
+single-process run with the same global batch compute the same function step for step.
+`gpt` (training/gpt.py) is the language model for the text datasets (data/text.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import inspect
 import os
 import sys
 
+import torch
 import torch.nn as nn
 
 from core.errors import UsageError
+from training.gpt import GPT
 
-MODELS = ("mlp", "cnn", "resnet18")
+MODELS = ("mlp", "cnn", "resnet18", "gpt")
 # What a factory named by --model package.module:function may ask for, by parameter name.
 FACTORY_ARGS = ("in_channels", "image_size", "num_classes")
 
@@ -64,6 +67,8 @@ def build_model(name: str, in_channels: int, image_size: int, num_classes: int) 
         return build_custom(
             name, in_channels=in_channels, image_size=image_size, num_classes=num_classes
         )
+    if name == "gpt":  # image_size: the context; num_classes: the vocabulary
+        return GPT(vocab=num_classes, context=image_size)
     if name == "mlp":
         return nn.Sequential(
             nn.Flatten(),
@@ -102,6 +107,20 @@ def build_model(name: str, in_channels: int, image_size: int, num_classes: int) 
     raise UsageError(
         f"unknown model {name!r}; choose one of {', '.join(MODELS)} or package.module:function"
     )
+
+
+def model_from_args(args: argparse.Namespace, data) -> nn.Module:
+    """--model for the data of `data` (a data.datasets.DataSpec): gpt takes its sizes from
+    --gpt-layers, --gpt-width, --gpt-heads and --context, the others from the data."""
+    if args.model == "gpt":
+        return GPT(data.num_classes, args.context, args.gpt_layers, args.gpt_width, args.gpt_heads)
+    return build_model(args.model, data.in_channels, data.image_size, data.num_classes)
+
+
+def model_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A batch on `device`, floating point ones (images) cast to `dtype`; integer ones (byte
+    ids, which nn.Embedding needs as integers) keep theirs."""
+    return x.to(device, dtype if x.is_floating_point() else None, non_blocking=True)
 
 
 def has_batchnorm(model: nn.Module) -> bool:
