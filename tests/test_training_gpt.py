@@ -19,7 +19,7 @@ from parallel.factory import make_sync
 from tests.multiproc import run_world
 from training.cli import check_model_data, make_parser
 from training.gpt import GPT, generate
-from training.metrics import Totals, describe, loss_fn, scalars
+from training.metrics import Totals, bits_text, loss_fn, scalars
 from training.models import build_model, model_from_args
 
 SMALL = {"vocab": 256, "context": 16, "layers": 2, "width": 32, "heads": 4}
@@ -160,10 +160,16 @@ def test_loss_accuracy_and_bits_per_byte_of_a_language_model():
     right = int((logits.argmax(-1) == labels).sum())
     assert m["count"] == 10 and m["accuracy"] == right / 10 >= 0.1
     assert m["bits_per_byte"] == pytest.approx(loss.item() / math.log(2), rel=1e-12)
-    assert "bpb" in describe(m) and "train/bits_per_byte" in scalars("train", m)
+    assert bits_text(m) == f"  bpb {m['bits_per_byte']:.3f}"
+    assert scalars("train", m) == {
+        "train/loss": m["loss"],
+        "train/accuracy": m["accuracy"],
+        "train/bits_per_byte": m["bits_per_byte"],
+    }
     # A classifier's metrics are as before: no bits per byte.
     totals.add_batch(loss_fn(logits[:, 0], labels[:, 0]), logits[:, 0], labels[:, 0])
-    assert "bits_per_byte" not in totals.reduce()
+    classifier = totals.reduce()
+    assert "bits_per_byte" not in classifier and bits_text(classifier) == ""
 
 
 def test_generation_is_deterministic_and_greedy_at_temperature_zero():

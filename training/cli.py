@@ -24,7 +24,7 @@ from core.dist import DistEnv
 from core.errors import UsageError
 from data.datasets import DATASETS, TEXT_DATASETS
 from training.guard import check_same_flags
-from training.models import FACTORY_ARGS, MODELS, model_name
+from training.models import FACTORY_ARGS, MODELS, TEXT_MODELS, model_name
 from training.optim import OPTIMIZERS
 from training.preempt import EXTRA_SIGNALS
 
@@ -89,8 +89,9 @@ def make_parser(
         "--model",
         default="cnn",
         type=model_name,
-        metavar="{" + ",".join(MODELS) + "} or MODULE:FUNCTION",
-        help="network to train: a built-in one, or your own: package.module:function names a "
+        metavar="{" + ",".join(MODELS + TEXT_MODELS) + "} or MODULE:FUNCTION",
+        help="network to train: a built-in one (gpt: a small language model for --dataset "
+        "stdlib or text), or your own: package.module:function names a "
         "function returning an nn.Module, imported from the current directory or PYTHONPATH "
         f"and called with those of {', '.join(FACTORY_ARGS)} it takes",
     )
@@ -323,7 +324,7 @@ def check_model_data(args: argparse.Namespace) -> None:
             f"--model gpt reads text: use --dataset {' or '.join(TEXT_DATASETS)}, "
             f"not {args.dataset}"
         )
-    if text and args.model in MODELS and args.model != "gpt":
+    if text and args.model in MODELS:
         raise UsageError(f"--dataset {args.dataset} is text (bytes): use --model gpt")
     if args.sample and args.model != "gpt":
         raise UsageError("--sample: only --model gpt writes text")

@@ -126,11 +126,13 @@ def generate(
 
 
 def show_sample(model: nn.Module, args, is_main: bool, log) -> str | None:
-    """--sample N: on global rank 0, N bytes the trained `model` (unwrapped) writes after a
-    newline, logged and returned as text (invalid UTF-8 replaced); None elsewhere or when
-    not asked. Deterministic: --temperature 0 is greedy, else sampled from --seed."""
+    """--sample N: on global rank 0, N bytes the trained `model` (a plain one, or inside
+    DataParallel or DDP) writes after a newline, logged and returned as text (invalid UTF-8
+    replaced); None elsewhere or when not asked. Deterministic: --temperature 0 is greedy,
+    else sampled from --seed. Runs no collective: the other ranks need not wait for it."""
     if not args.sample or not is_main:
         return None
+    model = getattr(model, "module", model)  # the module generate() reads .context from
     out = generate(model, b"\n", args.sample, temperature=args.temperature, seed=args.seed)
     text = out.decode("utf-8", errors="replace")
     log("sample of %d bytes (--temperature %g):\n%s", args.sample, args.temperature, text)

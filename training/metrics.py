@@ -68,12 +68,11 @@ class Totals:
         return out
 
 
-def describe(metrics: dict[str, float]) -> str:
-    """The log line's part for `metrics`: loss and accuracy, and bits per byte if there."""
-    text = f"loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.3f}"
-    if "bits_per_byte" in metrics:
-        text += f"  bpb {metrics['bits_per_byte']:.3f}"
-    return text
+def bits_text(metrics: dict[str, float], label: str = "bpb") -> str:
+    """The log line's tail for `metrics`: "  bpb 1.234" for a language model's, nothing for a
+    classifier's (whose log lines stay as they were)."""
+    bits = metrics.get("bits_per_byte")
+    return "" if bits is None else f"  {label} {bits:.3f}"
 
 
 def scalars(prefix: str, metrics: dict[str, float]) -> dict[str, float]:

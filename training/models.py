@@ -17,18 +17,21 @@ import torch.nn as nn
 from core.errors import UsageError
 from training.gpt import GPT
 
-MODELS = ("mlp", "cnn", "resnet18", "gpt")
+MODELS = ("mlp", "cnn", "resnet18")  # image classifiers
+TEXT_MODELS = ("gpt",)  # language models over bytes, for data/text.py's datasets
 # What a factory named by --model package.module:function may ask for, by parameter name.
 FACTORY_ARGS = ("in_channels", "image_size", "num_classes")
 
 
 def model_name(value: str) -> str:
-    """--model: one of MODELS, or `package.module:function` (checked when it is built)."""
+    """--model: one of MODELS or TEXT_MODELS, or `package.module:function` (checked when it
+    is built)."""
     module, _, function = value.partition(":")
-    if value in MODELS or (module and function.isidentifier()):
+    if value in MODELS + TEXT_MODELS or (module and function.isidentifier()):
         return value
     raise argparse.ArgumentTypeError(
-        f"expected one of {', '.join(MODELS)} or package.module:function, got {value!r}"
+        f"expected one of {', '.join(MODELS + TEXT_MODELS)} or package.module:function, "
+        f"got {value!r}"
     )
 
 
@@ -62,7 +65,8 @@ def build_custom(spec: str, **sizes: int) -> nn.Module:
 
 
 def build_model(name: str, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
-    """One of MODELS, or the nn.Module a `package.module:function` factory returns."""
+    """One of MODELS or TEXT_MODELS, or the nn.Module a `package.module:function` factory
+    returns."""
     if ":" in name:
         return build_custom(
             name, in_channels=in_channels, image_size=image_size, num_classes=num_classes
@@ -105,7 +109,8 @@ def build_model(name: str, in_channels: int, image_size: int, num_classes: int) 
             model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         return model
     raise UsageError(
-        f"unknown model {name!r}; choose one of {', '.join(MODELS)} or package.module:function"
+        f"unknown model {name!r}; choose one of {', '.join(MODELS + TEXT_MODELS)} or "
+        "package.module:function"
     )
 
 
