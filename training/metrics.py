@@ -31,38 +31,42 @@ def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class Totals:
-    """Running sums of (loss x predictions, correct, predictions, predictions of per-position
-    models), kept on the device so that adding to them never waits for the GPU, and summed
-    across ranks only when read."""
+    """Running sums of (loss x predictions, correct, predictions, samples, tokens), kept on
+    the device so that adding to them never waits for the GPU, and summed across ranks only
+    when read. A classifier makes one prediction per sample; a language model one per
+    position (token) of each sample (window), and its tokens make bits per byte meaningful."""
 
     def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
 
     def add(
-        self, loss_sum: torch.Tensor, correct: torch.Tensor, count: int, positions: bool = False
+        self, loss_sum: torch.Tensor, correct: torch.Tensor, count: int, samples: int = 0
     ) -> None:
-        """`positions`: the predictions are a language model's, one per position."""
+        """`count` predictions in `samples` samples (0: one prediction per sample)."""
         self.sums[0] += loss_sum.detach().double()
         self.sums[1] += correct.double()
         self.sums[2] += count
-        if positions:  # bits per byte become meaningful
-            self.sums[3] += count
+        self.sums[3] += samples or count
+        if samples:
+            self.sums[4] += count
 
     def add_batch(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """One batch's mean `loss` (from loss_fn) and its `logits` against `labels`."""
         n = labels.numel()
-        self.add(loss.detach() * n, correct(logits, labels), n, positions=logits.dim() == 3)
+        samples = len(labels) if logits.dim() == 3 else 0
+        self.add(loss.detach() * n, correct(logits, labels), n, samples)
 
     def reduce(self) -> dict[str, float]:
-        """All ranks' totals (a collective: every rank must call it), then reset. Counted in
-        predictions: samples for a classifier, tokens for a language model."""
+        """All ranks' totals (a collective: every rank must call it), then reset: the mean
+        loss and accuracy per prediction, the samples counted, and a language model's bits
+        per byte."""
         sums = self.sums.clone()
         if dist.is_initialized():
             dist.all_reduce(sums)
         self.sums.zero_()
-        loss, correct, count, tokens = sums.tolist()
-        n = max(count, 1.0)
-        out = {"loss": loss / n, "accuracy": correct / n, "count": int(count)}
+        loss, correct, predictions, samples, tokens = sums.tolist()
+        n = max(predictions, 1.0)
+        out = {"loss": loss / n, "accuracy": correct / n, "count": int(samples)}
         if tokens:  # summed over all ranks, so every rank returns the same keys
             out["bits_per_byte"] = loss / n / math.log(2)
         return out
@@ -105,6 +109,7 @@ def evaluate(
         ):
             logits = model(inputs)
         loss_sum = loss_fn(logits.to(dtype), labels, reduction="sum")
-        totals.add(loss_sum, correct(logits, labels), labels.numel(), logits.dim() == 3)
+        samples = len(labels) if logits.dim() == 3 else 0
+        totals.add(loss_sum, correct(logits, labels), labels.numel(), samples)
     model.train(was_training)
     return totals.reduce()
