@@ -136,6 +136,7 @@ def test_sizes_come_from_the_flags():
         ("--model gpt --dataset synthetic", "--model gpt reads text"),
         ("--model cnn --dataset stdlib", "is text"),
         ("--model cnn --sample 10", "only --model gpt"),
+        ("--model gpt --dataset stdlib --gpt-layers 1000 --gpt-width 4096", "billion parameters"),
     ],
 )
 def test_bad_pairings_are_one_line(flags, message):

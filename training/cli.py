@@ -263,14 +263,21 @@ def add_gpt_flags(p: Parser) -> None:
         default=128,
         help="bytes the model sees at once: a sample is a window of --context + 1 bytes",
     )
-    g.add_argument("--gpt-layers", type=positive, default=4, help="transformer blocks")
+    g.add_argument(
+        "--gpt-layers", type=bounded_int(1, 1024, "layers"), default=4, help="transformer blocks"
+    )
     g.add_argument(
         "--gpt-width",
         type=bounded_int(1, 2**14, "a width"),
         default=128,
         help="embedding width (a multiple of --gpt-heads)",
     )
-    g.add_argument("--gpt-heads", type=positive, default=4, help="attention heads per block")
+    g.add_argument(
+        "--gpt-heads",
+        type=bounded_int(1, 2**14, "heads"),
+        default=4,
+        help="attention heads per block",
+    )
     g.add_argument(
         "--sample",
         type=non_negative,
@@ -314,6 +321,9 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
         )
 
 
+MAX_GPT_PARAMS = 2 * 10**9  # 8 GB in float32: refused in one line, not by the allocator
+
+
 def check_model_data(args: argparse.Namespace) -> None:
     """The language model reads bytes, the built-in image models read images: a pairing
     across the two fails here in one line, not at the first forward. A model factory
@@ -328,7 +338,17 @@ def check_model_data(args: argparse.Namespace) -> None:
         raise UsageError(f"--dataset {args.dataset} is text (bytes): use --model gpt")
     if args.sample and args.model != "gpt":
         raise UsageError("--sample: only --model gpt writes text")
-    if args.model == "gpt" and args.gpt_width % args.gpt_heads:
+    if args.model != "gpt":
+        return
+    if args.gpt_width % args.gpt_heads:
         raise UsageError(
             f"--gpt-width {args.gpt_width} is not a multiple of --gpt-heads {args.gpt_heads}"
+        )
+    # 12 W^2 per block (qkv 3, proj 1, MLP 8), the embeddings: refused before allocation.
+    params = 12 * args.gpt_layers * args.gpt_width**2 + (256 + args.context) * args.gpt_width
+    if params > MAX_GPT_PARAMS:
+        raise UsageError(
+            f"--gpt-layers {args.gpt_layers} x --gpt-width {args.gpt_width} is about "
+            f"{params / 1e9:.1f} billion parameters; this small GPT stops at "
+            f"{MAX_GPT_PARAMS / 1e9:.0f} billion"
         )
