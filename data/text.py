@@ -18,7 +18,7 @@ run) builds the same byte string. The split into train and eval is stable:
   holds besides it. Test suites (folders named test, tests, idle_test) and site-packages are
   left out: the tests are half of the bytes and mostly repeat the library's own text.
 - text: by position. The concatenated corpus's last 10% (at least one window) is eval, so a
-  single file splits too.
+  single file splits too. Hidden files and folders (.git/, .DS_Store) are left out.
 
 A sample is one window of context + 1 bytes: input bytes [0, context) and next-byte targets
 [1, context + 1). Window i starts at byte i x context, so consecutive windows share one byte
@@ -54,15 +54,16 @@ class ByteWindows(Dataset):
 
     def __init__(self, data: torch.Tensor, context: int, limit: int = 0) -> None:
         self.data, self.context = data, context
-        total = (len(data) - 1) // context  # windows of context + 1 bytes, stride context
-        n = total if limit <= 0 else min(limit, total)
-        self.starts = [(k * total // n) * context for k in range(n)]
+        self.total = (len(data) - 1) // context  # windows of context + 1 bytes, stride context
+        self.n = self.total if limit <= 0 else min(limit, self.total)
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return self.n
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = self.starts[index]
+        if not 0 <= index < self.n:
+            raise IndexError(f"window {index} of {self.n}")
+        start = index * self.total // self.n * self.context  # evenly spread when capped
         window = self.data[start : start + self.context + 1].long()
         return window[:-1], window[1:]
 
@@ -131,15 +132,21 @@ def stdlib_corpus(root: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def text_files(root: Path) -> list[Path]:
-    """`root` itself if it is a file, else every file below it, sorted by relative path."""
+    """`root` itself if it is a file, else every file below it but hidden ones (.git/ and
+    the like), sorted by relative path."""
     if root.is_file():
         return [root]
     if not root.is_dir():
         raise UsageError(f"--data-dir {root} does not exist")
-    try:
-        files = [p for p in root.rglob("*") if p.is_file()]
-    except OSError as e:
-        raise UsageError(f"cannot list --data-dir {root}: {e.strerror or e}") from None
+
+    def refuse(e: OSError) -> None:
+        raise UsageError(f"cannot list {e.filename or root}: {e.strerror or e}")
+
+    files = []
+    for folder, dirs, names in os.walk(root, onerror=refuse):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(folder, n) for n in names if not n.startswith(".")]
+    files = [p for p in files if p.is_file()]  # not a FIFO or a dangling link
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 

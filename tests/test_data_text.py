@@ -54,6 +54,8 @@ def test_windows_are_context_plus_one_bytes_at_fixed_offsets():
     spread = ByteWindows(data, 8, limit=4)  # 4 of the 12, spread over all of them
     assert [spread[k][0][0].item() for k in range(4)] == [0, 24, 48, 72]
     assert len(ByteWindows(data, 8, limit=50)) == 12
+    with pytest.raises(IndexError):
+        windows[12]
 
 
 def test_text_folder_sorted_binary_skipped_last_tenth_for_eval(tmp_path):
@@ -61,6 +63,8 @@ def test_text_folder_sorted_binary_skipped_last_tenth_for_eval(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "z.txt").write_bytes(b"A" * 400)
     (tmp_path / "image.png").write_bytes(b"\x89PNG\0\0" * 100)  # a NUL: binary, skipped
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_bytes(b"ref: refs/heads/main\n")  # hidden: skipped
     spec = build_datasets("text", str(tmp_path), seed=0, context=16, eval_size=2)
     train, evals = spec.train.data, spec.eval.data
     assert bytes(torch.cat([train, evals]).tolist()) == b"A" * 400 + b"B" * 600  # a/z, then b
