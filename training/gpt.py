@@ -1,6 +1,7 @@
 """A small GPT: a decoder-only transformer over bytes, for `--model gpt`.
 
-    launch/cpu_sim.sh 2 --model gpt --dataset stdlib --optimizer adamw --lr 2e-3 ...  (make gpt)
+    make gpt        # 2 CPU processes, the standard library, 300 steps (Makefile: GPT_FLAGS)
+    python -m benchmarks.learning_gpt   # the same, checked against the unigram entropy
 
 Token and position embeddings, `layers` pre-LayerNorm blocks (causal self-attention through
 F.scaled_dot_product_attention, then a 4x-wide GELU MLP, each added to the residual stream),
