@@ -18,7 +18,7 @@ from data.text import ByteWindows
 from parallel.factory import make_sync
 from tests.multiproc import run_world
 from training.cli import check_model_data, make_parser
-from training.gpt import GPT, generate
+from training.gpt import GPT, generate, show_sample
 from training.metrics import Totals, bits_text, loss_fn, scalars
 from training.models import build_model, model_from_args
 
@@ -233,3 +233,17 @@ def test_two_and_three_ranks_equal_one_process_in_float64():
             assert len(params) == len(single)
             for a, b in zip(params, single, strict=True):
                 assert (a - b).abs().max().item() < 1e-10
+
+
+def test_sample_is_written_on_rank_zero_only_through_a_wrapper():
+    model = small_gpt()
+    args = make_parser("t", "b", 32, "runs/t").parse_args(
+        ["--model", "gpt", "--dataset", "stdlib", "--sample", "12", "--temperature", "0"]
+    )
+    lines = []
+    wrapped = torch.nn.Module()  # a stand-in for DataParallel and DDP, which never asks for CUDA
+    wrapped.module = model  # where they keep the model: show_sample unwraps it
+    text = show_sample(wrapped, args, True, lambda *a: lines.append(a[0] % a[1:]))
+    assert text == generate(model, b"\n", 12, temperature=0).decode("utf-8", errors="replace")
+    assert len(lines) == 1 and lines[0].endswith(text)
+    assert show_sample(wrapped, args, False, lines.append) is None and len(lines) == 1
