@@ -11,6 +11,7 @@ import torch
 
 from core.errors import UsageError
 from data.datasets import build_datasets
+from data.sampling import ResumableDistributedSampler, train_loader
 from data.text import (
     ByteWindows,
     is_eval_file,
@@ -129,3 +130,12 @@ def test_a_stdlib_without_enough_py_files_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "m.py").write_bytes(b"x = 1\n")
     with pytest.raises(UsageError, match="fewer than one window"):
         build_datasets("stdlib", None, seed=0, context=16)
+
+
+def test_a_corpus_too_small_for_the_batch_is_one_line(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"x" * 1000)
+    spec = build_datasets("text", str(tmp_path), seed=0, context=16)  # 56 training windows
+    sampler = ResumableDistributedSampler(spec.train, num_replicas=2, rank=0, drop_last=True)
+    with pytest.raises(UsageError, match="the training set has only 56"):
+        train_loader(spec.train, 32, sampler)
+    assert len(train_loader(spec.train, 28, sampler)) == 1
