@@ -1,7 +1,7 @@
 """Does the small GPT learn the standard library? One real run, checked against the corpus.
 
     python -m benchmarks.learning_gpt                  # 2 CPU processes, the `make gpt` recipe
-    python -m benchmarks.learning_gpt --nproc 1 --min-gap 1.5 -- --max-steps 600
+    python -m benchmarks.learning_gpt --nproc 1 --min-gap 1.5 -- --max-steps 1000
 
 It runs `torchrun --standalone --nproc-per-node N train_ddp.py --model gpt --dataset stdlib`
 with RECIPE (and whatever follows `--`, which overrides it), one thread per process, and reads
@@ -36,11 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The `make gpt` recipe (Makefile, GPT_FLAGS): the model at its defaults (4 layers, width
 # 128, 4 heads, context 128), AdamW with a short warm-up and a cosine decay, 16 windows per
-# rank, 300 steps.
+# rank, 600 steps.
 RECIPE = [
     "--model", "gpt", "--dataset", "stdlib", "--optimizer", "adamw", "--lr", "3e-3",
     "--warmup-steps", "30", "--lr-schedule", "cosine", "--batch-size", "16",
-    "--max-steps", "300", "--eval-size", "256", "--log-every", "25", "--sample", "300",
+    "--max-steps", "600", "--eval-size", "256", "--log-every", "25", "--sample", "300",
 ]  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """A small GPT: a decoder-only transformer over bytes, for `--model gpt`.
 
-    make gpt        # 2 CPU processes, the standard library, 300 steps (Makefile: GPT_FLAGS)
+    make gpt        # 2 CPU processes, the standard library, 600 steps (Makefile: GPT_FLAGS)
     python -m benchmarks.learning_gpt   # the same, checked against the unigram entropy
 
 Token and position embeddings, `layers` pre-LayerNorm blocks (causal self-attention through
