@@ -17,7 +17,7 @@ TORCH_INDEX ?=
 NPROC      ?= 2
 STAMP      := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all test-oracles test-fakegpu bench model bench-topology \
+.PHONY: demo gpt test test-slow test-all test-oracles test-fakegpu bench model bench-topology \
   bench-compress stress-exit lint docs clean
 
 # Installs pyproject.toml's dependencies (and the dev extra) without installing the repo
@@ -32,6 +32,15 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	launch/cpu_sim.sh $(NPROC) --epochs 3 --out-dir runs/demo --overwrite
+
+# The small GPT (training/gpt.py) learning this Python's standard library on NPROC CPU
+# processes, minutes: its loss every 25 steps, then 300 bytes it writes (README, "A small
+# GPT on real text"). The recipe of benchmarks/learning_gpt.py (RECIPE), which checks the
+# eval loss against the corpus's unigram entropy.
+GPT_FLAGS := --model gpt --dataset stdlib --optimizer adamw --lr 3e-3 --warmup-steps 30 \
+  --lr-schedule cosine --batch-size 16 --max-steps 600 --eval-size 256 --log-every 25 --sample 300
+gpt: $(STAMP)
+	launch/cpu_sim.sh $(NPROC) $(GPT_FLAGS) --out-dir runs/gpt --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"

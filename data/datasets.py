@@ -40,7 +40,8 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from core.errors import UsageError
 from core.processes import available_memory
-from data import DATASETS
+from data import DATASETS, TEXT_DATASETS
+from data.text import VOCAB, text_datasets
 
 # Where torchvision looks inside --data-dir (the module docstring has the file names).
 LAYOUT = {
@@ -328,12 +329,21 @@ def build_datasets(
     download: bool = False,
     augment: bool = False,
     trust_files: bool = False,
+    context: int = 128,
 ) -> DataSpec:
     """The train and eval splits of `name`. `train_size`/`eval_size` > 0 keep only the first
-    N samples (for synthetic data, they set its size). `trust_files` (--trust-data-dir) loads
-    CIFAR-10 files whose checksums are not the official ones (see `_cifar10_files`)."""
+    N samples (for synthetic data, they set its size; for text, N windows spread over the
+    split). `trust_files` (--trust-data-dir) loads CIFAR-10 files whose checksums are not the
+    official ones (see `_cifar10_files`). `context` is the text datasets' window (--context)."""
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name in TEXT_DATASETS:
+        train, evals = text_datasets(
+            name, data_dir, context=context, train_size=train_size, eval_size=eval_size
+        )
+        # For a model factory (--model module:function): one channel of `context` positions,
+        # a class per byte value.
+        return DataSpec(train, evals, in_channels=1, image_size=context, num_classes=VOCAB)
     if name == "synthetic":
         _check_synthetic_memory((train_size or 8192) + (eval_size or 2000))
         return DataSpec(

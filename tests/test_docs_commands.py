@@ -52,6 +52,7 @@ SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [  # the first match wins
     (r"benchmarks\.bench_compress\b",
      "--ranks 1 --modes allreduce+powersgd-r1 -- --max-steps 3 --train-size 512 --eval-size 64",
      (0,)),
+    (r"benchmarks\.learning_gpt", "--min-gap -9 -- --max-steps 3 --eval-size 4 --sample 8", (0,)),
     (r"benchmarks\.learning_check",
      "--seeds 0 --worlds 1 --epochs 1 --min-first 0 -- --train-size 512 --eval-size 64", (0,)),
     (r"study\.collectives|study\.gather_scatter", "", (0,)),

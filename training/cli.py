@@ -28,13 +28,14 @@ from core.cli import (
     unit_float,
 )
 from core.errors import UsageError
-from data import DATASETS
+from data import DATASETS, TEXT_DATASETS
 from parallel.flags import add_sync_flags
 
 if TYPE_CHECKING:
     from core.dist import DistEnv
 
-MODELS = ("mlp", "cnn", "resnet18")
+MODELS = ("mlp", "cnn", "resnet18")  # image classifiers
+TEXT_MODELS = ("gpt",)  # language models over bytes, for data/text.py's datasets
 # What a factory named by --model package.module:function may ask for, by parameter name.
 FACTORY_ARGS = ("in_channels", "image_size", "num_classes")
 OPTIMIZERS = ("sgd", "adamw")
@@ -43,12 +44,14 @@ EXTRA_SIGNALS = ("USR1", "USR2", "none")
 
 
 def model_name(value: str) -> str:
-    """--model: one of MODELS, or `package.module:function` (checked when it is built)."""
+    """--model: one of MODELS or TEXT_MODELS, or `package.module:function` (checked when it
+    is built)."""
     module, _, function = value.partition(":")
-    if value in MODELS or (module and function.isidentifier()):
+    if value in MODELS + TEXT_MODELS or (module and function.isidentifier()):
         return value
     raise argparse.ArgumentTypeError(
-        f"expected one of {', '.join(MODELS)} or package.module:function, got {value!r}"
+        f"expected one of {', '.join(MODELS + TEXT_MODELS)} or package.module:function, "
+        f"got {value!r}"
     )
 
 
@@ -119,8 +122,10 @@ def make_parser(
         "--dataset",
         default="synthetic",
         choices=DATASETS,
-        help="synthetic needs no files; the others are read from --data-dir: imagefolder is "
-        "your own images, in --data-dir/train/<class>/ and --data-dir/val/<class>/",
+        help="synthetic needs no files; stdlib is this Python's standard library as bytes "
+        "(for --model gpt); the others are read from --data-dir: imagefolder is your own "
+        "images, in --data-dir/train/<class>/ and --data-dir/val/<class>/; text is your own "
+        "text file or folder of them (for --model gpt; data/text.py)",
     )
     d.add_argument(
         "--data-dir",
@@ -146,13 +151,15 @@ def make_parser(
         "--train-size",
         type=SAMPLES,
         default=0,
-        help="use the first N training samples (0: all; synthetic default 8192)",
+        help="use the first N training samples (0: all; synthetic default 8192; text: N "
+        "windows of --context + 1 bytes spread over the split)",
     )
     d.add_argument(
         "--eval-size",
         type=SAMPLES,
         default=0,
-        help="use the first N eval samples (0: all; synthetic default 2000)",
+        help="use the first N eval samples (0: all; synthetic default 2000; text: N windows "
+        "spread over the split)",
     )
     d.add_argument(
         "--workers",
@@ -166,8 +173,9 @@ def make_parser(
         "--model",
         default="cnn",
         type=model_name,
-        metavar="{" + ",".join(MODELS) + "} or MODULE:FUNCTION",
-        help="network to train: a built-in one, or your own: package.module:function names a "
+        metavar="{" + ",".join(MODELS + TEXT_MODELS) + "} or MODULE:FUNCTION",
+        help="network to train: a built-in one (gpt: a small language model for --dataset "
+        "stdlib or text), or your own: package.module:function names a "
         "function returning an nn.Module, imported from the current directory or PYTHONPATH "
         f"and called with those of {', '.join(FACTORY_ARGS)} it takes",
     )
@@ -275,6 +283,8 @@ def make_parser(
         help="model init, data order, synthetic data (0 to 2**32-1)",
     )
 
+    add_gpt_flags(p)
+
     r = p.add_argument_group("output and resume")
     r.add_argument(
         "--out-dir",
@@ -341,6 +351,46 @@ def make_parser(
     return p
 
 
+def add_gpt_flags(p: Parser) -> None:
+    """--model gpt's sizes and --sample. The defaults train visibly in a few minutes on two
+    CPU processes (README, 'A small GPT on real text')."""
+    g = p.add_argument_group("language model (--model gpt; training/gpt.py)")
+    g.add_argument(
+        "--context",
+        type=bounded_int(1, 2**16, "bytes"),
+        default=128,
+        help="bytes the model sees at once: a sample is a window of --context + 1 bytes",
+    )
+    g.add_argument(
+        "--gpt-layers", type=bounded_int(1, 1024, "layers"), default=4, help="transformer blocks"
+    )
+    g.add_argument(
+        "--gpt-width",
+        type=bounded_int(1, 2**14, "a width"),
+        default=128,
+        help="embedding width (a multiple of --gpt-heads)",
+    )
+    g.add_argument(
+        "--gpt-heads",
+        type=bounded_int(1, 2**14, "heads"),
+        default=4,
+        help="attention heads per block",
+    )
+    g.add_argument(
+        "--sample",
+        type=non_negative,
+        default=0,
+        metavar="N",
+        help="at the end, global rank 0 prints N bytes the trained model writes (0: none)",
+    )
+    g.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        default=0.8,
+        help="--sample's softmax temperature, sampled with --seed (0: greedy)",
+    )
+
+
 def validate(args: argparse.Namespace, env: DistEnv) -> None:
     """Checks that involve more than one flag, or a flag and the job (single flags are
     checked by their type). First of all, the ranks compare their flags (one collective).
@@ -381,9 +431,10 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
             "free each unit after use, and the recomputation inside backward would free it "
             "again before the unit's backward reads it (use --sync fsdp2)"
         )
-    if args.dataset != "synthetic" and not args.data_dir:
+    if args.dataset not in ("synthetic", "stdlib") and not args.data_dir:
         raise UsageError(f"--dataset {args.dataset} needs --data-dir")
-    if args.download and args.dataset in ("synthetic", "imagefolder"):
+    check_model_data(args)
+    if args.download and args.dataset in ("synthetic", "imagefolder", *TEXT_DATASETS):
         raise UsageError(f"--download: there is nothing to download for --dataset {args.dataset}")
     if hasattr(args, "topology"):  # train_ddp.py's --topology, --inter-node-gbps
         check_topology_flags(args.topology, args.inter_node_gbps, args.sync, env.world_size)
@@ -407,3 +458,36 @@ def add_extension_flags(group: argparse._ArgumentGroup) -> None:
         "fails naming it (0: off, only --timeout)",
     )
     add_sync_flags(group)  # --sync, --sync-every, --topology, --comm-hook, --compress, ...
+
+
+MAX_GPT_PARAMS = 2 * 10**9  # 8 GB in float32: refused in one line, not by the allocator
+
+
+def check_model_data(args: argparse.Namespace) -> None:
+    """The language model reads bytes, the built-in image models read images: a pairing
+    across the two fails here in one line, not at the first forward. A model factory
+    (module:function) may take either."""
+    text = args.dataset in TEXT_DATASETS
+    if args.model == "gpt" and not text:
+        raise UsageError(
+            f"--model gpt reads text: use --dataset {' or '.join(TEXT_DATASETS)}, "
+            f"not {args.dataset}"
+        )
+    if text and args.model in MODELS:
+        raise UsageError(f"--dataset {args.dataset} is text (bytes): use --model gpt")
+    if args.sample and args.model != "gpt":
+        raise UsageError("--sample: only --model gpt writes text")
+    if args.model != "gpt":
+        return
+    if args.gpt_width % args.gpt_heads:
+        raise UsageError(
+            f"--gpt-width {args.gpt_width} is not a multiple of --gpt-heads {args.gpt_heads}"
+        )
+    # 12 W^2 per block (qkv 3, proj 1, MLP 8), the embeddings: refused before allocation.
+    params = 12 * args.gpt_layers * args.gpt_width**2 + (256 + args.context) * args.gpt_width
+    if params > MAX_GPT_PARAMS:
+        raise UsageError(
+            f"--gpt-layers {args.gpt_layers} x --gpt-width {args.gpt_width} is about "
+            f"{params / 1e9:.1f} billion parameters; this small GPT stops at "
+            f"{MAX_GPT_PARAMS / 1e9:.0f} billion"
+        )

@@ -1,6 +1,7 @@
 """The models: small enough to train on CPU processes in seconds, real enough to show the
 mechanics. The default `cnn` has no dropout and no BatchNorm, so a DDP run and a
-single-process run with the same global batch compute the same function step for step."""
+single-process run with the same global batch compute the same function step for step.
+`gpt` (training/gpt.py) is the language model for the text datasets (data/text.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from core.errors import UsageError
-from training.cli import FACTORY_ARGS, MODELS  # the flags' choices, defined without torch
+from training.cli import FACTORY_ARGS, MODELS, TEXT_MODELS  # the flags' choices, defined without torch
+from training.gpt import GPT
 
 
 def import_factory(spec: str):
@@ -65,11 +67,14 @@ def build_custom(spec: str, **sizes: int) -> nn.Module:
 
 
 def build_model(name: str, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
-    """One of MODELS, or the nn.Module a `package.module:function` factory returns."""
+    """One of MODELS or TEXT_MODELS, or the nn.Module a `package.module:function` factory
+    returns."""
     if ":" in name:
         return build_custom(
             name, in_channels=in_channels, image_size=image_size, num_classes=num_classes
         )
+    if name == "gpt":  # image_size: the context; num_classes: the vocabulary
+        return GPT(vocab=num_classes, context=image_size)
     if name == "mlp":
         return nn.Sequential(
             nn.Flatten(),
@@ -106,8 +111,23 @@ def build_model(name: str, in_channels: int, image_size: int, num_classes: int) 
             model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         return model
     raise UsageError(
-        f"unknown model {name!r}; choose one of {', '.join(MODELS)} or package.module:function"
+        f"unknown model {name!r}; choose one of {', '.join(MODELS + TEXT_MODELS)} or "
+        "package.module:function"
     )
+
+
+def model_from_args(args: argparse.Namespace, data) -> nn.Module:
+    """--model for the data of `data` (a data.datasets.DataSpec): gpt takes its sizes from
+    --gpt-layers, --gpt-width, --gpt-heads and --context, the others from the data."""
+    if args.model == "gpt":
+        return GPT(data.num_classes, args.context, args.gpt_layers, args.gpt_width, args.gpt_heads)
+    return build_model(args.model, data.in_channels, data.image_size, data.num_classes)
+
+
+def model_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A batch on `device`, floating point ones (images) cast to `dtype`; integer ones (byte
+    ids, which nn.Embedding needs as integers) keep theirs."""
+    return x.to(device, dtype if x.is_floating_point() else None, non_blocking=True)
 
 
 def has_batchnorm(model: nn.Module) -> bool:

@@ -1,0 +1,249 @@
+"""The small GPT (training/gpt.py), its loss and metrics (training/metrics.py), its flags
+(training/cli.py), and the central oracle on it: W ranks under DDP equal one process.
+
+All in float64 on tiny sizes, so a comparison's error is rounding, bounded beside it."""
+
+import math
+import random
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+
+from core.dist import DistEnv
+from core.errors import UsageError
+from data.text import ByteWindows
+from parallel.factory import make_sync
+from tests.multiproc import run_world
+from training.cli import check_model_data, make_parser
+from training.gpt import GPT, generate, show_sample
+from training.metrics import Totals, bits_text, loss_fn, scalars
+from training.models import build_model, model_from_args
+
+SMALL = {"vocab": 256, "context": 16, "layers": 2, "width": 32, "heads": 4}
+
+
+def small_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(**SMALL).double()
+
+
+def corpus(n: int = 4096, seed: int = 0) -> torch.Tensor:
+    """Bytes with some structure (a few repeated words), the same on every rank."""
+    rng = random.Random(seed)
+    words = [b"def ", b"return ", b"self", b"(x)", b":\n    ", b" = ", b"None", b"\n"]
+    text = b"".join(rng.choice(words) for _ in range(n))[:n]
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8)
+
+
+@pytest.mark.oracle
+def test_causal_mask_a_future_byte_changes_no_earlier_logit():
+    model = small_gpt()
+    idx = torch.randint(256, (2, SMALL["context"]), generator=torch.Generator().manual_seed(1))
+    j = 9
+    changed = idx.clone()
+    changed[:, j] = (idx[:, j] + 1) % 256
+    a, b = model(idx), model(changed)
+    # Exactly equal, not close: positions < j compute the same operations on the same
+    # numbers (attention's masked weights are exact zeros), so no rounding can differ.
+    assert torch.equal(a[:, :j], b[:, :j])
+    assert (a[:, j:] - b[:, j:]).abs().amax(-1).min() > 0  # and position j onwards do see it
+
+
+@pytest.mark.oracle
+def test_tied_head_is_one_parameter_with_the_gradient_of_both_uses():
+    model = small_gpt()
+    names = [name for name, _ in model.named_parameters()]
+    assert names.count("tok") == 1 and not any("head" in n for n in names)
+    assert list(model.state_dict()).count("tok") == 1
+    idx = torch.tensor([[1, 2, 3, 2, 1, 5, 8, 13]])  # bytes 0, 4, 6, ... never looked up
+    labels = torch.roll(idx, -1, 1)
+
+    def loss(tok: torch.Tensor) -> torch.Tensor:
+        return loss_fn(torch.func.functional_call(model, {"tok": tok}, (idx,)), labels)
+
+    tok = model.tok.detach().clone().requires_grad_()
+    (grad,) = torch.autograd.grad(loss(tok), tok)
+    # A byte that is never an input gets the head's gradient only, so it is non-zero there:
+    assert grad[0].abs().max() > 0
+    # and the whole gradient is the derivative of the loss through both uses: a central
+    # difference along a random direction d. Error model, float64: truncation h^2/6 |L'''|
+    # ~ 1e-12 and rounding eps |L| / h ~ 1e-16 x 6 / 1e-5 ~ 1e-10 against a derivative of
+    # order 1e-2; a gradient missing either use (the lookup's rows 1..13, or the head's)
+    # is off by far more.
+    d = torch.randn(tok.shape, generator=torch.Generator().manual_seed(2), dtype=tok.dtype)
+    h = 1e-5
+    with torch.no_grad():
+        numeric = (loss(tok + h * d) - loss(tok - h * d)) / (2 * h)
+    assert (grad * d).sum().item() == pytest.approx(numeric.item(), rel=1e-6, abs=1e-9)
+
+    # The two uses apart, each with the other's weight detached (the forward written out):
+    # their sum is the gradient, and each is a real part of it.
+    def use(lookup: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(idx, lookup) + model.pos[:8]
+        for block in model.blocks:
+            x = block(x)
+        return loss_fn(F.linear(model.ln(x), head), labels)
+
+    (head_part,) = torch.autograd.grad(use(tok.detach(), tok), tok)
+    (lookup_part,) = torch.autograd.grad(use(tok, tok.detach()), tok)
+    assert lookup_part.abs().max() > 0 and head_part.abs().max() > 0
+    # The same float64 numbers added in another order by autograd: rounding, 1e-15.
+    assert (grad - head_part - lookup_part).abs().max() < 1e-12
+
+
+def test_sizes_come_from_the_flags():
+    parser = make_parser("t", "b", 32, "runs/t")
+    args = parser.parse_args(
+        [
+            "--model",
+            "gpt",
+            "--dataset",
+            "stdlib",
+            "--gpt-layers",
+            "3",
+            "--gpt-width",
+            "48",
+            "--gpt-heads",
+            "6",
+            "--context",
+            "40",
+        ]
+    )
+    check_model_data(args)
+    data = type("Spec", (), {"num_classes": 256, "in_channels": 1, "image_size": 40})
+    model = model_from_args(args, data)
+    assert len(model.blocks) == 3 and model.blocks[0].heads == 6
+    assert model.tok.shape == (256, 48) and model.pos.shape == (40, 48)
+    defaults = parser.parse_args(["--model", "gpt", "--dataset", "stdlib"])
+    assert (defaults.gpt_layers, defaults.gpt_width, defaults.gpt_heads, defaults.context) == (
+        4,
+        128,
+        4,
+        128,
+    )
+    assert isinstance(build_model("gpt", 1, 32, 256), GPT)
+    with pytest.raises(ValueError, match="more than the context"):
+        model(torch.zeros(1, 41, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ("--model gpt --dataset stdlib --gpt-width 50", "not a multiple of --gpt-heads"),
+        ("--model gpt --dataset synthetic", "--model gpt reads text"),
+        ("--model cnn --dataset stdlib", "is text"),
+        ("--model cnn --sample 10", "only --model gpt"),
+        ("--model gpt --dataset stdlib --gpt-layers 1000 --gpt-width 4096", "billion parameters"),
+    ],
+)
+def test_bad_pairings_are_one_line(flags, message):
+    args = make_parser("t", "b", 32, "runs/t").parse_args(flags.split())
+    with pytest.raises(UsageError, match=message):
+        check_model_data(args)
+
+
+@pytest.mark.oracle
+def test_loss_accuracy_and_bits_per_byte_of_a_language_model():
+    logits = torch.randn(2, 5, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(256, (2, 5), generator=torch.Generator().manual_seed(1))
+    labels[0, 0] = logits[0, 0].argmax()
+    loss = loss_fn(logits, labels)
+    by_hand = -sum(
+        torch.log_softmax(logits[b, t], 0)[labels[b, t]] for b in range(2) for t in range(5)
+    )
+    assert loss.item() == pytest.approx(by_hand.item() / 10, rel=1e-12)  # float64 sums of 10
+    totals = Totals(torch.device("cpu"))
+    totals.add_batch(loss, logits, labels)
+    m = totals.reduce()
+    right = int((logits.argmax(-1) == labels).sum())
+    assert m["count"] == 2 and m["accuracy"] == right / 10 >= 0.1  # 2 windows, 10 tokens
+    assert m["bits_per_byte"] == pytest.approx(loss.item() / math.log(2), rel=1e-12)
+    assert bits_text(m) == f"  bpb {m['bits_per_byte']:.3f}"
+    assert scalars("train", m) == {
+        "train/loss": m["loss"],
+        "train/accuracy": m["accuracy"],
+        "train/bits_per_byte": m["bits_per_byte"],
+    }
+    # A classifier's metrics are as before: no bits per byte.
+    totals.add_batch(loss_fn(logits[:, 0], labels[:, 0]), logits[:, 0], labels[:, 0])
+    classifier = totals.reduce()
+    assert classifier["count"] == 2 and "bits_per_byte" not in classifier
+    assert bits_text(classifier) == ""
+
+
+def test_generation_is_deterministic_and_greedy_at_temperature_zero():
+    model = small_gpt()
+    a = generate(model, b"def ", 20, temperature=0.8, seed=3)
+    assert len(a) == 20 and a == generate(model, b"def ", 20, temperature=0.8, seed=3)
+    greedy = generate(model, b"def ", 20, temperature=0)  # longer than the context of 16
+    ids = list(b"def ")
+    for _ in range(20):
+        ids.append(int(model(torch.tensor([ids[-16:]]))[0, -1].argmax()))
+    assert greedy == bytes(ids[4:])
+
+
+# ---- the oracle: 1 process vs 2 and 3 ranks, same global batch, float64
+
+GLOBAL_BATCH, ACCUM, STEPS, LR = 12, 2, 3, 0.1
+
+
+def train_steps(rank: int, world_size: int) -> list[torch.Tensor]:
+    """STEPS SGD steps of the small GPT through make_sync('ddp') (a world of one: plain
+    backward), each of ACCUM micro-batches of GLOBAL_BATCH windows split over the ranks by
+    DistributedSampler. Returns the parameters."""
+    torch.set_num_threads(1)
+    data = ByteWindows(corpus(), SMALL["context"])
+    model = small_gpt()
+    sync = None
+    if world_size > 1:
+        env = DistEnv(rank, rank, world_size, world_size, "gloo", torch.device("cpu"))
+        sync = make_sync("ddp", model, env)
+        model = sync.model
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    sampler = DistributedSampler(data, world_size, rank, shuffle=True, seed=0, drop_last=True)
+    loader = iter(DataLoader(data, GLOBAL_BATCH // world_size, sampler=sampler, drop_last=True))
+    for _ in range(STEPS):
+        for micro in range(ACCUM):
+            x, y = next(loader)
+            last = micro == ACCUM - 1
+            with sync.no_sync() if sync and not last else nullcontext():
+                (loss_fn(model(x), y) / ACCUM).backward()
+        if sync:
+            sync.finish_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.oracle
+def test_two_and_three_ranks_equal_one_process_in_float64():
+    single = train_steps(0, 1)
+    for world_size in (2, 3):
+        ranks = run_world(train_steps, world_size, timeout=180)
+        for params in ranks:
+            # Error model: each rank's mean loss over its own tokens, then DDP's average over
+            # the ranks, sums the same float64 terms in another order than one process: a
+            # relative 1e-15 per gradient, carried through 3 momentum steps of lr 0.1 into
+            # parameter differences of ~1e-15. 1e-10 leaves room and still catches any
+            # gradient that is not the global batch's (a wrong shard, the head's gradient
+            # reduced twice or not at all: differences of order lr x |grad| ~ 1e-3).
+            assert len(params) == len(single)
+            for a, b in zip(params, single, strict=True):
+                assert (a - b).abs().max().item() < 1e-10
+
+
+def test_sample_is_written_on_rank_zero_only_through_a_wrapper():
+    model = small_gpt()
+    args = make_parser("t", "b", 32, "runs/t").parse_args(
+        ["--model", "gpt", "--dataset", "stdlib", "--sample", "12", "--temperature", "0"]
+    )
+    lines = []
+    wrapped = torch.nn.Module()  # a stand-in for DataParallel and DDP, which never asks for CUDA
+    wrapped.module = model  # where they keep the model: show_sample unwraps it
+    text = show_sample(wrapped, args, True, lambda *a: lines.append(a[0] % a[1:]))
+    assert text == generate(model, b"\n", 12, temperature=0).decode("utf-8", errors="replace")
+    assert len(lines) == 1 and lines[0].endswith(text)
+    assert show_sample(wrapped, args, False, lines.append) is None and len(lines) == 1
