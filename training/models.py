@@ -19,7 +19,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from core.errors import UsageError
-from training.cli import FACTORY_ARGS, MODELS, TEXT_MODELS  # the flags' choices, defined without torch
+from training.cli import (  # the flags' choices, defined without torch
+    FACTORY_ARGS,
+    MODELS,
+    TEXT_MODELS,
+)
 from training.gpt import GPT
 
 
