@@ -50,7 +50,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from core.dist import DistEnv, rendezvous, resolve
@@ -59,13 +58,13 @@ from data.datasets import build_datasets, download_once
 from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
 from parallel.clip import GradClip
 from parallel.factory import ddp_kwargs, sync_from_args
-from training.checkpoint import param_checksum, unwrap
+from training.checkpoint import unwrap
 from training.cli import validate
 from training.compiled import maybe_compile
 from training.faults import fault_hook
-from training.loop import Steps, TrainLoop, make_checkpoints
-from training.metrics import evaluate
-from training.models import build_model, checkpoint_activations, has_batchnorm
+from training.loop import Steps, TrainLoop, final_model, make_checkpoints
+from training.metrics import evaluate, loss_fn
+from training.models import checkpoint_activations, has_batchnorm, model_from_args, model_input
 from training.optim import autocast_dtype, make_optimizer, make_scheduler
 from training.runlog import RunLog
 
@@ -119,6 +118,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         eval_size=args.eval_size,
         augment=args.augment,
         trust_files=args.trust_data_dir,
+        context=args.context,  # --model gpt's window of bytes
     )
     pin = env.device.type == "cuda"
     # DistributedSampler: each rank keeps every W-th index of the epoch's shared permutation.
@@ -145,7 +145,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
 
     # ---- model: same seed on every rank, so every replica starts equal
     torch.manual_seed(args.seed)
-    model = build_model(args.model, data.in_channels, data.image_size, data.num_classes)
+    model = model_from_args(args, data)  # --model, sized for the data (gpt: its flags)
     if args.activation_checkpointing:  # recompute each block in backward: training/models.py
         checkpoint_activations(model)
     if args.sync_bn:  # batch statistics over the global batch (CUDA only: validate() checks)
@@ -186,7 +186,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
             sampler.set_epoch(epoch)  # forget this and every epoch repeats the same order
             model.train()
             for micro, (images, labels) in enumerate(loop.batches(loader, sampler)):
-                images = images.to(env.device, dtype, non_blocking=True)
+                images = model_input(images, env.device, dtype)  # text stays integer byte ids
                 labels = labels.to(env.device, non_blocking=True)
                 last_micro = (micro + 1) % args.grad_accum == 0
                 # Accumulation micro-steps skip the all-reduce (DDP's model.no_sync()); the
@@ -194,7 +194,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
                 with nullcontext() if last_micro else sync.no_sync():
                     with autocast:
                         logits = model(images)
-                    loss = F.cross_entropy(logits.to(dtype), labels)  # float32 also under autocast
+                    loss = loss_fn(logits.to(dtype), labels)  # float32 also under autocast
                     scaler.scale(loss / args.grad_accum).backward()
                 loop.count(loss, logits, labels)  # summed on the device, read at log lines
                 if not last_micro:
@@ -218,9 +218,10 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         return stopped  # preempted: no summary.json, the run is not over
 
     with sync.consolidated(optimizer):
-        checksum = param_checksum(sync.model)  # fsdp2: a plain copy, inside consolidated()
+        checksum, sample = final_model(sync.model, args, env, run.info)  # fsdp2: a plain copy
     return loop.finish(
         checksum,  # of the model the checkpoint holds
+        sample=sample,  # --sample N: what the trained gpt writes
         script=Path(__file__).name,
         backend=env.backend,
         sync=args.sync,

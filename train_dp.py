@@ -45,21 +45,19 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from core.dist import DistEnv
 from core.errors import UsageError, run_cli
 from data.datasets import build_datasets
 from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
 from parallel.clip import GradClip
-from training.checkpoint import param_checksum
 from training.cli import validate
 from training.compiled import maybe_compile
 from training.devices import pick_devices
 from training.faults import fault_hook
-from training.loop import Steps, TrainLoop, make_checkpoints
-from training.metrics import evaluate
-from training.models import DataParallel, build_model, checkpoint_activations
+from training.loop import Steps, TrainLoop, final_model, make_checkpoints
+from training.metrics import evaluate, loss_fn
+from training.models import DataParallel, checkpoint_activations, model_from_args, model_input
 from training.optim import autocast_dtype, make_optimizer, make_scheduler
 from training.runlog import RunLog
 
@@ -99,6 +97,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
         download=args.download,
         augment=args.augment,
         trust_files=args.trust_data_dir,
+        context=args.context,  # --model gpt's window of bytes
     )
     pin = env.device.type == "cuda"
     # A world of one: every sample, in the seeded order that train_ddp.py's ranks deal out.
@@ -125,7 +124,7 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
 
     # ---- model: one copy, on the first device; DataParallel re-copies it every forward
     torch.manual_seed(args.seed)
-    model = build_model(args.model, data.in_channels, data.image_size, data.num_classes)
+    model = model_from_args(args, data)  # --model, sized for the data (gpt: its flags)
     if args.activation_checkpointing:  # recompute each block in backward: training/models.py
         checkpoint_activations(model)
     dtype = getattr(torch, args.dtype)  # float32; float64 for exact comparisons
@@ -166,13 +165,13 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
             sampler.set_epoch(epoch)  # DistributedSampler's order: reshuffled only when told
             model.train()
             for micro, (images, labels) in enumerate(loop.batches(loader, sampler)):
-                images = images.to(env.device, dtype, non_blocking=True)
+                images = model_input(images, env.device, dtype)  # text stays integer byte ids
                 labels = labels.to(env.device, non_blocking=True)
                 last_micro = (micro + 1) % args.grad_accum == 0
                 # No all-reduce to skip on accumulation micro-steps: the gradients just add up.
                 with autocast:
                     logits = model(images)  # scatter, replicate, parallel forward, gather
-                loss = F.cross_entropy(logits.to(dtype), labels)  # float32 also under autocast
+                loss = loss_fn(logits.to(dtype), labels)  # float32 also under autocast
                 scaler.scale(loss / args.grad_accum).backward()
                 loop.count(loss, logits, labels)  # summed on the device, read at log lines
                 if not last_micro:
@@ -191,9 +190,10 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     if (stopped := loop.stopped()) is not None:
         return stopped  # preempted: no summary.json, the run is not over
 
-    checksum = param_checksum(model)
+    checksum, sample = final_model(model, args, env, run.info)  # --sample N: gpt's text
     return loop.finish(
         checksum,  # of the model the checkpoint holds
+        sample=sample,  # --sample N: what the trained gpt writes
         script=Path(__file__).name,
         backend=None,  # no process group: the replicas are threads of this process
         devices=[str(d) for d in devices],

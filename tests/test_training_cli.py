@@ -66,7 +66,15 @@ def test_a_script_module_that_needs_torch_still_gets_the_flags_choices():
     from training.devices import gpu_list
 
     assert models.MODELS is cli.MODELS and gpu_list is cli.gpu_list
-    assert used_by_datasets == ("synthetic", "mnist", "fashion-mnist", "cifar10", "imagefolder")
+    assert used_by_datasets == (
+        "synthetic",
+        "mnist",
+        "fashion-mnist",
+        "cifar10",
+        "imagefolder",
+        "stdlib",
+        "text",
+    )
 
 
 def test_local_sgd_and_diloco_refuse_fp16_autocast_and_other_modes_take_it():

@@ -41,10 +41,11 @@ from core.dist import DistEnv
 from core.errors import UsageError
 from parallel.base import Sync
 from parallel.clip import GradClip
-from training.checkpoint import CheckpointManager, Position
+from training.checkpoint import CheckpointManager, Position, param_checksum
+from training.gpt import show_sample
 from training.guard import LossWatch
 from training.heartbeat import Heartbeat
-from training.metrics import Totals
+from training.metrics import Totals, bits_text, scalars
 from training.observe import Observer
 from training.preempt import Preemption
 from training.runlog import RunLog
@@ -198,8 +199,7 @@ class TrainLoop:
 
     def count(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """A micro-batch's loss and accuracy, summed on the device (no wait for it)."""
-        n = labels.numel()
-        self.totals.add(loss.detach() * n, (logits.argmax(1) == labels).sum(), n)
+        self.totals.add_batch(loss, logits, labels)  # a language model: every token
         self.watch.see(loss, self.step + 1)  # step + 1: the one this micro-batch belongs to
 
     def save(self, epoch: int, step_in_epoch: int) -> None:
@@ -232,21 +232,15 @@ class TrainLoop:
             self.watch.check(self.final_train["loss"], step)
             lr = self.scheduler.get_last_lr()[0]
             self.run.info(
-                "step %d  epoch %d  loss %.4f  acc %.3f  lr %.4g",
+                "step %d  epoch %d  loss %.4f  acc %.3f%s  lr %.4g",
                 step,
                 plan.epoch,
                 self.final_train["loss"],
                 self.final_train["accuracy"],
+                bits_text(self.final_train),  # --model gpt: bits per byte
                 lr,
             )
-            self.run.scalars(
-                step,
-                **{
-                    "train/loss": self.final_train["loss"],
-                    "train/accuracy": self.final_train["accuracy"],
-                    "lr": lr,
-                },
-            )
+            self.run.scalars(step, **scalars("train", self.final_train), lr=lr)
             self.clip.log(self.run, step)  # the pre-clip gradient norms since the last line
         # Every rank asks after every step (a collective), so all stop after the same one; at
         # the part's last step the epoch ends first (eval, its checkpoint).
@@ -263,15 +257,14 @@ class TrainLoop:
         if metrics:
             self.metrics = metrics
             self.run.info(
-                "epoch %d  eval loss %.4f  eval acc %.4f  (%d samples)",
+                "epoch %d  eval loss %.4f  eval acc %.4f%s  (%d samples)",
                 epoch,
                 metrics["loss"],
                 metrics["accuracy"],
+                bits_text(metrics, "eval bpb"),
                 metrics["count"],
             )
-            self.run.scalars(
-                self.step, **{"eval/loss": metrics["loss"], "eval/accuracy": metrics["accuracy"]}
-            )
+            self.run.scalars(self.step, **scalars("eval", metrics))
         self.history.append(
             {"epoch": epoch, "step": self.step, **{f"eval_{k}": v for k, v in self.metrics.items()}}
         )
@@ -302,8 +295,10 @@ class TrainLoop:
             "samples_per_s": samples_per_s,
             "final_train_loss": self.final_train.get("loss"),
             "final_train_accuracy": self.final_train.get("accuracy"),
+            "final_train_bits_per_byte": self.final_train.get("bits_per_byte"),
             "eval_loss": self.metrics.get("loss"),
             "eval_accuracy": self.metrics.get("accuracy"),
+            "eval_bits_per_byte": self.metrics.get("bits_per_byte"),
             "eval_samples": self.metrics.get("count"),
             "param_checksum": checksum,
             "history": self.history,
@@ -320,3 +315,9 @@ class TrainLoop:
         )
         self.run.close()
         return summary
+
+
+def final_model(model: nn.Module, args: argparse.Namespace, env: DistEnv, log) -> tuple:
+    """The end of a run: param_checksum of the model the checkpoint holds, and --sample's
+    text (rank 0; None elsewhere or when not asked: training/gpt.py)."""
+    return param_checksum(model), show_sample(model, args, env.is_main, log)

@@ -5,6 +5,7 @@ single-process run with the same global batch compute the same function step for
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import os
