@@ -55,7 +55,7 @@ class Zero2Sync(Zero1Sync):
         del flat_grad
         grad_shard.div_(self.world_size)
         # The padding's gradient is dropped; the optimizer gets the master's dtype.
-        self._step_pieces(to_master(grad_shard, self.shard), used)
+        self._step_pieces(to_master(grad_shard[: self.owned], self.shard), used)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         # Each rank holds its slice of the gradient: the squared norms are summed across ranks.

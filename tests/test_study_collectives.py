@@ -336,7 +336,8 @@ def test_tracer_counts_direct_collectives(world):
 def test_tracer_ddp_bytes_equal_the_ring_theory(world):
     """The mlp on 3x32x32 synthetic images, 10 classes: its gradient bytes in closed form.
     DDP all-reduces them once per step; every step adds the int32 preemption flag
-    (training/preempt.py), every log step the 3 float64 metric sums."""
+    (training/preempt.py), every log step the 5 float64 metric sums
+    (training/metrics.py: loss, correct, predictions, samples, tokens)."""
     results, _ = world
     w, steps, log_every = W, TRAIN_STEPS, LOG_EVERY
     model_bytes = 4 * (3 * 32 * 32 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10)
@@ -347,8 +348,8 @@ def test_tracer_ddp_bytes_equal_the_ring_theory(world):
         assert comm["ring_theory_sent_per_rank_per_step"] == f * model_bytes
         assert comm["ops"]["ddp_bucket"]["bytes"] == steps * model_bytes
         logged = [s % log_every == 0 or s == steps for s in range(1, steps + 1)]
-        assert comm["bytes_per_step"] == [model_bytes + 4 + 24 * lg for lg in logged]
-        assert comm["sent_per_rank_per_step"] == [f * (model_bytes + 4 + 24 * lg) for lg in logged]
+        assert comm["bytes_per_step"] == [model_bytes + 4 + 40 * lg for lg in logged]
+        assert comm["sent_per_rank_per_step"] == [f * (model_bytes + 4 + 40 * lg) for lg in logged]
         assert comm["ops"]["all_reduce"]["calls"] == steps + sum(logged)
 
 

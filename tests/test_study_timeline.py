@@ -88,9 +88,12 @@ def test_numbers_are_consistent_with_the_tracer(runs):
 def test_buckets_and_phases_of_every_step(runs):
     # allreduce: communicate() with a 64 KiB cap, in definition order: each weight, each bias
     # alone. overlap: DDP's rule in gradient-ready order, a bias with its weight.
+    # Both first agree which parameters got a gradient (parallel/base.py's used map: one
+    # int32 per tensor); overlap when backward ends, after the buckets it launched during it.
+    used_map = [4 * 2 * LAYERS]
     buckets = {
-        "allreduce": [4 * WIDTH * WIDTH, 4 * WIDTH] * LAYERS,
-        "overlap": [4 * (WIDTH * WIDTH + WIDTH)] * LAYERS,
+        "allreduce": used_map + [4 * WIDTH * WIDTH, 4 * WIDTH] * LAYERS,
+        "overlap": [4 * (WIDTH * WIDTH + WIDTH)] * LAYERS + used_map,
     }
     for mode, (_, out_dir) in runs.items():
         rank0 = json.loads((out_dir / "timeline" / "rank0.json").read_text())

@@ -58,7 +58,7 @@ def _runs(rank: int, world_size: int, root: str) -> list[str]:
     for theirs in (root / "missing.pt", step8):
         flags = ["--resume", "auto" if rank == 0 else str(theirs)]
         try:
-            with mock.patch("training.cli.check_same_flags", lambda *_: None):
+            with mock.patch("training.guard.check_same_flags", lambda *_: None):
                 train_ddp.main([*COMMON, "--out-dir", str(root / "disagree"), *flags])
         except CheckpointError as e:
             errors.append(str(e))
