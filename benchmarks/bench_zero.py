@@ -43,13 +43,8 @@ from comm.tracer import CommTracer
 from core.cli import Parser, positive
 from core.dist import DistEnv, distributed, rank0_logger
 from core.errors import run_cli
-from parallel.factory import (
-    MIXED_PRECISION_MODES,
-    PARAM_DTYPES,
-    REDUCE_DTYPES,
-    make_sync,
-    precision_from_args,
-)
+from parallel.factory import make_sync, precision_from_args
+from parallel.flags import MIXED_PRECISION_MODES, PARAM_DTYPES, REDUCE_DTYPES
 from parallel.memory import predicted_bytes, rank_memory
 from parallel.zero1 import FULL
 from study.bench import add_world_flags, launch_unless_ranked, rank_backend
