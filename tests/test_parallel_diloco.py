@@ -153,7 +153,10 @@ def _checks(rank: int, world_size: int, out_root: str) -> dict:
     return out
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["w2", "w3"])
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(2, id="w2"), pytest.param(3, id="w3", marks=pytest.mark.slow)],
+)  # 3 ranks: about 20 s, with the slow tests
 def results(request, tmp_path_factory) -> tuple[int, list[dict]]:
     w = request.param
     root = tmp_path_factory.mktemp(f"diloco-w{w}")

@@ -202,7 +202,7 @@ def _float32_runs(rank: int, world_size: int, root: str) -> list:
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("world_size", [3, 4])
+@pytest.mark.parametrize("world_size", [3, pytest.param(4, marks=pytest.mark.slow)])
 def test_float32_resume_is_bit_identical_at_3_and_4_ranks(tmp_path, world_size):
     errors = run_world(_float32_runs, world_size, str(tmp_path), timeout=240)
     straight = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
