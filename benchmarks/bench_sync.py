@@ -141,9 +141,9 @@ def bench_sync_modes(args: argparse.Namespace, env: DistEnv) -> dict[str, float]
         if mode == "none":
             sync = NoSync(model)
         else:
-            every = args.sync_every if mode == "local-sgd" else None
+            every = args.sync_every if mode in ("local-sgd", "diloco") else None
             sync = make_sync(mode, model, env, sync_every=every)
-        label = f"local-sgd K={args.sync_every}" if mode == "local-sgd" else mode
+        label = f"{mode} K={args.sync_every}" if mode in ("local-sgd", "diloco") else mode
         variants[label] = step_fn(sync)
         for _ in range(args.warmup):
             variants[label]()

@@ -224,7 +224,7 @@ def test_benchmark_writes_table_csv_and_plot(tmp_path):
     with open(tmp_path / "bench_sync.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     steps = {r["variant"]: float(r["ratio"]) for r in rows if r["section"] == "sync step"}
-    assert list(steps) == ["none", "ddp", "allreduce", "overlap", "local-sgd K=4"]
+    assert list(steps) == ["none", "ddp", "allreduce", "overlap", "local-sgd K=4", "diloco K=4"]
     assert steps["ddp"] == 1.0 and all(ratio > 0 for ratio in steps.values())
     comms = [r["variant"] for r in rows if r["section"] == "communication"]
     assert comms[0] == "all_reduce per tensor" and "communicate, 1 buffer" in comms
