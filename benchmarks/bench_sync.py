@@ -58,7 +58,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=positive, default=7, help="rounds; the fastest is reported")
     p.add_argument("--warmup", type=positive, default=3, help="untimed steps per mode first")
     p.add_argument(
-        "--sync-every", type=positive, default=4, help="K of the local-sgd row (steps per average)"
+        "--sync-every",
+        type=positive,
+        default=4,
+        help="K of the local-sgd and diloco rows (steps per sync)",
     )
     p.add_argument(
         "--layers",

@@ -277,7 +277,7 @@ def test_benchmark_writes_table_csv_and_plot(tmp_path):
     assert list(rows) == list(MODES)
     for mode in ("ddp", "zero1", "zero2", "zero3"):  # measured = predicted, byte for byte
         for kind in ("params", "grads", "optimizer"):
-            assert rows[mode][kind] == rows[mode][f"predicted_{kind}"], (mode, kind)
+            assert float(rows[mode][kind]) == float(rows[mode][f"predicted_{kind}"]), (mode, kind)
         assert math.isclose(float(rows[mode]["sent"]), float(rows[mode]["predicted_sent"]))
     assert "zero3" in result.stdout and "vs ddp" in result.stdout
     assert (tmp_path / "bench_zero.png").read_bytes()[:4] == b"\x89PNG"
