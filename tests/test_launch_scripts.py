@@ -343,6 +343,7 @@ def test_slurm_command_line(fakes, tmp_path):
 # ------------------------------------------------------------------ real runs
 
 
+@pytest.mark.slow  # two torchrun agents: 11 s of the default suite's 2 minutes
 def test_two_agents_on_loopback_equal_single_node(single_node, tmp_path):
     """launch/multi_node.sh twice on this machine: two torchrun agents, one rank each, meet at
     a c10d rendezvous on loopback and train as one job of world size 2."""
