@@ -138,6 +138,7 @@ def test_one_process_stops_on_sigusr1_and_restores_the_handlers(tmp_path, capsys
     assert _assert_whole_checkpoints(tmp_path) == [5]
 
 
+@pytest.mark.slow  # the SIGTERM-to-the-agent test covers the agreement by default
 def test_a_rank_that_got_no_signal_stops_with_the_one_that_did(tmp_path):
     """Preemption.requested() is the ranks' agreement: only rank 1 is signalled, both see it
     after the same step (the all-reduce of the signal number). Also through the gloo group
