@@ -92,21 +92,29 @@ def modes(ranks: list[int]) -> dict[str, list[str]]:
     return rows
 
 
-def one_run(args: argparse.Namespace, flags: list[str]) -> dict | str:
-    """The run's summary.json, or why there is none."""
-    with tempfile.TemporaryDirectory(prefix="bench-compress-") as out:
+def traced_run(nproc: int, flags: list[str], timeout: int) -> dict | str:
+    """`torchrun train_ddp.py --trace-comm FLAGS` on `nproc` CPU ranks (one intra-op thread
+    each) into a temporary --out-dir: its summary.json, or why there is none."""
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as out:
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={args.nproc}", "train_ddp.py", "--trace-comm",
-            "--epochs", str(args.epochs), "--out-dir", out, *flags, *args.train_args,
+            f"--nproc-per-node={nproc}", "train_ddp.py", "--trace-comm", "--out-dir", out,
+            *flags,
         ]  # fmt: skip
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-        code, output, _ = run_with_deadline(cmd, args.timeout, env, ROOT, merge_stderr=True)
+        code, output, _ = run_with_deadline(cmd, timeout, env, ROOT, merge_stderr=True)
         summary = Path(out) / "summary.json"
         if code != 0 or not summary.is_file():
             tail = "\n".join(output.strip().splitlines()[-10:])
             return f"exit status {code}:\n{tail}"
         return json.loads(summary.read_text())
+
+
+def one_run(args: argparse.Namespace, flags: list[str]) -> dict | str:
+    """The run's summary.json, or why there is none."""
+    return traced_run(
+        args.nproc, ["--epochs", str(args.epochs), *flags, *args.train_args], args.timeout
+    )
 
 
 def row(name: str, s: dict) -> dict:

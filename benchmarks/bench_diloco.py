@@ -24,15 +24,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
-import sys
-import tempfile
 from pathlib import Path
 
+from benchmarks.bench_compress import traced_run
 from core.cli import Parser, positive
 from core.errors import UsageError, run_cli
-from core.processes import run_with_deadline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,20 +67,9 @@ def modes(every: int) -> dict[str, list[str]]:
 
 def one_run(args: argparse.Namespace, flags: list[str]) -> dict | str:
     """The run's summary.json, or why there is none."""
-    with tempfile.TemporaryDirectory(prefix="bench-diloco-") as out:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={args.nproc}", "train_ddp.py", "--trace-comm",
-            "--optimizer", "adamw", "--lr", "0.001", "--epochs", "1000",
-            "--max-steps", str(args.steps), "--out-dir", out, *flags, *args.train_args,
-        ]  # fmt: skip
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-        code, output, _ = run_with_deadline(cmd, args.timeout, env, ROOT, merge_stderr=True)
-        summary = Path(out) / "summary.json"
-        if code != 0 or not summary.is_file():
-            tail = "\n".join(output.strip().splitlines()[-10:])
-            return f"exit status {code}:\n{tail}"
-        return json.loads(summary.read_text())
+    common = ["--optimizer", "adamw", "--lr", "0.001", "--epochs", "1000"]
+    steps = ["--max-steps", str(args.steps)]
+    return traced_run(args.nproc, [*common, *steps, *flags, *args.train_args], args.timeout)
 
 
 def plot(rows: list[dict], path: Path) -> None:
