@@ -425,11 +425,11 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
             f"--amp {args.amp} and --param-dtype {args.param_dtype} are two ways to compute in "
             "low precision: choose one (--param-dtype for the sharded --sync modes)"
         )
-    if args.activation_checkpointing and getattr(args, "sync", None) == "zero3":
+    if args.activation_checkpointing and getattr(args, "sync", None) in ("zero3", "hsdp"):
         raise UsageError(
-            "--activation-checkpointing does not combine with --sync zero3: its forward hooks "
-            "free each unit after use, and the recomputation inside backward would free it "
-            "again before the unit's backward reads it (use --sync fsdp2)"
+            f"--activation-checkpointing does not combine with --sync {args.sync}: its forward "
+            "hooks free each unit after use, and the recomputation inside backward would free "
+            "it again before the unit's backward reads it (use --sync fsdp2 or torch-hsdp)"
         )
     if args.dataset not in ("synthetic", "stdlib") and not args.data_dir:
         raise UsageError(f"--dataset {args.dataset} needs --data-dir")

@@ -15,9 +15,11 @@ slices it now owns from whichever files hold them (resharding). Each mode saves 
 - zero1, zero2, zero3 (comm/zero*.py): each flat vector (zero3: one per unit) as a DTensor
   sharded along its only dimension (torch.chunk's split, the one comm/zero1.shard_range
   uses), parameters and per-element optimizer state alike; the buffers, replicated.
+- hsdp: as zero3, on the 2-D mesh of its --topology: sharded over the ranks of a node,
+  replicated across nodes (so any other --topology, of any world size, resumes it).
 - torch-zero1: the model, replicated; each parameter's optimizer state from the rank that
   owns it (ZeroRedundancyOptimizer owns whole parameters).
-- fsdp2: torch's own get_state_dict / set_state_dict, DTensors throughout.
+- fsdp2, torch-hsdp: torch's own get_state_dict / set_state_dict, DTensors throughout.
 
 The guarantees of the single-file checkpoint hold here too:
 
@@ -61,7 +63,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from core.dist import DistEnv
 from core.errors import UsageError
@@ -324,10 +326,14 @@ class ShardedCheckpoints:
     # ---- what DCP saves and loads: views of the live tensors, so a load writes into them
 
     def _flat(self, local: torch.Tensor, numel: int) -> DTensor:
+        # hsdp: its slices are sharded over each node and replicated across nodes; DCP saves
+        # one copy of each and any layout reads back the slices it owns now.
+        shape = getattr(self.sync, "mesh_shape", (self.env.world_size,))
         if self._mesh is None:
-            self._mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+            self._mesh = init_device_mesh(self.env.device.type, shape)
+        placements = [Replicate()] * (len(shape) - 1) + [Shard(0)]
         return DTensor.from_local(
-            local, self._mesh, [Shard(0)], run_check=False, shape=torch.Size([numel]), stride=(1,)
+            local, self._mesh, placements, run_check=False, shape=torch.Size([numel]), stride=(1,)
         )
 
     def tensors(self, optimizer, metadata=None) -> dict:
