@@ -105,6 +105,13 @@ def check_resumable(
             f"{world_size}: the same samples per step, so the same run to float tolerance "
             "(sums in another order), but not bit for bit"
         )
+    if saved.get("topology") != live.get("topology") and state["world_size"] == world_size:
+        # hsdp shards by it, the all-reduce modes reduce hierarchically by it: either way the
+        # sums run in another order.
+        notes.append(
+            f"{source} was written with --topology {saved.get('topology')}, this job has "
+            f"{live.get('topology')}: the same run to float tolerance, but not bit for bit"
+        )
     differ = [
         f"--{k.replace('_', '-')} {saved[k]} (this run: {live[k]})"
         for k in TRAJECTORY_FLAGS
