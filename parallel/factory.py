@@ -19,7 +19,7 @@ from core.errors import UsageError
 from parallel.allreduce import AllReduceSync
 from parallel.base import Sync
 from parallel.compressed import CompressedAllReduceSync, CompressedDDPSync
-from parallel.ddp import DDPSync
+from parallel.ddp import DDPSync, choose_reducer
 from parallel.diloco import DiLoCoSync
 from parallel.flags import (
     DDP_MODES,
@@ -165,7 +165,10 @@ def hsdp_layout(args: argparse.Namespace) -> dict:
 
 def ddp_kwargs(args: argparse.Namespace) -> dict:
     """DDP's options that train_ddp.py's flags set, for `DDP(model, ..., **ddp_kwargs(args))`
-    (--sync ddp and torch-zero1): --find-unused-parameters."""
+    (--sync ddp and torch-zero1): --find-unused-parameters, and --compiled-autograd's Python
+    reducer, which DDP's constructor reads from torch's config: set here, on the line that
+    builds DDP (parallel/ddp.py's choose_reducer)."""
+    choose_reducer(getattr(args, "compiled_autograd", False))
     return {"find_unused_parameters": True} if args.find_unused_parameters else {}
 
 

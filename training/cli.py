@@ -263,6 +263,13 @@ def make_parser(
         "compilation",
     )
     m.add_argument(
+        "--compiled-autograd",
+        action="store_true",
+        help="with --compile, train_ddp.py --sync ddp: compile backward too, DDP's all-reduces "
+        "included (torch's compiled autograd and DDP's Python reducer, instead of "
+        "DDPOptimizer's graph per bucket; training/compiled.py, docs/compile.md)",
+    )
+    m.add_argument(
         "--activation-checkpointing",
         action="store_true",
         help="keep only each block's input for backward and recompute the rest of its "
@@ -431,6 +438,8 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
             "hooks free each unit after use, and the recomputation inside backward would free "
             "it again before the unit's backward reads it (use --sync fsdp2 or torch-hsdp)"
         )
+    if args.compiled_autograd:
+        check_compiled_autograd(args)
     if args.dataset not in ("synthetic", "stdlib") and not args.data_dir:
         raise UsageError(f"--dataset {args.dataset} needs --data-dir")
     check_model_data(args)
@@ -443,6 +452,29 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
         raise UsageError(
             "--download fetches the official files and --trust-data-dir is for a copy that is "
             "not: choose one of them"
+        )
+
+
+def check_compiled_autograd(args: argparse.Namespace) -> None:
+    """--compiled-autograd against the flags it needs and those it cannot serve."""
+    if not args.compile:
+        raise UsageError("--compiled-autograd compiles backward: it goes with --compile")
+    if getattr(args, "sync", None) != "ddp":
+        where = f"--sync {args.sync}" if hasattr(args, "sync") else "train_dp.py"
+        raise UsageError(
+            f"--compiled-autograd is for train_ddp.py --sync ddp, not {where}: it traces DDP's "
+            "Python reducer (the hand-made modes' hooks already run after the compiled backward)"
+        )
+    if args.comm_hook != "none":
+        raise UsageError(
+            "--compiled-autograd and --comm-hook do not combine: DDP's Python reducer calls a "
+            "hook with one gradient, torch's compression hooks take a bucket"
+        )
+    if args.find_unused_parameters:
+        raise UsageError(
+            "--compiled-autograd and --find-unused-parameters do not combine: DDP's Python "
+            "reducer skips a parameter with no gradient on this rank, while the ranks that "
+            "have one wait for it in their all-reduce"
         )
 
 

@@ -42,6 +42,7 @@ from core.errors import UsageError
 from parallel.base import Sync
 from parallel.clip import GradClip
 from training.checkpoint import CheckpointManager, Position, param_checksum
+from training.compiled import compiled_autograd
 from training.gpt import show_sample
 from training.guard import LossWatch
 from training.heartbeat import Heartbeat
@@ -156,6 +157,7 @@ class TrainLoop:
         with ExitStack() as stack:  # if the second fails to enter, the first is left again
             stack.enter_context(self.observer)
             stack.enter_context(self.preempt)  # swallows the exception stop() raises
+            stack.enter_context(compiled_autograd(self.args))  # --compiled-autograd; else nothing
             self._stack = stack.pop_all()
         return self
 
