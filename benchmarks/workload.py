@@ -22,6 +22,7 @@ import torch.nn as nn
 from core.errors import UsageError
 from data import TEXT_DATASETS
 from data.datasets import DataSpec, build_datasets
+from data.text import VOCAB
 from training.cli import MODELS, TEXT_MODELS, add_gpt_size_flags, check_model_data
 from training.metrics import loss_fn
 from training.models import model_from_args
@@ -46,6 +47,18 @@ def add_model_flags(p: argparse.ArgumentParser, default: str = "cnn") -> None:
         help="gpt's text: stdlib (default: this Python's standard library) or text (--data-dir)",
     )
     g.add_argument("--data-dir", default=None, help="--dataset text's file or folder")
+
+
+IMAGES = argparse.Namespace(in_channels=3, image_size=32, num_classes=10)  # the random batch
+
+
+def model_named(name: str, args: argparse.Namespace) -> nn.Module:
+    """Model `name` as a workload builds it (gpt with the size flags of `args`), for a
+    benchmark that needs only its parameters' shapes."""
+    sizes = argparse.Namespace(in_channels=1, image_size=args.context, num_classes=VOCAB)
+    return model_from_args(
+        argparse.Namespace(**{**vars(args), "model": name}), sizes if name == "gpt" else IMAGES
+    )
 
 
 @dataclass
@@ -88,8 +101,7 @@ def workload(
         g = torch.Generator().manual_seed(1 + rank)  # each rank its own shard of the batch
         x = torch.randn(batch_size, 3, 32, 32, generator=g)
         y = torch.randint(10, (batch_size,), generator=g)
-        sizes = argparse.Namespace(in_channels=3, image_size=32, num_classes=10)
-        return Workload(args.model, sizes, args, x.to(device), y.to(device))
+        return Workload(args.model, IMAGES, args, x.to(device), y.to(device))
     args.dataset = args.dataset or "stdlib"
     check_model_data(argparse.Namespace(**{**vars(args), "sample": 0}))
     data = build_datasets(args.dataset, args.data_dir, seed=0, context=args.context)
