@@ -46,7 +46,7 @@ from benchmarks.workload import Workload, add_model_flags, workload
 from comm.tracer import CommTracer
 from core.cli import Parser, positive
 from core.dist import DistEnv, distributed, rank0_logger
-from core.errors import run_cli
+from core.errors import UsageError, run_cli
 from parallel.factory import make_sync, precision_from_args
 from parallel.flags import MIXED_PRECISION_MODES, PARAM_DTYPES, REDUCE_DTYPES
 from parallel.memory import predicted_bytes, rank_memory
@@ -60,6 +60,13 @@ KINDS = ("params", "grads", "optimizer")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n")[0])
     add_model_flags(p)
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=list(MODES),
+        choices=MODES,
+        help="the --sync modes to run (ddp among them: the times are ratios to it)",
+    )
     p.add_argument("--batch-size", type=positive, default=32, help="samples per rank per step")
     p.add_argument("--steps", type=positive, default=5, help="timed steps per mode per round")
     p.add_argument("--rounds", type=positive, default=5, help="rounds; the fastest is reported")
@@ -72,7 +79,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_world_flags(p)
     p.add_argument("--out-dir", default="bench_out", help="where the CSV and the PNG go")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if "ddp" not in args.modes:
+        raise UsageError("--modes must include ddp: every time is reported as a ratio to it")
+    args.modes = list(dict.fromkeys(args.modes))  # each once, in the order given
+    return args
 
 
 def units(model: nn.Module) -> list[int]:
@@ -122,7 +133,7 @@ def peak_bytes(step, model: nn.Module, optimizer) -> int:
 
 def measure(args: argparse.Namespace, env: DistEnv, work: Workload) -> list[dict]:
     rows, steps = [], {}
-    for mode in MODES:
+    for mode in args.modes:
         torch.manual_seed(0)
         model = work.build().to(env.device)
         sizes = units(model)
