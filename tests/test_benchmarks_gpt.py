@@ -8,6 +8,7 @@ anyway), so it costs no spawn of its own."""
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import random
 from pathlib import Path
@@ -23,6 +24,7 @@ from core.dist import DistEnv
 from core.errors import UsageError
 from parallel.overlap import BUCKET_BYTES, FIRST_BUCKET_BYTES
 from tests import comm_world
+from tests.multiproc import PYTHON, run_cmd
 from training.gpt import GPT
 
 CPU = torch.device("cpu")
@@ -134,3 +136,42 @@ def test_bench_zero_on_the_gpt_measures_what_the_formulas_say():
             assert row[kind] == pred[kind] * pred["element"], (mode, kind)
         assert math.isclose(row["sent"], pred["sent"] * pred["element"], rel_tol=1e-12)
         assert row["peak"] >= sum(row[k] for k in bench_zero.KINDS), mode
+
+
+@pytest.mark.slow
+def test_bench_sync_and_compress_sync_run_the_gpt(tmp_path):
+    """bench_sync and bench_compress_sync end to end on 2 ranks with --model gpt: every mode's
+    row, the buckets overlap launched (DDP's rule at the cap given), and compression's bytes
+    against the gpt's 4 P bytes of float32 gradients."""
+    data = text_file(tmp_path)
+    gpt = [*TINY, "--dataset", "text", "--data-dir", data]
+    run_cmd(
+        [PYTHON, "-m", "benchmarks.bench_sync", "--model", "gpt", *gpt, "--batch-size", "2"]
+        + ["--bucket-cap-mb", "0.01", "--rounds", "1", "--steps", "1", "--warmup", "1"]
+        + ["--layers", "2", "--out-dir", str(tmp_path)],
+        timeout=300,
+        check=True,
+    )
+    with open(tmp_path / "bench_sync.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["section"] == "sync step"]
+    assert [r["variant"] for r in rows] == [
+        "none", "ddp", "allreduce", "overlap", "local-sgd K=4", "diloco K=4",
+    ]  # fmt: skip
+    p = Parser()
+    add_model_flags(p)
+    params = list(model_named("gpt", p.parse_args(TINY)).parameters())[::-1]
+    cap = int(0.01 * 2**20)
+    planned = len(plan_buckets_like_ddp(params, cap, cap))
+    assert planned > 2 and {int(r["buckets"]) for r in rows} == {planned}
+    out = run_cmd(
+        [PYTHON, "-m", "benchmarks.bench_compress_sync", "--models", "gpt", *TINY, "--ranks", "1"]
+        + ["--steps", "1", "--rounds", "1"],
+        timeout=300,
+        check=True,
+    ).stdout
+    sent = {
+        line.split()[1]: int(line.split()[2]) for line in out.splitlines() if line[:4] == "gpt "
+    }
+    full = 4 * sum(q.numel() for q in params)
+    assert sent["none"] == full and sent["bf16"] == sent["fp16"] == full // 2
+    assert sent["powersgd-r1"] < full // 10
