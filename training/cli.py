@@ -362,6 +362,25 @@ def add_gpt_flags(p: Parser) -> None:
     """--model gpt's sizes and --sample. The defaults train visibly in a few minutes on two
     CPU processes (README, 'A small GPT on real text')."""
     g = p.add_argument_group("language model (--model gpt; training/gpt.py)")
+    add_gpt_size_flags(g)
+    g.add_argument(
+        "--sample",
+        type=non_negative,
+        default=0,
+        metavar="N",
+        help="at the end, global rank 0 prints N bytes the trained model writes (0: none)",
+    )
+    g.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        default=0.8,
+        help="--sample's softmax temperature, sampled with --seed (0: greedy)",
+    )
+
+
+def add_gpt_size_flags(g: argparse._ArgumentGroup | Parser) -> None:
+    """--model gpt's sizes (--context, --gpt-layers, --gpt-width, --gpt-heads), which the
+    benchmarks take too (benchmarks/workload.py)."""
     g.add_argument(
         "--context",
         type=bounded_int(1, 2**16, "bytes"),
@@ -382,19 +401,6 @@ def add_gpt_flags(p: Parser) -> None:
         type=bounded_int(1, 2**14, "heads"),
         default=4,
         help="attention heads per block",
-    )
-    g.add_argument(
-        "--sample",
-        type=non_negative,
-        default=0,
-        metavar="N",
-        help="at the end, global rank 0 prints N bytes the trained model writes (0: none)",
-    )
-    g.add_argument(
-        "--temperature",
-        type=non_negative_float,
-        default=0.8,
-        help="--sample's softmax temperature, sampled with --seed (0: greedy)",
     )
 
 
