@@ -15,17 +15,20 @@ from __future__ import annotations
 import copy
 import errno
 import os
+import random
 import signal
+import threading
 from argparse import Namespace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import train_dp
 from core.dist import DistEnv
 from core.errors import run_cli
-from tests.multiproc import run_world
+from tests.multiproc import WorldFailed, run_world
 from tools import convert
 from training.checkpoint import CheckpointManager, load_checkpoint, training_state
 from training.checkpoint import background as background_module
@@ -162,6 +165,13 @@ EXT = {"ddp": "pt", "zero2": "dcp"}
 HELD = 0.5  # TRAIN_SLOW=save: seconds each background write waits before reading anything
 
 
+def _known_generators(fresh: bool, rank: int) -> None:
+    """Python's and NumPy's generators are not seeded by the script: a fresh run starts from
+    a known state, a resumed one from garbage, so only a restored state can match."""
+    random.seed(1 if fresh else 1000 + rank)
+    np.random.seed(1 if fresh else 1000 + rank)
+
+
 def _oracle_runs(rank: int, world_size: int, root: str) -> list[tuple[str, bool]]:
     import train_ddp
 
@@ -177,6 +187,7 @@ def _oracle_runs(rank: int, world_size: int, root: str) -> list[tuple[str, bool]
 
     def run(mode: str, name: str, *flags: str) -> None:
         out = Path(root) / mode / name
+        _known_generators(name != "resumed", rank)
         train_ddp.main([*COMMON, "--sync", mode, "--out-dir", str(out), *flags])
 
     for mode in MODES:
@@ -223,3 +234,106 @@ def test_async_checkpoints_are_the_steps_and_resume_bit_identical(tmp_path, worl
         assert a["optimizer"]["state"], "AdamW's moments must exist for this to mean much"
         for key in ("model", "optimizer", "scheduler", "rng"):
             _assert_identical(a[key], b[key], f"{mode} resumed: {key}")
+
+
+# ------------------------------------------------------------------------- torture
+
+# SIGKILL of one rank, or of every rank at once (the whole job), at a random moment of a
+# random save's background write (held back TORTURE_HELD s before it writes a byte, and as
+# long again halfway through the file), KILLS times per mode (`make torture-async` sets
+# ASYNC_TORTURE_KILLS). After each kill the newest checkpoint must be whole and loadable (or
+# absent, when the kill came in the first save), every file or folder under a real name too,
+# and `--resume auto` must end bit-identical to a run that was never killed.
+KILLS = int(os.environ.get("ASYNC_TORTURE_KILLS", "2"))  # per mode; 2: the job, then rank 0
+TORTURE_HELD = 0.3
+TORTURE = [*COMMON, "--save-every", "2", "--keep", "2"]
+
+
+def _straight(rank: int, world_size: int, root: str) -> None:
+    import train_ddp
+
+    for mode in MODES:
+        _known_generators(True, rank)
+        train_ddp.main([*TORTURE, "--sync", mode, "--out-dir", str(Path(root) / mode)])
+
+
+def _killed(rank: int, world_size: int, out: str, mode: str, plan: tuple) -> None:
+    """Train with --async-save; `victim` (a rank, or "job": every rank) SIGKILLs itself
+    `delay` s after the `save_no`-th save has been handed to the background."""
+    import train_ddp
+    from training import loop
+
+    victim, save_no, delay = plan
+    saves = [0]
+    save = loop.TrainLoop.save
+
+    def save_then_arm(self, *position) -> None:
+        save(self, *position)
+        saves[0] += 1
+        if saves[0] == save_no and victim in ("job", rank):
+            kill = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL))
+            kill.daemon = True
+            kill.start()
+
+    loop.TrainLoop.save = save_then_arm
+    os.environ["TRAIN_SLOW"] = f"save:{TORTURE_HELD}"
+    flags = [*TORTURE, "--sync", mode, "--out-dir", out, "--async-save", "--resume", "auto"]
+    _known_generators(True, rank)
+    train_ddp.main(flags)
+
+
+def _resume(rank: int, world_size: int, out: str, mode: str) -> None:
+    import train_ddp
+
+    _known_generators(False, rank)
+    train_ddp.main([*TORTURE, "--sync", mode, "--out-dir", out, "--async-save", "--resume", "auto"])
+
+
+def _newest(out: Path, mode: str) -> int | None:
+    """The step of the newest checkpoint, after checking that it and every checkpoint under a
+    real name is whole and loadable; None when there is none yet."""
+    from training.sharded import load_sharded_state
+
+    load = load_sharded_state if mode == "zero2" else load_checkpoint
+    for path in (out / "checkpoints").glob(f"step-*.{EXT[mode]}"):
+        load(path)  # raises on a half-written or corrupt one
+    pointer = out / f"checkpoint.{EXT[mode]}"
+    return load(pointer)["step"] if pointer.exists() else None
+
+
+@pytest.mark.slow
+@pytest.mark.oracle
+def test_kills_during_async_saves_leave_a_whole_checkpoint_and_resume_exactly(tmp_path):
+    seed = int(os.environ.get("ASYNC_TORTURE_SEED", random.randrange(10**6)))
+    rng = random.Random(seed)
+    run_world(_straight, 2, str(tmp_path / "straight"), timeout=240)
+    counts = {"kills": 0, "newest was the save in flight": 0, "newest was an older one": 0,
+              "no checkpoint yet": 0, "resumed bit-identical": 0}  # fmt: skip
+    for mode in MODES:
+        for i in range(KILLS):
+            victim = ("job", 0, 1)[i % 3]
+            save_no = rng.randint(1, 4)  # steps 2, 4, 6, 8
+            delay = rng.uniform(0, 2.5 * TORTURE_HELD)
+            out = tmp_path / f"{mode}-{i}"
+            where = f"{mode} kill {i}: victim {victim}, save {save_no}, {delay:.3f} s (seed {seed})"
+            with pytest.raises(WorldFailed, match="exit code -9"):
+                run_world(_killed, 2, str(out), mode, (victim, save_no, delay), timeout=240)
+            counts["kills"] += 1
+            newest = _newest(out, mode)
+            if newest is None:
+                counts["no checkpoint yet"] += 1
+            elif newest == 2 * save_no:
+                counts["newest was the save in flight"] += 1
+            else:
+                assert newest < 2 * save_no, where
+                counts["newest was an older one"] += 1
+            run_world(_resume, 2, str(out), mode, timeout=240)
+            ext = EXT[mode]
+            a = _single_file(out / f"checkpoints/step-00000008.{ext}", tmp_path)
+            straight = tmp_path / "straight" / mode / f"checkpoints/step-00000008.{ext}"
+            b = _single_file(straight, tmp_path)
+            for key in ("model", "optimizer", "scheduler", "rng"):
+                _assert_identical(a[key], b[key], f"{where}: {key}")
+            counts["resumed bit-identical"] += 1
+    print(f"\nasync-save torture (seed {seed}): {counts}")
+    assert counts["resumed bit-identical"] == counts["kills"] == 2 * KILLS
