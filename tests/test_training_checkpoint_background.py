@@ -282,10 +282,10 @@ def _killed(rank: int, world_size: int, out: str, mode: str, plan: tuple) -> Non
     train_ddp.main(flags)
 
 
-def _resume(rank: int, world_size: int, out: str, mode: str) -> None:
+def _resume(rank: int, world_size: int, out: str, mode: str, fresh: bool) -> None:
     import train_ddp
 
-    _known_generators(False, rank)
+    _known_generators(fresh, rank)  # fresh: no checkpoint yet, the run starts over
     train_ddp.main([*TORTURE, "--sync", mode, "--out-dir", out, "--async-save", "--resume", "auto"])
 
 
@@ -327,7 +327,7 @@ def test_kills_during_async_saves_leave_a_whole_checkpoint_and_resume_exactly(tm
             else:
                 assert newest < 2 * save_no, where
                 counts["newest was an older one"] += 1
-            run_world(_resume, 2, str(out), mode, timeout=240)
+            run_world(_resume, 2, str(out), mode, newest is None, timeout=240)
             ext = EXT[mode]
             a = _single_file(out / f"checkpoints/step-00000008.{ext}", tmp_path)
             straight = tmp_path / "straight" / mode / f"checkpoints/step-00000008.{ext}"

@@ -154,6 +154,10 @@ class BackgroundWriter:
         except BaseException as e:  # noqa: BLE001 - reported on the training thread by settle()
             self._error = str(e) or type(e).__name__
 
+    def busy(self) -> bool:
+        """Is a write in flight now (benchmarks/bench_async_save.py sorts steps by it)?"""
+        return self._thread is not None and self._thread.is_alive()
+
     def wait(self, before: str) -> None:
         """Wait, on this rank alone, for the write in flight; log it if that took a while.
         The run's error paths call this for a write that involves no other rank."""
