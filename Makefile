@@ -18,7 +18,7 @@ NPROC      ?= 2
 STAMP      := $(VENV)/.installed
 
 .PHONY: demo gpt test test-slow test-all test-oracles test-fakegpu bench model bench-topology \
-  bench-compress bench-diloco stress-exit lint docs clean
+  bench-compress bench-diloco stress-exit torture-async bench-async-save lint docs clean
 
 # Installs pyproject.toml's dependencies (and the dev extra) without installing the repo
 # itself: the scripts run from the checkout, as `python train_ddp.py` or `-m study.bench`.
@@ -146,6 +146,16 @@ bench-diloco: $(STAMP)
 RUNS ?= 50
 stress-exit: $(STAMP)
 	$(BIN)/python -m benchmarks.stress_exit --runs $(RUNS)
+
+# --async-save under SIGKILL (tests/test_training_checkpoint_background.py): KILLS kills per
+# mode (ddp, zero2; by turns the whole job, rank 0, rank 1) at random moments of a background
+# write, each followed by the checks and an exact resume; prints the counts at the end.
+# TORTURE_SEED replays a run's choices (the seed is printed). About 15 s a kill on a loaded box.
+KILLS ?= 10
+torture-async: $(STAMP)
+	ASYNC_TORTURE_KILLS=$(KILLS) $(if $(TORTURE_SEED),ASYNC_TORTURE_SEED=$(TORTURE_SEED)) \
+	  $(BIN)/python -m pytest -q -s -m slow tests/test_training_checkpoint_background.py \
+	  -k kills
 
 # The figures the pages quote that the code recomputes in seconds (the pair's diff counts, the
 # pitfalls' RESULT lines), rewritten between their <!-- figure: NAME --> markers; `make test`

@@ -321,6 +321,12 @@ def make_parser(
         "epoch and of the run)",
     )
     r.add_argument(
+        "--async-save",
+        action="store_true",
+        help="write checkpoints in the background: copy the step's state to CPU memory, then "
+        "train on while a thread writes it (at most one save in flight; docs/checkpoints.md)",
+    )
+    r.add_argument(
         "--preempt-signal",
         default="USR1",
         choices=EXTRA_SIGNALS,
