@@ -61,7 +61,7 @@ def replica(address: str, rid: int, out: Path, env: dict | None = None) -> Live:
     )
 
 
-def reference(schedule: list[int]) -> tuple[dict, list[list[int]]]:
+def reference(schedule: list[int], flags: list[str] = FLAGS) -> tuple[dict, list[list[int]]]:
     """One process, no fault tolerance: step t takes the next schedule[t] x B samples of the
     epoch's permutation (the epoch ends when fewer are left) and steps on their mean loss.
     Returns the final parameters and each step's [step, epoch, cursor, replicas]."""
@@ -73,7 +73,7 @@ def reference(schedule: list[int]) -> tuple[dict, list[list[int]]]:
     from training.models import model_from_args, model_input
     from training.optim import make_optimizer, make_scheduler
 
-    args = parse_args(FLAGS)
+    args = parse_args(flags)
     data = build_datasets(args.dataset, None, seed=args.seed, train_size=args.train_size)
     torch.manual_seed(args.seed)
     model = model_from_args(args, data).to(torch.float64)
