@@ -18,7 +18,7 @@ NPROC      ?= 2
 STAMP      := $(VENV)/.installed
 
 .PHONY: demo gpt test test-slow test-all test-oracles test-fakegpu bench model bench-topology \
-  bench-compress stress-exit lint docs clean
+  bench-compress bench-fault-tolerance stress-exit lint docs clean
 
 # Installs pyproject.toml's dependencies (and the dev extra) without installing the repo
 # itself: the scripts run from the checkout, as `python train_ddp.py` or `-m study.bench`.
@@ -105,6 +105,14 @@ bench-topology: $(STAMP)
 # hooks and the hand-made --compress), NPROC ranks on CPU, one run after the other.
 bench-compress: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_compress --out-dir bench_out $(BENCH_NPROC)
+
+# docs/fault-tolerance.md's figures: one worker SIGKILLed mid-run, the fault-tolerant job
+# (coordinator + 3 replicas) against torchrun's restart path; steps lost and seconds from the
+# kill to the next step, TRIALS times each. About 1.5 minutes a trial on a loaded 2-core box.
+# `make torture-fault-tolerance`: kills at random steps, during healing, two at once (slow tests).
+TRIALS ?= 1
+bench-fault-tolerance: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_fault_tolerance --out-dir bench_out --trials $(TRIALS)
 
 # Every torchrun script of the repository (the pitfalls in both modes, train_ddp.py in each
 # --sync mode) RUNS times, two at once so the machine is loaded: any abort at exit, wrong exit

@@ -11,6 +11,7 @@ replica), each under a deadline (tests/multiproc.py, Live). Slow: five processes
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -137,3 +138,25 @@ def test_lost_replica_equals_survivors_and_rejoined_replica_is_bit_identical(tmp
     got = torch.load(tmp_path / "replica-0/model.pt", weights_only=True)
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=1e-10)
+
+
+def test_flags_that_the_replica_loop_does_not_run_are_refused_in_one_line():
+    from core.errors import UsageError
+    from train_ddp import parse_args
+    from training.fault_tolerant import check_flags
+
+    base = ["--fault-tolerance", "--coordinator", "127.0.0.1:29400"]
+    check_flags(parse_args(base), world_size=1)  # accepted
+    refused = {
+        "needs --coordinator HOST:PORT": (["--fault-tolerance"], 1),
+        "one process per replica (got WORLD_SIZE 2)": (base, 2),
+        "--grad-accum does not combine": ([*base, "--grad-accum", "2"], 1),
+        "--sync does not combine": ([*base, "--sync", "zero1"], 1),
+        "--resume does not combine": ([*base, "--resume", "auto"], 1),
+        "cosine with --fault-tolerance needs --max-steps": ([*base, "--lr-schedule", "cosine"], 1),
+    }
+    for message, (argv, world_size) in refused.items():
+        with pytest.raises(UsageError, match=re.escape(message)):
+            check_flags(parse_args(argv), world_size)
+    with pytest.raises(UsageError, match="expected HOST:PORT, got 'no-port'"):  # Parser.error
+        parse_args([*base[:2], "no-port"])
