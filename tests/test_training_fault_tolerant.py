@@ -11,6 +11,8 @@ replica), each under a deadline (tests/multiproc.py, Live). Slow: five processes
 from __future__ import annotations
 
 import json
+import os
+import random
 import re
 import time
 from pathlib import Path
@@ -160,3 +162,132 @@ def test_flags_that_the_replica_loop_does_not_run_are_refused_in_one_line():
             check_flags(parse_args(argv), world_size)
     with pytest.raises(UsageError, match="expected HOST:PORT, got 'no-port'"):  # Parser.error
         parse_args([*base[:2], "no-port"])
+
+
+# ------------------------------------------------ torture (make torture-fault-tolerance)
+
+ROUNDS = int(os.environ.get("TORTURE_ROUNDS", "0"))
+torture = pytest.mark.skipif(not ROUNDS, reason="TORTURE_ROUNDS=N: make torture-fault-tolerance")
+
+
+def finished(tmp: Path, ids: list[int], procs: list[Live], deadline: float) -> list[dict]:
+    for p in procs:
+        assert p.finish(deadline) == 0, p.output()
+    summaries = [json.loads((tmp / f"replica-{i}/summary.json").read_text()) for i in ids]
+    assert len({s["param_checksum"] for s in summaries}) == 1, "replicas differ"
+    return summaries
+
+
+def on_the_oracle(summary: dict) -> None:
+    """The run's steps and parameters equal one process's over the same memberships."""
+    expected, steps = reference([h[3] for h in summary["history"]])
+    assert [h[:4] for h in summary["history"]] == steps
+    got = torch.load(Path(summary["out"]) / "model.pt", weights_only=True)
+    for key, value in expected.items():  # error model: see the oracle test above
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-10)
+
+
+def rounds(scenario, tmp_path: Path) -> None:
+    """Run `scenario(tmp, rng)` ROUNDS times; print the tally, fail if any round failed."""
+    rng, failures, notes = random.Random(0), [], []
+    for n in range(ROUNDS):
+        tmp = tmp_path / f"round{n}"
+        tmp.mkdir()
+        try:
+            notes.append(scenario(tmp, rng))
+        except AssertionError as e:
+            failures.append(f"round {n}: {str(e)[-3000:]}")
+    print(f"\n{scenario.__name__}: {ROUNDS - len(failures)}/{ROUNDS} rounds passed; {notes}")
+    assert not failures, "\n".join(failures)
+
+
+def random_kill(tmp: Path, rng: random.Random) -> str:
+    """A random replica SIGKILLed at a random moment (between or inside steps), replaced at
+    once by a new one that heals and joins."""
+    deadline = time.monotonic() + DEADLINE_S
+    coordinator, address = start_coordinator(
+        "--min-replicas", "2", "--expect-replicas", "3", "--heartbeat-timeout", "1"
+    )
+    victim, at, go = rng.randrange(3), rng.randrange(2, 20), tmp / "go"
+    env = {"TRAIN_FAULT": "", "TRAIN_SLOW": "step:0.05"}
+    procs = [replica(address, i, tmp, env) for i in range(3)]
+    spare = replica(address, victim, tmp, {**env, "TRAIN_JOIN_AFTER": str(go)})
+    try:
+        assert procs[victim].wait_for(rf"step {at} epoch", deadline), procs[victim].output()
+        time.sleep(rng.uniform(0, 0.06))  # anywhere in the next step, the all-reduce too
+        procs[victim].kill()
+        go.touch()
+        survivors = [p for i, p in enumerate(procs) if i != victim]
+        summaries = finished(tmp, [0, 1, 2], [*survivors, spare], deadline)
+    finally:
+        for p in [*procs, spare, coordinator]:
+            p.kill()
+    first = summaries[(victim + 1) % 3]
+    first["out"] = str(tmp / f"replica-{(victim + 1) % 3}")
+    on_the_oracle(first)
+    redone = sum(p.output().count("discarded") for p in survivors)
+    return f"replica {victim} after step {at}: {redone} step attempt(s) discarded"
+
+
+def killed_while_healing(tmp: Path, rng: random.Random) -> str:
+    """The source dies after sending the state's size, before the state: the newcomer keeps
+    its old state and heals from the other survivor."""
+    deadline = time.monotonic() + DEADLINE_S
+    coordinator, address = start_coordinator(
+        "--min-replicas", "1", "--expect-replicas", "2", "--heartbeat-timeout", "1"
+    )
+    at, go = rng.randrange(2, 10), tmp / "go"
+    env = {"TRAIN_FAULT": "", "TRAIN_SLOW": "step:0.05"}
+    source = replica(address, 0, tmp, {**env, "TRAIN_HEAL_FAULT": "0"})
+    try:  # replica 0 registers first: the lowest incarnation, the source of every heal
+        assert source.wait_for(r"incarnation #1", deadline), source.output()
+        other = replica(address, 1, tmp, env)
+        newcomer = replica(address, 2, tmp, {**env, "TRAIN_JOIN_AFTER": str(go)})
+        assert source.wait_for(rf"step {at} epoch", deadline), source.output()
+        go.touch()
+        assert source.finish(deadline) == -9, source.output()  # killed itself mid-heal
+        summaries = finished(tmp, [1, 2], [other, newcomer], deadline)
+    finally:
+        for p in [source, other, newcomer, coordinator]:
+            p.kill()
+    assert "healed from replica 1" in newcomer.output(), newcomer.output()
+    summaries[0]["out"] = str(tmp / "replica-1")
+    on_the_oracle(summaries[0])
+    return f"newcomer at step {summaries[1]['history'][0][0] - 1}"
+
+
+def two_lost_at_once(tmp: Path, rng: random.Random) -> str:
+    """Two of three replicas SIGKILLed together with --min-replicas 2: the survivor stops
+    with one error line once --join-timeout passes without a replacement."""
+    deadline = time.monotonic() + DEADLINE_S
+    coordinator, address = start_coordinator(
+        "--min-replicas", "2", "--expect-replicas", "3", "--heartbeat-timeout", "1",
+        "--join-timeout", "3",
+    )  # fmt: skip
+    at = rng.randrange(2, 20)
+    procs = [
+        replica(address, i, tmp, {"TRAIN_FAULT": "", "TRAIN_SLOW": "step:0.05"}) for i in range(3)
+    ]
+    try:
+        assert procs[0].wait_for(rf"step {at} epoch", deadline), procs[0].output()
+        procs[1].kill()
+        procs[2].kill()
+        status = procs[0].finish(deadline)
+    finally:
+        for p in [*procs, coordinator]:
+            p.kill()
+    out = procs[0].output()
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert status == 2 and "Traceback" not in out, out
+    assert errors == [
+        "error: no quorum: 1 replica(s) alive, --min-replicas 2 (none joined for 3 s)"
+    ], out
+    return f"after step {at}"
+
+
+@pytest.mark.slow
+@torture
+@pytest.mark.oracle
+@pytest.mark.parametrize("scenario", [random_kill, killed_while_healing, two_lost_at_once])
+def test_torture(scenario, tmp_path):
+    rounds(scenario, tmp_path)

@@ -50,7 +50,7 @@ from data.datasets import build_datasets
 from data.sampling import eval_loader
 from training.checkpoint import param_checksum
 from training.checkpoint.files import atomic_write
-from training.faults import fault_hook, hold_until_released
+from training.faults import fault_hook, heal_fault, hold_until_released
 from training.metrics import evaluate, loss_fn
 from training.models import model_from_args, model_input
 from training.optim import make_optimizer, make_scheduler
@@ -140,7 +140,9 @@ class Replica:
         torch.set_rng_state(state["rng"])
 
 
-def heal(group: dist.ProcessGroup, replica: Replica, me: int, source: int, behind: bool) -> None:
+def heal(
+    group: dist.ProcessGroup, replica: Replica, me: int, source: int, behind: bool, rid: int
+) -> None:
     """Broadcast the source's state over the quorum's group; a member that is `behind` takes
     it. The bytes are applied only once all have arrived: a source that dies mid-way leaves
     the receiver as it was."""
@@ -148,6 +150,8 @@ def heal(group: dist.ProcessGroup, replica: Replica, me: int, source: int, behin
     data = replica.state_bytes() if me == source else b""
     size[0] = len(data)
     group.broadcast(size, source).wait()
+    if me == source:
+        heal_fault(rid)  # TRAIN_HEAL_FAULT: tests kill a source here
     buf = (
         torch.frombuffer(bytearray(data), dtype=torch.uint8)
         if me == source
@@ -232,7 +236,7 @@ def run_replica(args: argparse.Namespace) -> dict:
                 group_id = quorum["quorum"]
                 say(f"quorum {group_id}: replicas {quorum['labels']} from step {quorum['step']}")
             if any(s < quorum["step"] for s in quorum["steps"]):
-                heal(group, replica, me, source, behind)
+                heal(group, replica, me, source, behind, args.replica_id)
                 if behind:
                     say(f"healed from replica {quorum['labels'][source]} at step {replica.at.step}")
         except RuntimeError as e:  # a member died or hung while the group formed or healed

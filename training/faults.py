@@ -22,6 +22,8 @@ A third holds a fault-tolerant replica (train_ddp.py --fault-tolerance) back, re
 until a file exists, so that a test can make it join a running job at a moment of its choice:
 
     TRAIN_JOIN_AFTER=/tmp/go      the replica joins once /tmp/go exists
+    TRAIN_HEAL_FAULT=0            replica 0 SIGKILLs itself while it heals another: after
+                                  the state's size is sent, before the state
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ KINDS = ("kill", "hang", "raise")
 SLOW = "TRAIN_SLOW"
 SLOW_PLACES = ("step", "save")
 JOIN_AFTER = "TRAIN_JOIN_AFTER"
+HEAL_FAULT = "TRAIN_HEAL_FAULT"
+
+
+def heal_fault(replica_id: int) -> None:
+    """Die here, as a source half-way through healing, when TRAIN_HEAL_FAULT names us."""
+    if os.environ.get(HEAL_FAULT, "") == str(replica_id):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def hold_until_released() -> None:
