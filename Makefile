@@ -18,7 +18,8 @@ NPROC      ?= 2
 STAMP      := $(VENV)/.installed
 
 .PHONY: demo gpt test test-slow test-all test-oracles test-fakegpu bench model bench-topology \
-  bench-compress bench-diloco stress-exit torture-async bench-async-save lint docs clean
+  bench-compress bench-diloco bench-fault-tolerance torture-fault-tolerance stress-exit \
+  torture-async bench-async-save lint docs clean
 
 # Installs pyproject.toml's dependencies (and the dev extra) without installing the repo
 # itself: the scripts run from the checkout, as `python train_ddp.py` or `-m study.bench`.
@@ -138,6 +139,20 @@ DILOCO_GPT := --model gpt --dataset stdlib --batch-size 4 --eval-size 256 --log-
 bench-diloco: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_diloco --steps 160 --every 8 --out-dir bench_out/gpt \
 	  $(BENCH_NPROC) -- $(DILOCO_GPT)
+# docs/fault-tolerance.md's figures: one worker SIGKILLed mid-run, the fault-tolerant job
+# (coordinator + 3 replicas) against torchrun's restart path; steps lost and seconds from the
+# kill to the next step, TRIALS times each. About 1.5 minutes a trial on a loaded 2-core box.
+TRIALS ?= 1
+bench-fault-tolerance: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_fault_tolerance --out-dir bench_out --trials $(TRIALS)
+
+# The fault-tolerant job tortured ROUNDS times per scenario (tests/test_training_fault_tolerant.py):
+# a random replica SIGKILLed at a random moment and replaced, a source killed while it heals a
+# newcomer, two of three lost at once (one error line). Prints the counts; about 40 s a round.
+ROUNDS ?= 5
+torture-fault-tolerance: $(STAMP)
+	TORTURE_ROUNDS=$(ROUNDS) $(BIN)/python -m pytest -s -m slow -k test_torture \
+	  tests/test_training_fault_tolerant.py
 
 # Every torchrun script of the repository (the pitfalls in both modes, train_ddp.py in each
 # --sync mode) RUNS times, two at once so the machine is loaded: any abort at exit, wrong exit

@@ -61,6 +61,7 @@ from parallel.factory import ddp_kwargs, sync_from_args
 from training.checkpoint import unwrap
 from training.cli import validate
 from training.compiled import maybe_compile
+from training.fault_tolerant import run_replica
 from training.faults import fault_hook
 from training.loop import Steps, TrainLoop, final_model, make_checkpoints
 from training.metrics import evaluate, loss_fn
@@ -71,6 +72,8 @@ from training.runlog import RunLog
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.fault_tolerance:  # one replica of a job that outlives replicas: no group here
+        return run_replica(args)
     # torchrun's env: who this rank is (RANK; LOCAL_RANK, its GPU on this node; WORLD_SIZE)
     # and where to meet (MASTER_ADDR, MASTER_PORT). Without torchrun: a world of one.
     env = resolve(args.backend)  # backend nccl with CUDA, else gloo

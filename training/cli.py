@@ -502,6 +502,51 @@ def add_extension_flags(group: argparse._ArgumentGroup) -> None:
         "fails naming it (0: off, only --timeout)",
     )
     add_sync_flags(group)  # --sync, --sync-every, --topology, --comm-hook, --compress, ...
+    add_fault_tolerance_flags(group)
+
+
+def coordinator_address(value: str) -> str:
+    """--coordinator: HOST:PORT of `python -m training.quorum`."""
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+def add_fault_tolerance_flags(group: argparse._ArgumentGroup) -> None:
+    """--fault-tolerance and its settings: training/fault_tolerant.py, docs/fault-tolerance.md."""
+    group.add_argument(
+        "--fault-tolerance",
+        action="store_true",
+        help="run as one replica of a job that goes on when replicas die or join: a quorum "
+        "from --coordinator before every step, newcomers healed from a live peer "
+        "(launch/fault_tolerant.sh; docs/fault-tolerance.md)",
+    )
+    group.add_argument(
+        "--coordinator",
+        type=coordinator_address,
+        default=None,
+        help="--fault-tolerance: HOST:PORT of the coordinator (python -m training.quorum)",
+    )
+    group.add_argument(
+        "--replica-id",
+        type=non_negative,
+        default=0,
+        help="--fault-tolerance: this replica's name in logs and in --out-dir/replica-<id>/",
+    )
+    group.add_argument(
+        "--quorum-timeout",
+        type=positive_float,
+        default=120.0,
+        help="--fault-tolerance: seconds to wait for a quorum before the replica stops",
+    )
+    group.add_argument(
+        "--ft-timeout",
+        type=positive_float,
+        default=10.0,
+        help="--fault-tolerance: seconds a collective among replicas may wait before its "
+        "step is redone without the replicas that did not answer",
+    )
 
 
 MAX_GPT_PARAMS = 2 * 10**9  # 8 GB in float32: refused in one line, not by the allocator
