@@ -39,7 +39,7 @@ from core.errors import UsageError
 from parallel.factory import make_sync
 from parallel.flags import HSDP_MODES
 from parallel.memory import expected_bytes, predicted_bytes, rank_memory
-from parallel.zero1 import shard_range
+from parallel.zero1 import Precision, shard_range
 from tests import test_parallel_base as unused
 from tests.multiproc import run_world
 from tests.test_parallel_zero import OPTIMIZERS, UNITS, batch, small_model
@@ -230,6 +230,7 @@ def test_usage_errors_are_one_line():
         ("torch-hsdp", {"topology": "2x3"}, "2 x 3 = 6 ranks, but the world has 4"),
         ("zero3", {"topology": "2x2"}, "a layout to shard by is for --sync hsdp"),
         ("torch-hsdp", {"topology": "2x2", "inter_node_gbps": 1.0}, "does not apply"),
+        ("hsdp", {"topology": "2x2", "precision": Precision(torch.bfloat16)}, "--param-dtype"),
     ]
     for mode, options, says in cases:
         with pytest.raises(UsageError, match=says):
