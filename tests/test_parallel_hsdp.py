@@ -14,8 +14,9 @@ mid-run) against one process. Oracles:
   with their process groups and payloads (comm/tracer.py), equal parallel/memory.py's
   formulas exactly, for hsdp on every rank and for torch-hsdp;
 - with `slow`: sharded checkpoints written under one --topology resume under another
-  (2x2 -> 1x4, 4x1 and 2x1 on 2 ranks; converted, under --sync ddp) and end at ddp's
-  parameters; under the same --topology, bit for bit.
+  (hsdp 2x2 -> 1x4, 4x1 and, on 2 ranks, 2x1; torch-hsdp 2x2 -> 1x4 and 1x2; hsdp's,
+  converted, under --sync ddp) and end at ddp's parameters; under the same --topology
+  (2x2 -> 2x2), bit for bit.
 """
 
 from __future__ import annotations
@@ -291,6 +292,7 @@ def test_sharded_checkpoints_resume_under_another_topology(tmp_path):
     run_world(resumed, 4, str(root), str(converted), timeout=300)
     run_world(resumed, 2, str(root), None, timeout=300)
     ddp = load_checkpoint(root / "ddp" / "checkpoint.pt")["model"]
+    # Four steps were left after the checkpoint: a resume that trained none would fail below.
     assert max((ddp[k] - v).abs().max().item()
                for k, v in load_checkpoint(converted)["model"].items()) > 1e-3  # fmt: skip
     ends = {"ddp-resumed": load_checkpoint(root / "ddp-resumed" / "checkpoint.pt")["model"]}
