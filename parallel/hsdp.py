@@ -22,11 +22,12 @@ and sends per step, per unit of S = ceil(P_u / G) elements,
     inside the node   2 all-gathers + 1 reduce-scatter of G x S:   3 (G-1) x S elements
     across nodes      1 all-reduce of S:                           2 (N-1)/N x S elements
 
-against 3 (W-1)/W x P for zero3 over all W: only the last line crosses the network, 2/G of
-DDP's inter-node traffic (FSDP2's HybridShard; torchtitan's dp_replicate x dp_shard).
-Everything else is zero3's: the units, the padding, mixed precision is not offered here
-(--param-dtype is refused), a parameter no rank gave a gradient keeps `grad is None`
-(parallel/base.used_anywhere, over all W ranks), and every rank must run the same modules.
+against 3 (W-1)/W x P for zero3 over all W. Only the last line crosses the network: about
+1/G of what DDP's flat ring sends there (2(N-1)/N x P/G against 2(W-1)/W x P), 2/(3G) of
+zero3's (FSDP2's HybridShard; torchtitan's dp_replicate x dp_shard). Everything else is
+zero3's: the units and their padding, a parameter no rank gave a gradient keeping `grad is
+None` (parallel/base.used_anywhere, over all W ranks), every rank running the same modules.
+Mixed precision (--param-dtype) is not offered here: refused in one line.
 
 `--sync hsdp` needs `--topology NODESxPER_NODE` (which ranks share a node): without one it
 is refused rather than guessed. `--topology 1xW` is zero3 (one node), `Wx1` is DDP with a

@@ -14,8 +14,9 @@ mid-run) against one process. Oracles:
   with their process groups and payloads (comm/tracer.py), equal parallel/memory.py's
   formulas exactly, for hsdp on every rank and for torch-hsdp;
 - with `slow`: sharded checkpoints written under one --topology resume under another
-  (2x2 -> 1x4, 4x1 and 2x1 on 2 ranks; converted, under --sync ddp) and end at ddp's
-  parameters; under the same --topology, bit for bit.
+  (hsdp 2x2 -> 1x4, 4x1 and, on 2 ranks, 2x1; torch-hsdp 2x2 -> 1x4 and 1x2; hsdp's,
+  converted, under --sync ddp) and end at ddp's parameters; under the same --topology
+  (2x2 -> 2x2), bit for bit.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from core.errors import UsageError
 from parallel.factory import make_sync
 from parallel.flags import HSDP_MODES
 from parallel.memory import expected_bytes, predicted_bytes, rank_memory
-from parallel.zero1 import shard_range
+from parallel.zero1 import Precision, shard_range
 from tests import test_parallel_base as unused
 from tests.multiproc import run_world
 from tests.test_parallel_zero import OPTIMIZERS, UNITS, batch, small_model
@@ -230,6 +231,7 @@ def test_usage_errors_are_one_line():
         ("torch-hsdp", {"topology": "2x3"}, "2 x 3 = 6 ranks, but the world has 4"),
         ("zero3", {"topology": "2x2"}, "a layout to shard by is for --sync hsdp"),
         ("torch-hsdp", {"topology": "2x2", "inter_node_gbps": 1.0}, "does not apply"),
+        ("hsdp", {"topology": "2x2", "precision": Precision(torch.bfloat16)}, "--param-dtype"),
     ]
     for mode, options, says in cases:
         with pytest.raises(UsageError, match=says):
@@ -290,6 +292,7 @@ def test_sharded_checkpoints_resume_under_another_topology(tmp_path):
     run_world(resumed, 4, str(root), str(converted), timeout=300)
     run_world(resumed, 2, str(root), None, timeout=300)
     ddp = load_checkpoint(root / "ddp" / "checkpoint.pt")["model"]
+    # Four steps were left after the checkpoint: a resume that trained none would fail below.
     assert max((ddp[k] - v).abs().max().item()
                for k, v in load_checkpoint(converted)["model"].items()) > 1e-3  # fmt: skip
     ends = {"ddp-resumed": load_checkpoint(root / "ddp-resumed" / "checkpoint.pt")["model"]}
