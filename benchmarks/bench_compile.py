@@ -21,9 +21,6 @@ maybe_compile, inductor unless --compile-backend), and trained on a fixed batch 
   ["ddp_buckets"]; none with another backend, which leaves one all-reduce per parameter:
   the all-reduce column counts them in the graphs compiled autograd handed to the backend).
 
---model gpt is training/gpt.py's default size (4 layers, width 128, context 128) on random
-bytes.
-
 Timings on a shared machine are noisy: compare rows of one run.
 """
 
@@ -39,6 +36,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from benchmarks.bench_sync import rounds_of
+from benchmarks.workload import Workload, add_model_flags, workload
 from core.cli import Parser, positive, positive_float
 from core.dist import DistEnv, distributed, rank0_logger
 from core.errors import run_cli
@@ -46,15 +44,11 @@ from parallel.ddp import choose_reducer
 from parallel.factory import SYNC_MODES, make_sync
 from study.bench import add_world_flags, launch_unless_ranked, rank_backend
 from training.compiled import compiled_autograd, maybe_compile
-from training.metrics import loss_fn
-from training.models import MODELS, TEXT_MODELS, build_model
-
-GPT_CONTEXT, VOCAB = 128, 256  # --model gpt: training/gpt.py's default context, bytes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="cnn", choices=MODELS + TEXT_MODELS, help="network to train")
+    add_model_flags(p)
     p.add_argument(
         "--modes", nargs="+", default=["ddp", "overlap", "zero1"], choices=SYNC_MODES,
         help="--sync modes to compare",
@@ -87,30 +81,13 @@ class Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def net(name: str) -> torch.nn.Module:
-    """--model: gpt at training/gpt.py's default size, the others for 32 x 32 images."""
-    return (
-        build_model("gpt", 1, GPT_CONTEXT, VOCAB) if name == "gpt" else build_model(name, 3, 32, 10)
-    )
-
-
-def batch(args: argparse.Namespace, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1 + rank)
-    if args.model == "gpt":
-        shape = (args.batch_size, GPT_CONTEXT)
-        return torch.randint(VOCAB, shape, generator=g), torch.randint(VOCAB, shape, generator=g)
-    x = torch.randn(args.batch_size, 3, 32, 32, generator=g)
-    return x, torch.randint(10, (args.batch_size,), generator=g)
-
-
 def rows_of(args: argparse.Namespace) -> list[str]:
     """The --modes, with ddp+ca after ddp under --compiled-autograd."""
     ca = ["ddp+ca"] if args.compiled_autograd and "ddp" in args.modes else []
     return [r for mode in args.modes for r in ([mode, *ca] if mode == "ddp" else [mode])]
 
 
-def measure(args: argparse.Namespace, env: DistEnv) -> list[dict]:
-    x, y = batch(args, env.rank)
+def measure(args: argparse.Namespace, env: DistEnv, work: Workload) -> list[dict]:
     lines = Lines()
     logger = logging.getLogger("torch._dynamo.backends.distributed")
     logger.setLevel(logging.INFO)
@@ -132,7 +109,7 @@ def measure(args: argparse.Namespace, env: DistEnv) -> list[dict]:
             lines.lines.clear()
             all_reduces.clear()
             torch.manual_seed(0)
-            model = net(args.model)
+            model = work.build().to(env.device)
             buckets = cap if mode in ("ddp", "allreduce", "overlap") else None
             flags = argparse.Namespace(
                 compile=variant == "compiled", compiled_autograd=ca and variant == "compiled"
@@ -145,7 +122,7 @@ def measure(args: argparse.Namespace, env: DistEnv) -> list[dict]:
 
             def step(sync=sync, opt=opt, flags=flags) -> None:
                 with compiled_autograd(flags, backend=recording):  # TrainLoop's block
-                    loss_fn(sync.model(x), y).backward()
+                    work.loss(sync.model).backward()
                 sync.finish_backward()
                 opt.step()
                 sync.after_step(opt)
@@ -178,17 +155,17 @@ def bucket_count(line: str) -> int:
     return int(words[words.index("created") + 1]) if "created" in words else 0
 
 
-def report(args: argparse.Namespace, env: DistEnv, rows: list[dict]) -> None:
+def report(args: argparse.Namespace, env: DistEnv, work: Workload, rows: list[dict]) -> None:
     if not env.is_main:
         return
     log = rank0_logger(env, "bench")
-    params = sum(p.numel() for p in net(args.model).parameters())
+    params = sum(p.numel() for p in work.build().parameters())
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     log.info(
-        "%d ranks, %s, torch %s, --model %s (%d parameters, %.0f KB float32), batch %d per "
-        "rank, backend %s; load average %s on %d cores",
-        env.world_size, env.backend, torch.__version__, args.model, params, params * 4 / 1024,
-        args.batch_size, args.compile_backend, load, os.cpu_count(),
+        "%d ranks, %s, torch %s, %s (%d parameters, %.0f KB float32), backend %s; load "
+        "average %s on %d cores",
+        env.world_size, env.backend, torch.__version__, work.what, params, params * 4 / 1024,
+        args.compile_backend, load, os.cpu_count(),
     )  # fmt: skip
     log.info(
         "  %-10s %12s %14s %11s %13s %8s %7s %7s %7s %8s %12s",
@@ -210,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     launch_unless_ranked("benchmarks.bench_compile", argv, args)
     with distributed(rank_backend(args.backend)) as env:
-        report(args, env, measure(args, env))
+        work = workload(args, args.batch_size, env.rank, env.world_size, env.device)
+        report(args, env, work, measure(args, env, work))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [  # the first match wins
     (r"python -m pytest ", "--collect-only -q", (0,)),  # pytest inside pytest: collect only
     (r"TRAIN_FAULT=kill:1:7 ", "--max-steps 9 --train-size 1024 --eval-size 64", (0,)),
     (r"(train_dp|train_ddp)\.py --help$", "", (0,)),
+    (r"launch/fault_tolerant\.sh", "--max-steps 3 --train-size 512 --no-eval", (0,)),
+    (r"benchmarks\.bench_fault_tolerance", "--steps 4 --kill-at 2 --save-every 1", (0,)),
     (r"(train_dp|train_ddp)\.py|launch/(cpu_sim|multi_gpu|multi_node)\.sh|launch/spawn\.py",
      TRAIN, (0,)),  # fmt: skip
     (r"study\.bench", "--max-bytes 4K --iters 1 --warmup 0", (0,)),
@@ -47,6 +49,7 @@ SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [  # the first match wins
      "--max-bytes 4K --iters 1 --rounds 1 --warmup 0 --inter-node-gbps 1", (0,)),
     (r"benchmarks\.dp_ddp_drift", "--steps 2", (0,)),
     (r"benchmarks\.bench_shm", "--sizes 64K --rounds 1 --iters 1", (0,)),
+    (r"study\.simulate .*--topology", "--world 8 --topology 2x4", (0,)),  # hsdp's layout
     (r"study\.simulate", "--world 8 --sync zero3", (0,)),
     (r"benchmarks\.bench_compress_sync", "--models cnn --ranks 1 --steps 1 --rounds 1", (0,)),
     (r"benchmarks\.bench_compress\b",

@@ -35,7 +35,7 @@ from tests.multiproc import ROOT, Live, run_cmd
 from training.checkpoint import load_checkpoint
 
 LAUNCH = ROOT / "launch"
-SCRIPTS = ["cpu_sim.sh", "multi_gpu.sh", "multi_node.sh", "slurm.sbatch"]
+SCRIPTS = ["cpu_sim.sh", "multi_gpu.sh", "multi_node.sh", "slurm.sbatch", "fault_tolerant.sh"]
 # A few steps of the default model on a small synthetic set: 4 steps of 2 x 32 samples.
 SHORT = [
     *("--train-size", "512", "--eval-size", "100"),
@@ -107,8 +107,9 @@ def single_node(tmp_path_factory) -> Iterator[Future[Path]]:
 
 
 def test_every_launch_script_is_tested_and_parses():
-    # A new recipe in launch/ must get a test here (spawn.py is run by its own test; the
-    # scripts source run_agent.sh, and tests/test_training_preempt.py signals it).
+    # A new recipe in launch/ must get a test here (spawn.py and fault_tolerant.sh are run by
+    # their own tests; the scripts source run_agent.sh, and tests/test_training_preempt.py
+    # signals it).
     found = sorted(p.name for p in LAUNCH.iterdir() if p.name != "__pycache__")
     assert found == sorted([*SCRIPTS, "spawn.py", "run_agent.sh"])
     for name in SCRIPTS:

@@ -170,6 +170,8 @@ def test_refusals_and_no_flag():
     assert net._compiled_call_impl is None
     with pytest.raises(UsageError, match="--compile does not combine with --sync fsdp2"):
         maybe_compile(net, argparse.Namespace(compile=True, sync="fsdp2"))
+    with pytest.raises(UsageError, match="--compile does not combine with --sync torch-hsdp"):
+        maybe_compile(net, argparse.Namespace(compile=True, sync="torch-hsdp"))
 
 
 @pytest.mark.parametrize(

@@ -321,6 +321,12 @@ def make_parser(
         "epoch and of the run)",
     )
     r.add_argument(
+        "--async-save",
+        action="store_true",
+        help="write checkpoints in the background: copy the step's state to CPU memory, then "
+        "train on while a thread writes it (at most one save in flight; docs/checkpoints.md)",
+    )
+    r.add_argument(
         "--preempt-signal",
         default="USR1",
         choices=EXTRA_SIGNALS,
@@ -362,6 +368,25 @@ def add_gpt_flags(p: Parser) -> None:
     """--model gpt's sizes and --sample. The defaults train visibly in a few minutes on two
     CPU processes (README, 'A small GPT on real text')."""
     g = p.add_argument_group("language model (--model gpt; training/gpt.py)")
+    add_gpt_size_flags(g)
+    g.add_argument(
+        "--sample",
+        type=non_negative,
+        default=0,
+        metavar="N",
+        help="at the end, global rank 0 prints N bytes the trained model writes (0: none)",
+    )
+    g.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        default=0.8,
+        help="--sample's softmax temperature, sampled with --seed (0: greedy)",
+    )
+
+
+def add_gpt_size_flags(g: argparse._ArgumentGroup | Parser) -> None:
+    """--model gpt's sizes (--context, --gpt-layers, --gpt-width, --gpt-heads), which the
+    benchmarks take too (benchmarks/workload.py)."""
     g.add_argument(
         "--context",
         type=bounded_int(1, 2**16, "bytes"),
@@ -382,19 +407,6 @@ def add_gpt_flags(p: Parser) -> None:
         type=bounded_int(1, 2**14, "heads"),
         default=4,
         help="attention heads per block",
-    )
-    g.add_argument(
-        "--sample",
-        type=non_negative,
-        default=0,
-        metavar="N",
-        help="at the end, global rank 0 prints N bytes the trained model writes (0: none)",
-    )
-    g.add_argument(
-        "--temperature",
-        type=non_negative_float,
-        default=0.8,
-        help="--sample's softmax temperature, sampled with --seed (0: greedy)",
     )
 
 
@@ -432,11 +444,11 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
             f"--amp {args.amp} and --param-dtype {args.param_dtype} are two ways to compute in "
             "low precision: choose one (--param-dtype for the sharded --sync modes)"
         )
-    if args.activation_checkpointing and getattr(args, "sync", None) == "zero3":
+    if args.activation_checkpointing and getattr(args, "sync", None) in ("zero3", "hsdp"):
         raise UsageError(
-            "--activation-checkpointing does not combine with --sync zero3: its forward hooks "
-            "free each unit after use, and the recomputation inside backward would free it "
-            "again before the unit's backward reads it (use --sync fsdp2)"
+            f"--activation-checkpointing does not combine with --sync {args.sync}: its forward "
+            "hooks free each unit after use, and the recomputation inside backward would free "
+            "it again before the unit's backward reads it (use --sync fsdp2 or torch-hsdp)"
         )
     if args.compiled_autograd:
         check_compiled_autograd(args)
@@ -490,6 +502,51 @@ def add_extension_flags(group: argparse._ArgumentGroup) -> None:
         "fails naming it (0: off, only --timeout)",
     )
     add_sync_flags(group)  # --sync, --sync-every, --topology, --comm-hook, --compress, ...
+    add_fault_tolerance_flags(group)
+
+
+def coordinator_address(value: str) -> str:
+    """--coordinator: HOST:PORT of `python -m training.quorum`."""
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+def add_fault_tolerance_flags(group: argparse._ArgumentGroup) -> None:
+    """--fault-tolerance and its settings: training/fault_tolerant.py, docs/fault-tolerance.md."""
+    group.add_argument(
+        "--fault-tolerance",
+        action="store_true",
+        help="run as one replica of a job that goes on when replicas die or join: a quorum "
+        "from --coordinator before every step, newcomers healed from a live peer "
+        "(launch/fault_tolerant.sh; docs/fault-tolerance.md)",
+    )
+    group.add_argument(
+        "--coordinator",
+        type=coordinator_address,
+        default=None,
+        help="--fault-tolerance: HOST:PORT of the coordinator (python -m training.quorum)",
+    )
+    group.add_argument(
+        "--replica-id",
+        type=non_negative,
+        default=0,
+        help="--fault-tolerance: this replica's name in logs and in --out-dir/replica-<id>/",
+    )
+    group.add_argument(
+        "--quorum-timeout",
+        type=positive_float,
+        default=120.0,
+        help="--fault-tolerance: seconds to wait for a quorum before the replica stops",
+    )
+    group.add_argument(
+        "--ft-timeout",
+        type=positive_float,
+        default=10.0,
+        help="--fault-tolerance: seconds a collective among replicas may wait before its "
+        "step is redone without the replicas that did not answer",
+    )
 
 
 MAX_GPT_PARAMS = 2 * 10**9  # 8 GB in float32: refused in one line, not by the allocator

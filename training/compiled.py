@@ -69,9 +69,9 @@ def maybe_compile(
     backend = backend or BACKEND
     if not getattr(args, "compile", False):
         return
-    if getattr(args, "sync", None) == "fsdp2":
+    if getattr(args, "sync", None) in ("fsdp2", "torch-hsdp"):
         raise UsageError(
-            "--compile does not combine with --sync fsdp2: dynamo captures no graph from "
+            f"--compile does not combine with --sync {args.sync}: dynamo captures no graph from "
             "fully_shard's root forward on this torch, every step would run eagerly "
             "(docs/compile.md)"
         )

@@ -16,7 +16,16 @@ or of a checkpoint write (tests/test_training_preempt.py):
 
     TRAIN_SLOW=step:0.2           every rank sleeps 0.2 s after each optimizer step
     TRAIN_SLOW=step:0.2,save:1    ... and for 1 s halfway through each file write (checkpoints,
-                                  summary.json: training/checkpoint/files.atomic_write)
+                                  summary.json: training/checkpoint/files.atomic_write), and
+                                  with --async-save before each background write starts
+                                  (training/checkpoint/background.py, training/sharded.py)
+
+A third holds a fault-tolerant replica (train_ddp.py --fault-tolerance) back, ready to train,
+until a file exists, so that a test can make it join a running job at a moment of its choice:
+
+    TRAIN_JOIN_AFTER=/tmp/go      the replica joins once /tmp/go exists
+    TRAIN_HEAL_FAULT=0            replica 0 SIGKILLs itself while it heals another: after
+                                  the state's size is sent, before the state
 """
 
 from __future__ import annotations
@@ -32,6 +41,21 @@ ENV = "TRAIN_FAULT"
 KINDS = ("kill", "hang", "raise")
 SLOW = "TRAIN_SLOW"
 SLOW_PLACES = ("step", "save")
+JOIN_AFTER = "TRAIN_JOIN_AFTER"
+HEAL_FAULT = "TRAIN_HEAL_FAULT"
+
+
+def heal_fault(replica_id: int) -> None:
+    """Die here, as a source half-way through healing, when TRAIN_HEAL_FAULT names us."""
+    if os.environ.get(HEAL_FAULT, "") == str(replica_id):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hold_until_released() -> None:
+    """Wait for TRAIN_JOIN_AFTER's file; nothing when unset."""
+    path = os.environ.get(JOIN_AFTER, "")
+    while path and not os.path.exists(path):
+        time.sleep(0.05)
 
 
 def slow_down(place: str) -> None:

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# A fault-tolerant job on this machine: the coordinator (python -m training.quorum) and N
+# replicas, each one its own torchrun of train_ddp.py --fault-tolerance with one process. A
+# replica that dies is restarted by its torchrun (--max-restarts) and rejoins at a step
+# boundary, healed from a live peer; the others go on meanwhile, without a restart
+# (docs/fault-tolerance.md).
+#
+#   launch/fault_tolerant.sh 3 --epochs 1 --out-dir runs/ft    # 3 replicas
+#   MIN_REPLICAS=2 launch/fault_tolerant.sh 3 --max-steps 200  # stop below 2 alive
+#
+# Environment: MIN_REPLICAS (the smallest quorum, default 1), HEARTBEAT_TIMEOUT (seconds
+# without a heartbeat before a replica is dead, default 2), JOIN_TIMEOUT (default 30),
+# MAX_RESTARTS (torchrun restarts per replica, default 3), PYTHON, OMP_NUM_THREADS (default:
+# cores / N, at least 1), GLOO_SOCKET_IFNAME (default: the loopback interface).
+# Everything listens on loopback only. Exit status: the first failing replica's, else 0.
+set -euo pipefail
+
+root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -z ${PYTHON:-} ]]; then
+  if [[ -x $root/.venv/bin/python ]]; then PYTHON=$root/.venv/bin/python; else PYTHON=python3; fi
+fi
+
+replicas=${1:-}
+if ! [[ $replicas =~ ^[0-9]+$ ]] || ((replicas < 1)); then
+  echo "error: usage: launch/fault_tolerant.sh N [train_ddp.py flags], N replicas >= 1, got '${1:-}'" >&2
+  exit 2
+fi
+shift
+min=${MIN_REPLICAS:-1}
+if ! [[ $min =~ ^[0-9]+$ ]] || ((min < 1 || min > replicas)); then
+  echo "error: MIN_REPLICAS must be an integer from 1 to N=$replicas, got '$min'" >&2
+  exit 2
+fi
+
+cores=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cores / replicas > 1 ? cores / replicas : 1))}
+if [[ -z ${GLOO_SOCKET_IFNAME:-} ]]; then
+  case $(uname -s) in
+    Darwin) export GLOO_SOCKET_IFNAME=lo0 ;;
+    *) export GLOO_SOCKET_IFNAME=lo ;;
+  esac
+fi
+# Each torchrun meets its one worker through a file (as in cpu_sim.sh) and serves no store.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/fault_tolerant.XXXXXX")
+pids=()
+coordinator=
+cleanup() {
+  local pid
+  for pid in "${pids[@]}" $coordinator; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+# A signal for the job: each torchrun stops its replica, then the coordinator is stopped.
+for sig in TERM INT HUP; do
+  # shellcheck disable=SC2064 # $sig is expanded now, on purpose
+  trap "trap - $sig; echo 'fault_tolerant.sh: stopping on SIG$sig' >&2; exit 143" "$sig"
+done
+
+"$PYTHON" -m training.quorum --port-file "$tmp/port" --min-replicas "$min" \
+  --expect-replicas "$replicas" --heartbeat-timeout "${HEARTBEAT_TIMEOUT:-2}" \
+  --join-timeout "${JOIN_TIMEOUT:-30}" &
+coordinator=$!
+for _ in $(seq 600); do # up to a minute for torch to load
+  [[ -s $tmp/port ]] && break
+  kill -0 "$coordinator" 2>/dev/null || {
+    echo "error: the coordinator exited before it listened" >&2
+    exit 1
+  }
+  sleep 0.1
+done
+[[ -s $tmp/port ]] || {
+  echo "error: the coordinator did not listen within a minute" >&2
+  exit 1
+}
+port=$(<"$tmp/port")
+
+for ((i = 0; i < replicas; i++)); do
+  "$PYTHON" -m torch.distributed.run --nnodes 1 --nproc-per-node 1 \
+    --max-restarts "${MAX_RESTARTS:-3}" --rdzv-backend c10d --rdzv-endpoint "$tmp/rdzv$i" \
+    --rdzv-conf store_type=file --local-addr 127.0.0.1 "$root/train_ddp.py" \
+    --fault-tolerance --coordinator "127.0.0.1:$port" --replica-id "$i" "$@" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do
+  code=0
+  wait "$pid" || code=$?
+  ((status != 0)) || status=$code
+done
+pids=()
+exit "$status"

@@ -1,0 +1,130 @@
+"""The coordinator's rules (training/quorum.py), driven step by step on an in-process store with
+a clock of the test's own: who is in a quorum, when it forms, when its id changes, which step
+it resumes from and who heals the others, and when the job must stop."""
+
+from __future__ import annotations
+
+import json
+
+import torch.distributed as dist
+
+from training.quorum import Coordinator
+
+
+class Replicas:
+    """Replicas' side of the protocol written into the store by hand."""
+
+    def __init__(self, **settings) -> None:
+        self.store = dist.HashStore()
+        self.lines: list[str] = []
+        self.c = Coordinator(self.store, log=self.lines.append, **settings)
+        self.seq: dict[int, int] = {}
+
+    def register(self) -> int:
+        inc = self.store.add("ft/registered", 1)
+        self.seq[inc] = 0
+        return inc
+
+    def beat(self, *incs: int) -> None:
+        for inc in incs:
+            self.store.add(f"ft/hb/{inc}", 1)
+
+    def ask(self, inc: int, step: int, broken: bool = False, leave: bool = False) -> None:
+        ask = {"step": step, "broken": broken, "leave": leave, "label": str(inc)}
+        self.store.set(f"ft/ask/{inc}/{self.seq[inc]}", json.dumps(ask))
+
+    def reply(self, inc: int) -> dict | None:
+        key = f"ft/reply/{inc}/{self.seq[inc]}"
+        if not self.store.check([key]):
+            return None
+        self.seq[inc] += 1
+        return json.loads(self.store.get(key))
+
+
+def test_quorums_follow_membership_heal_newcomers_and_stop_below_the_floor():
+    r = Replicas(min_replicas=2, heartbeat_timeout=1.0, join_timeout=5.0, expect_replicas=3)
+    a, b, c = r.register(), r.register(), r.register()
+    r.ask(a, 0)
+    r.ask(b, 0)
+    r.c.poll(0.0)
+    assert r.reply(a) is None  # the first quorum waits for the three expected replicas
+    r.ask(c, 0)
+    r.c.poll(0.1)
+    first = [r.reply(i) for i in (a, b, c)]
+    assert first[0] == first[1] == first[2]
+    assert first[0]["quorum"] == 1 and first[0]["members"] == [a, b, c]
+
+    # Same members, same id: no new group. A live replica that has not asked is waited for.
+    r.beat(a, b, c)
+    r.ask(a, 1)
+    r.ask(b, 1)
+    r.c.poll(0.5)
+    assert r.reply(a) is None
+    r.ask(c, 1)
+    r.c.poll(0.6)
+    assert [r.reply(i)["quorum"] for i in (a, b, c)] == [1, 1, 1]
+
+    # c dies (its last heartbeat seen at 0.5 s, timeout 1 s): the survivors go on without
+    # it, under a new id.
+    r.beat(a, b)
+    r.c.poll(1.2)
+    r.ask(a, 2)
+    r.ask(b, 2)
+    r.beat(a, b)
+    r.c.poll(1.4)
+    assert r.reply(a) is None  # c is still within its heartbeat timeout
+    r.beat(a, b)
+    r.c.poll(2.0)
+    q = r.reply(a)
+    assert q["quorum"] == 2 and q["members"] == [a, b] and r.reply(b) == q
+
+    # A newcomer at step 0 joins the survivors at step 5: the quorum resumes from step 5 and
+    # its source is the lowest incarnation holding it.
+    d = r.register()
+    r.c.poll(2.1)
+    r.ask(d, 0)
+    r.ask(b, 5)
+    r.ask(a, 5)
+    r.beat(a, b, d)
+    r.c.poll(2.2)
+    q = r.reply(d)
+    assert q["members"] == [a, b, d] and q["step"] == 5 and q["source"] == a
+    assert q["steps"] == [5, 5, 0] and q["quorum"] == 3
+    r.reply(a), r.reply(b)
+
+    # A member whose group broke: a fresh id (a fresh PrefixStore) with the same members.
+    r.ask(a, 6, broken=True)
+    r.ask(b, 6)
+    r.ask(d, 6)
+    r.beat(a, b, d)
+    r.c.poll(2.3)
+    assert [r.reply(i)["quorum"] for i in (a, b, d)] == [4, 4, 4]
+
+    # Two die at once: one replica alive, below --min-replicas 2. After --join-timeout without
+    # a replacement the asker is told why the job cannot go on.
+    r.beat(a)
+    r.ask(a, 7)
+    for t in (2.4, 3.0, 3.6, 5.0):
+        r.beat(a)
+        r.c.poll(t)
+    assert r.reply(a) is None
+    r.beat(a)
+    r.c.poll(9.0)
+    assert r.reply(a) == {
+        "error": "no quorum: 1 replica(s) alive, --min-replicas 2 (none joined for 5 s)"
+    }
+
+
+def test_a_replica_left_behind_is_dropped_after_the_join_timeout_and_leaving_is_immediate():
+    r = Replicas(min_replicas=1, heartbeat_timeout=100.0, join_timeout=2.0)
+    a, b = r.register(), r.register()
+    r.ask(a, 0)
+    r.c.poll(0.0)
+    assert r.reply(a) is None  # b is alive (heartbeats) and may still ask
+    r.c.poll(2.5)
+    assert r.reply(a)["members"] == [a]  # b is stuck: the quorum forms without it
+    r.ask(b, 0, leave=True)
+    r.ask(a, 1)
+    r.c.poll(2.6)
+    assert r.reply(b) == {"left": True}
+    assert r.reply(a)["members"] == [a]
