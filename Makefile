@@ -131,9 +131,9 @@ bench-compress: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_compress --out-dir bench_out $(BENCH_NPROC)
 
 # The same on the small GPT (docs/compression.md): 100 steps of `make gpt`'s model on the
-# standard library per row, eval loss on 256 held-out windows, into bench_out/gpt/ (about 12
-# minutes at load average 10). Not ddp+powersgd: torch's PowerSGD hook over the gpt's two DDP
-# buckets stops at a collective mismatch on gloo.
+# standard library per row, eval loss on 256 held-out windows, into bench_out/gpt/ (4 minutes
+# at load average 9). Not ddp+powersgd: torch's PowerSGD hook over the gpt's two DDP buckets
+# stops at a collective mismatch on gloo.
 COMPRESS_GPT := --model gpt --dataset stdlib --batch-size 4 --max-steps 100 --eval-size 256 \
   --log-every 1000
 bench-compress-gpt: $(STAMP)
