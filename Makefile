@@ -18,8 +18,8 @@ NPROC      ?= 2
 STAMP      := $(VENV)/.installed
 
 .PHONY: demo gpt test test-slow test-all test-oracles test-fakegpu bench model bench-topology \
-  bench-compress bench-diloco bench-fault-tolerance torture-fault-tolerance stress-exit \
-  torture-async bench-async-save lint docs clean
+  bench-compress bench-compress-gpt bench-diloco bench-fault-tolerance torture-fault-tolerance \
+  stress-exit torture-async bench-async-save lint docs clean
 
 # Installs pyproject.toml's dependencies (and the dev extra) without installing the repo
 # itself: the scripts run from the checkout, as `python train_ddp.py` or `-m study.bench`.
@@ -130,6 +130,16 @@ bench-topology: $(STAMP)
 # hooks and the hand-made --compress), NPROC ranks on CPU, one run after the other.
 bench-compress: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_compress --out-dir bench_out $(BENCH_NPROC)
+
+# The same on the small GPT (docs/compression.md): 100 steps of `make gpt`'s model on the
+# standard library per row, eval loss on 256 held-out windows, into bench_out/gpt/ (4 minutes
+# at load average 9). Not ddp+powersgd: torch's PowerSGD hook over the gpt's two DDP buckets
+# stops at a collective mismatch on gloo.
+COMPRESS_GPT := --model gpt --dataset stdlib --batch-size 4 --max-steps 100 --eval-size 256 \
+  --log-every 1000
+bench-compress-gpt: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_compress --ranks 1 --out-dir bench_out/gpt $(BENCH_NPROC) \
+	  --modes ddp,ddp+bf16,allreduce,allreduce+bf16,allreduce+powersgd-r1 -- $(COMPRESS_GPT)
 
 # Loss against bytes sent (docs/communication-at-scale.md): ddp, local SGD, DiLoCo, DiLoCo with a
 # bfloat16 outer all-reduce and streaming DiLoCo, each a traced train_ddp.py run of the small GPT

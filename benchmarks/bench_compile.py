@@ -3,6 +3,7 @@
     python -m benchmarks.bench_compile --nproc 2                   # cnn: ddp, overlap, zero1
     python -m benchmarks.bench_compile --nproc 2 --bucket-cap-mb 0.1 --model mlp
     python -m benchmarks.bench_compile --nproc 2 --model gpt --modes ddp --compiled-autograd
+    python -m benchmarks.bench_compile --model gpt --bucket-cap-mb 1 --modes ddp overlap
 
 For each --sync mode the same model is built twice, eager and compiled (training/compiled.py's
 maybe_compile, inductor unless --compile-backend), and trained on a fixed batch with SGD:

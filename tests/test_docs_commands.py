@@ -39,6 +39,14 @@ SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [  # the first match wins
     (r"(train_dp|train_ddp)\.py|launch/(cpu_sim|multi_gpu|multi_node)\.sh|launch/spawn\.py",
      TRAIN, (0,)),  # fmt: skip
     (r"study\.bench", "--max-bytes 4K --iters 1 --warmup 0", (0,)),
+    # The gpt rows of `make bench`: a 1-block gpt on 32-byte windows, the same code paths.
+    (r"benchmarks\.bench_sync --model gpt",
+     "--steps 1 --rounds 1 --warmup 1 --gpt-layers 1 --context 32", (0,)),
+    (r"benchmarks\.bench_zero --model gpt",
+     "--steps 1 --rounds 1 --warmup 1 --gpt-layers 1 --context 32 --modes ddp zero3", (0,)),
+    (r"benchmarks\.bench_compile --model gpt",
+     "--steps 1 --rounds 1 --modes ddp --compile-backend aot_eager --batch-size 2 "
+     "--gpt-layers 1 --context 32", (0,)),
     (r"benchmarks\.bench_sync", "--steps 1 --rounds 1 --warmup 1", (0,)),
     (r"benchmarks\.bench_dp_ddp", "--steps 1 --repeats 1 --warmup 1", (0,)),
     (r"benchmarks\.bench_zero", "--steps 1 --rounds 1 --warmup 1", (0,)),
