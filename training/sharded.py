@@ -68,7 +68,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from core.dist import DistEnv
 from core.errors import UsageError
 from parallel.torch_twins import FSDP2Sync, TorchZero1Sync
-from training.checkpoint.background import BackgroundWriter, Snapshot
+from training.checkpoint.background import BackgroundWriter, Snapshot, yield_to_training
 from training.checkpoint.contents import CheckpointError, rng_state, set_rng_state, unwrap
 from training.checkpoint.files import (
     _check_archive,
@@ -323,6 +323,7 @@ class _Writer(dcp.FileSystemWriter):
         return self.snapshot.take(state_dict)
 
     def write_data(self, plan, planner):
+        yield_to_training()  # DCP's thread, one per save
         self.snapshot.ready()  # the copies from GPUs have landed
         slow_down("save")
         return super().write_data(plan, planner)
