@@ -316,7 +316,7 @@ class _Writer(dcp.FileSystemWriter):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self.snapshot = Snapshot()  # its buffers are kept from one save to the next
+        self.snapshot = Snapshot(whole_storages=False)  # buffers kept from save to save
 
     def stage(self, state_dict: dict) -> dict:
         self.per_thread_copy_ahead = 0  # as DCP's own stage(): the data is in CPU memory

@@ -58,7 +58,10 @@ class Snapshot:
     next (pinned memory is slow to allocate). Storage for storage, like torch.save: tensors
     that share a storage (a tied head, views of one flat buffer) share it in the copy too."""
 
-    def __init__(self) -> None:
+    def __init__(self, whole_storages: bool = True) -> None:
+        # torch.save writes each tensor's whole storage, DCP only the tensor's own elements:
+        # the copy takes what the writer will write (a view of a large flat buffer: its part).
+        self.whole_storages = whole_storages
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._events: list = []
 
@@ -88,14 +91,14 @@ class Snapshot:
         # does); importing it here just to ask would cost every single-file run seconds.
         dtensor = sys.modules.get("torch.distributed.tensor")
         if dtensor is not None and isinstance(tree, dtensor.DTensor):
-            # a rank's shard of a sharded tensor (DCP's staging): copy its part only
+            # A rank's shard of a sharded tensor (DCP's staging): its part only, as a DTensor
+            # of the same layout. Built from the spec, as DCP's own staging builds its CPU
+            # copies: from_local would move a CPU shard back to a GPU mesh's device.
             local = self._compact(tree.to_local().detach(), used, cuda)
-            return dtensor.DTensor.from_local(
-                local, tree.device_mesh, tree.placements, run_check=False,
-                shape=tree.shape, stride=tree.stride(),
-            )  # fmt: skip
+            return dtensor.DTensor(local, tree._spec, requires_grad=False)
         if isinstance(tree, torch.Tensor):
-            return self._tensor(tree.detach(), used, cuda)
+            copier = self._tensor if self.whole_storages else self._compact
+            return copier(tree.detach(), used, cuda)
         if isinstance(tree, dict):
             return {k: self._copy(v, used, cuda) for k, v in tree.items()}
         if isinstance(tree, list):
@@ -130,7 +133,7 @@ class Snapshot:
 
     def _compact(self, t: torch.Tensor, used: dict, cuda: set) -> torch.Tensor:
         """A contiguous copy of `t` alone (DCP writes the shard, not the buffer around it)."""
-        key = (t.device, "tensor", t.data_ptr(), t.dtype, tuple(t.shape))
+        key = (t.device, "tensor", t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
         buffer = self._buffer(key, tuple(t.shape), t.dtype, used)
         self._fill(buffer, t, t.device, cuda)
         return buffer
