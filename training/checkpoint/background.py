@@ -9,10 +9,11 @@ rename, the pointer, exactly as a synchronous save does it, so a kill at any mom
 leaves the previous checkpoint as the newest and never half a file under a real name.
 
 A thread, not a process: the snapshot is already in this process's memory, and the bulk of
-the write (copying storage bytes, write(2), fsync(2)) runs in C without the GIL; a process
-would need the snapshot copied once more into shared memory, its own `import torch` (seconds)
-and a fork of a process that holds CUDA and gloo threads, which is unsafe. torch's own
-`dcp.async_save` uses a thread by default for the same reasons.
+the write's time goes to system calls (write(2) of each storage, fsync(2)) that release the
+GIL; a process would need the snapshot copied once more into shared memory, its own
+`import torch` (seconds) and a fork of a process that holds CUDA and gloo threads, which is
+unsafe. torch's own `dcp.async_save` uses a thread by default for the same reasons. The thread
+runs at a lower CPU priority (`yield_to_training`).
 
 At most one save is in flight: the next save first waits for the previous write to finish
 (and says so in the log when it had to wait). Unbounded, a slow disk would pile up snapshots
