@@ -59,6 +59,7 @@ SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [  # the first match wins
     (r"benchmarks\.bench_shm", "--sizes 64K --rounds 1 --iters 1", (0,)),
     (r"study\.simulate .*--topology", "--world 8 --topology 2x4", (0,)),  # hsdp's layout
     (r"study\.simulate", "--world 8 --sync zero3", (0,)),
+    (r"benchmarks\.bench_async_save", "--model mlp --steps 2 --save-every 1 --rounds 1", (0,)),
     (r"benchmarks\.bench_compress_sync", "--models cnn --ranks 1 --steps 1 --rounds 1", (0,)),
     (r"benchmarks\.bench_compress\b",
      "--ranks 1 --modes allreduce+powersgd-r1 -- --max-steps 3 --train-size 512 --eval-size 64",

@@ -68,7 +68,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from core.dist import DistEnv
 from core.errors import UsageError
 from parallel.torch_twins import FSDP2Sync, TorchZero1Sync
-from training.checkpoint.background import BackgroundWriter, Snapshot
+from training.checkpoint.background import BackgroundWriter, Snapshot, yield_to_training
 from training.checkpoint.contents import CheckpointError, rng_state, set_rng_state, unwrap
 from training.checkpoint.files import (
     _check_archive,
@@ -316,13 +316,14 @@ class _Writer(dcp.FileSystemWriter):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self.snapshot = Snapshot()  # its buffers are kept from one save to the next
+        self.snapshot = Snapshot(whole_storages=False)  # buffers kept from save to save
 
     def stage(self, state_dict: dict) -> dict:
         self.per_thread_copy_ahead = 0  # as DCP's own stage(): the data is in CPU memory
         return self.snapshot.take(state_dict)
 
     def write_data(self, plan, planner):
+        yield_to_training()  # DCP's thread, one per save
         self.snapshot.ready()  # the copies from GPUs have landed
         slow_down("save")
         return super().write_data(plan, planner)
