@@ -30,7 +30,7 @@ from core.dist import DistEnv
 from core.errors import run_cli
 from tests.multiproc import WorldFailed, run_world
 from tools import convert
-from training.checkpoint import CheckpointManager, load_checkpoint, training_state
+from training.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, training_state
 from training.checkpoint import background as background_module
 
 ONE = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, backend="gloo",
@@ -200,6 +200,20 @@ def _oracle_runs(rank: int, world_size: int, root: str) -> list[tuple[str, bool]
         step2 = Path(root) / mode / "async" / "checkpoints" / f"step-00000002.{EXT[mode]}"
         run(mode, "resumed", "--resume", str(step2), "--async-save")  # 6 more steps, written async
         waits.append((mode, False))
+    # Rank 1's part of a sharded save fails (a full disk): every rank raises the same line.
+    from training import sharded
+
+    def full_disk(self, plan, planner):
+        if rank == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return write(self, plan, planner)
+
+    write = sharded._Writer.write_data
+    sharded._Writer.write_data = full_disk
+    try:
+        run("zero2", "full", "--async-save")
+    except CheckpointError as e:
+        waits.append(("error", str(e)))
     return waits
 
 
@@ -217,7 +231,14 @@ def _single_file(folder: Path, tmp: Path) -> dict:
 @pytest.mark.oracle
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_async_checkpoints_are_the_steps_and_resume_bit_identical(tmp_path, world_size):
-    waits = run_world(_oracle_runs, world_size, str(tmp_path), timeout=300)[0]
+    results = run_world(_oracle_runs, world_size, str(tmp_path), timeout=300)
+    errors = [r[-1] for r in results]
+    assert errors[0][0] == "error" and len(set(errors)) == 1, errors  # the same on every rank
+    assert "\n" not in errors[0][1] and "the checkpoint of step 8 was not written" in errors[0][1]
+    assert "rank 1's files: cannot write" in errors[0][1], errors[0][1]
+    assert "No space left on device" in errors[0][1], errors[0][1]
+    assert not (tmp_path / "zero2" / "full" / "checkpoint.dcp").exists()
+    waits = results[0]
     for mode in MODES:
         # The save at step 4 found step 2's write still held back: steps 3 and 4 ran during it.
         mine = waits[: waits.index((mode, False))]

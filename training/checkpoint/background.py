@@ -173,7 +173,7 @@ class BackgroundWriter:
         except OSError as e:
             self._error = write_error_line(e) if e.errno in WRITE_ERRORS else f"{e}"
         except BaseException as e:  # noqa: BLE001 - reported on the training thread by settle()
-            self._error = str(e) or type(e).__name__
+            self._error = (str(e).strip().splitlines() or [type(e).__name__])[0]  # one line
 
     def busy(self) -> bool:
         """Is a write in flight now (benchmarks/bench_async_save.py sorts steps by it)?"""
@@ -199,7 +199,7 @@ class BackgroundWriter:
     def settle(self, before: str) -> None:
         """On every rank: wait for the write in flight, then agree on whether every rank's
         part was written. A failure anywhere is one CheckpointError, the same on every rank
-        (the lowest failing rank's reason), so all ranks leave together."""
+        (the lowest rank's reason that has one), so all ranks leave together."""
         self.wait(before)
         error, self._error = self._error, None
         if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -212,7 +212,5 @@ class BackgroundWriter:
             return
         errors: list = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
-        rank, reason = next((r, e) for r, e in enumerate(errors) if e is not None)
-        raise CheckpointError(
-            f"the checkpoint of {self._what} was not written (rank {rank}): {reason}"
-        )
+        reason = next(e for e in errors if e is not None)
+        raise CheckpointError(f"the checkpoint of {self._what} was not written: {reason}")
