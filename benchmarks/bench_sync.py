@@ -96,10 +96,11 @@ def slowest(seconds: float, device: torch.device) -> float:
     return t.item()
 
 
-def rounds_of(
+def round_times(
     variants: dict[str, Callable[[], None]], rounds: int, repeats: int, env: DistEnv
-) -> dict[str, float]:
-    """Seconds per call of each variant in its fastest round; rounds interleave the variants."""
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant in each round (slowest rank); rounds interleave the
+    variants, so round r of two variants ran close together in time."""
     names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in names}
     bar = tqdm(  # for a person at a terminal; a pipe or a log gets the table only
@@ -120,7 +121,14 @@ def rounds_of(
                 torch.cuda.synchronize()
             times[name].append(slowest((time.perf_counter() - start) / repeats, env.device))
     bar.close()
-    return {name: min(times[name]) for name in names}
+    return times
+
+
+def rounds_of(
+    variants: dict[str, Callable[[], None]], rounds: int, repeats: int, env: DistEnv
+) -> dict[str, float]:
+    """Seconds per call of each variant in its fastest round; rounds interleave the variants."""
+    return {name: min(t) for name, t in round_times(variants, rounds, repeats, env).items()}
 
 
 class NoSync(Sync):
