@@ -50,7 +50,7 @@ from data.datasets import build_datasets
 from data.sampling import eval_loader
 from training.checkpoint import param_checksum
 from training.checkpoint.files import atomic_write
-from training.faults import fault_hook, heal_fault, hold_until_released
+from training.faults import fault_hook, heal_fault, hold_until_released, slow_down
 from training.metrics import evaluate, loss_fn
 from training.models import model_from_args, model_input
 from training.optim import make_optimizer, make_scheduler
@@ -197,7 +197,7 @@ def run_replica(args: argparse.Namespace) -> dict:
     env = resolve("gloo")
     check_flags(args, env.world_size)
     label = str(args.replica_id)
-    say = lambda line: print(f"replica {label}: {line}", flush=True)  # noqa: E731
+    say = lambda line: print(f"replica {label}: {line}", flush=True)
     dtype = getattr(torch, args.dtype)
     data = build_datasets(
         args.dataset,
@@ -260,6 +260,7 @@ def run_replica(args: argparse.Namespace) -> dict:
         model.train()
         loss = loss_fn(model(images).to(dtype), labels.to(env.device))
         loss.backward()
+        slow_down("reduce")  # TRAIN_SLOW=reduce:S, tests only: a kill in the middle of a step
         try:
             loss_value = all_reduce_gradients(group, params, loss, m)
         except RuntimeError as e:  # a peer died mid-step: discard, ask for a new quorum

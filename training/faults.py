@@ -17,6 +17,8 @@ or of a checkpoint write (tests/test_training_preempt.py):
     TRAIN_SLOW=step:0.2           every rank sleeps 0.2 s after each optimizer step
     TRAIN_SLOW=step:0.2,save:1    ... and for 1 s halfway through each file write (checkpoints,
                                   summary.json: training/checkpoint/files.atomic_write)
+    TRAIN_SLOW=reduce:0.3         a fault-tolerant replica sleeps 0.3 s before each gradient
+                                  all-reduce: a kill then lands while its peers wait in theirs
 
 A third holds a fault-tolerant replica (train_ddp.py --fault-tolerance) back, ready to train,
 until a file exists, so that a test can make it join a running job at a moment of its choice:
@@ -38,7 +40,7 @@ from core.errors import UsageError
 ENV = "TRAIN_FAULT"
 KINDS = ("kill", "hang", "raise")
 SLOW = "TRAIN_SLOW"
-SLOW_PLACES = ("step", "save")
+SLOW_PLACES = ("step", "save", "reduce")
 JOIN_AFTER = "TRAIN_JOIN_AFTER"
 HEAL_FAULT = "TRAIN_HEAL_FAULT"
 
@@ -57,7 +59,7 @@ def hold_until_released() -> None:
 
 
 def slow_down(place: str) -> None:
-    """Sleep for TRAIN_SLOW's seconds at `place` ('step' or 'save'); nothing when unset."""
+    """Sleep for TRAIN_SLOW's seconds at `place` (one of SLOW_PLACES); nothing when unset."""
     spec = os.environ.get(SLOW, "")
     if not spec:
         return
@@ -67,7 +69,7 @@ def slow_down(place: str) -> None:
             raise ValueError
     except ValueError:
         raise UsageError(
-            f"{SLOW}={spec!r}: expected PLACE:SECONDS[,...], PLACE step or save"
+            f"{SLOW}={spec!r}: expected PLACE:SECONDS[,...], PLACE one of {', '.join(SLOW_PLACES)}"
         ) from None
     time.sleep(seconds.get(place, 0.0))
 

@@ -38,6 +38,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -71,7 +72,7 @@ class Coordinator:
     heartbeat_timeout: float
     join_timeout: float
     expect_replicas: int = 1
-    log: object = print
+    log: Callable[[str], None] = print
     quorum_id: int = 0
     members: list[int] = field(default_factory=list)
     live: dict[int, Replica] = field(default_factory=dict)
@@ -123,7 +124,7 @@ class Coordinator:
                 self.log(error)
             return
         self.too_few_since = None
-        wanted = self.expect_replicas if not self.members and self.quorum_id == 0 else 0
+        wanted = self.expect_replicas if self.quorum_id == 0 else 0  # the first quorum
         everyone = len(asking) == len(self.live) and len(asking) >= wanted
         if len(asking) < self.min_replicas or not (everyone or waited >= self.join_timeout):
             return
