@@ -13,6 +13,9 @@
 # MAX_RESTARTS (torchrun restarts per replica, default 3), PYTHON, OMP_NUM_THREADS (default:
 # cores / N, at least 1), GLOO_SOCKET_IFNAME (default: the loopback interface).
 # Everything listens on loopback only. Exit status: the first failing replica's, else 0.
+# SIGTERM, SIGINT or SIGHUP stops the job: each torchrun is sent SIGTERM and stops its replica
+# (torchrun prints its SignalException), then the coordinator; nothing is left running, and
+# nothing is saved (this mode writes no checkpoint); exit status 143.
 set -euo pipefail
 
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
