@@ -162,10 +162,16 @@ class QuorumLost(UsageError):
 def connect(address: str, timeout: float) -> dist.TCPStore:
     """A client of the coordinator's store at HOST:PORT."""
     host, _, port = address.rpartition(":")
+    # Tried with a plain socket first: TCPStore's own failure to connect logs a C++ stack
+    # trace on stderr for every retry, and the error must stay one line.
     try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
         return dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout))
-    except (RuntimeError, ValueError) as e:  # DistNetworkError, DistStoreError
-        raise QuorumLost(f"cannot reach the coordinator at {address}: {e}") from None
+    except OSError as e:  # refused, unreachable, timed out
+        reason = e.strerror or type(e).__name__
+    except RuntimeError as e:  # DistNetworkError: went away between the two
+        reason = str(e).splitlines()[0]
+    raise QuorumLost(f"cannot reach the coordinator at {address} ({reason})")
 
 
 class QuorumClient:
