@@ -18,7 +18,8 @@ NPROC      ?= 2
 STAMP      := $(VENV)/.installed
 
 .PHONY: demo gpt test test-slow test-all test-oracles test-fakegpu bench model bench-topology \
-  bench-compress bench-fault-tolerance torture-fault-tolerance stress-exit lint docs clean
+  bench-compress bench-diloco bench-fault-tolerance torture-fault-tolerance stress-exit \
+  torture-async bench-async-save lint docs clean
 
 # Installs pyproject.toml's dependencies (and the dev extra) without installing the repo
 # itself: the scripts run from the checkout, as `python train_ddp.py` or `-m study.bench`.
@@ -69,12 +70,36 @@ test-fakegpu: $(STAMP)
 # bench_sync and study.bench run one NCCL rank per GPU with 2 or more GPUs, else 2 gloo ranks
 # on CPU; bench_dp_ddp uses every GPU, or 2 CPU workers. `make bench NPROC=4`: 4 of them.
 BENCH_NPROC := $(if $(filter file undefined,$(origin NPROC)),,--nproc $(NPROC))
+#
+# Then the same evidence on the small GPT (training/gpt.py at `make gpt`'s sizes: 4 blocks of
+# width 128, context 128, 0.84 M parameters, 3.4 MB of float32 gradients) on windows of this
+# Python's standard library, into bench_out/gpt/: the sync modes' step time, ZeRO's bytes per
+# parameter and peak per rank, compression's bytes and time per synchronisation, eager
+# against compiled, and the overlap timeline of a traced train_ddp.py run. 6 minutes on the
+# 2-core box at load average 11 with inductor's cache holding the gpt's kernels, 2 more
+# without. --bucket-cap-mb 1: DDP's default buckets hold these gradients in 2 (1 MiB, then
+# 2.3 MB that only the end of backward fills); 1 MiB buckets make 4, a block and a third
+# each, and leave only the embeddings (0.2 MB) for the end, so that overlap has buckets to
+# send while backward goes on (tests/test_benchmarks_gpt.py checks the plan).
+GPT_BENCH := --model gpt --dataset stdlib --batch-size 4
+GPT_TIMELINE := train_ddp.py --model gpt --dataset stdlib --batch-size 4 --max-steps 12 \
+  --eval-size 64 --log-every 1000 --trace-comm --out-dir bench_out/gpt/timeline --overwrite
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_sync --out-dir bench_out $(BENCH_NPROC)
 	$(BIN)/python -m benchmarks.bench_dp_ddp --out-dir bench_out $(BENCH_NPROC)
 	$(BIN)/python -m study.bench --out-dir bench_out $(BENCH_NPROC)
 	$(BIN)/python -m benchmarks.bench_zero --out-dir bench_out $(BENCH_NPROC)
 	$(BIN)/python -m benchmarks.bench_goals --out-dir bench_out $(BENCH_NPROC)
+	$(BIN)/python -m benchmarks.bench_sync $(GPT_BENCH) --bucket-cap-mb 1 --rounds 3 --steps 5 \
+	  --out-dir bench_out/gpt $(BENCH_NPROC)
+	$(BIN)/python -m benchmarks.bench_zero $(GPT_BENCH) --rounds 3 --steps 3 --out-dir bench_out/gpt \
+	  $(BENCH_NPROC)
+	$(BIN)/python -m benchmarks.bench_compress_sync --models cnn,gpt $(BENCH_NPROC)
+	$(BIN)/python -m benchmarks.bench_compile $(GPT_BENCH) --bucket-cap-mb 1 --modes ddp overlap \
+	  $(BENCH_NPROC)
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node $(NPROC) $(GPT_TIMELINE) \
+	  > bench_out/gpt/timeline.log
+	$(BIN)/python -m study.timeline bench_out/gpt/timeline
 
 # The alpha-beta cost model against this machine (docs/cost-model.md): a 4-rank sweep of gloo's
 # all_reduce and the hand-made ring/tree/rhd/naive, their fits, whether the formulas pick the
@@ -106,6 +131,14 @@ bench-topology: $(STAMP)
 bench-compress: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_compress --out-dir bench_out $(BENCH_NPROC)
 
+# Loss against bytes sent (docs/communication-at-scale.md): ddp, local SGD, DiLoCo, DiLoCo with a
+# bfloat16 outer all-reduce and streaming DiLoCo, each a traced train_ddp.py run of the small GPT
+# on the standard library, NPROC ranks on CPU, one after the other (about 3 minutes loaded):
+# bench_out/gpt/bench_diloco.{csv,png} and the curves in bench_diloco_curves.csv.
+DILOCO_GPT := --model gpt --dataset stdlib --batch-size 4 --eval-size 256 --log-every 10
+bench-diloco: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_diloco --steps 160 --every 8 --out-dir bench_out/gpt \
+	  $(BENCH_NPROC) -- $(DILOCO_GPT)
 # docs/fault-tolerance.md's figures: one worker SIGKILLed mid-run, the fault-tolerant job
 # (coordinator + 3 replicas) against torchrun's restart path; steps lost and seconds from the
 # kill to the next step, TRIALS times each. About 1.5 minutes a trial on a loaded 2-core box.
@@ -128,6 +161,16 @@ torture-fault-tolerance: $(STAMP)
 RUNS ?= 50
 stress-exit: $(STAMP)
 	$(BIN)/python -m benchmarks.stress_exit --runs $(RUNS)
+
+# --async-save under SIGKILL (tests/test_training_checkpoint_background.py): KILLS kills per
+# mode (ddp, zero2; by turns the whole job, rank 0, rank 1) at random moments of a background
+# write, each followed by the checks and an exact resume; prints the counts at the end.
+# TORTURE_SEED replays a run's choices (the seed is printed). About 15 s a kill on a loaded box.
+KILLS ?= 10
+torture-async: $(STAMP)
+	ASYNC_TORTURE_KILLS=$(KILLS) $(if $(TORTURE_SEED),ASYNC_TORTURE_SEED=$(TORTURE_SEED)) \
+	  $(BIN)/python -m pytest -q -s -m slow tests/test_training_checkpoint_background.py \
+	  -k kills
 
 # The figures the pages quote that the code recomputes in seconds (the pair's diff counts, the
 # pitfalls' RESULT lines), rewritten between their <!-- figure: NAME --> markers; `make test`

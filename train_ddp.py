@@ -53,7 +53,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from core.dist import DistEnv, rendezvous, resolve
-from core.errors import UsageError, exit_on_error, run_cli
+from core.errors import exit_on_error, run_cli
 from data.datasets import build_datasets, download_once
 from data.sampling import ResumableDistributedSampler, eval_loader, train_loader
 from parallel.clip import GradClip
@@ -65,7 +65,7 @@ from training.fault_tolerant import run_replica
 from training.faults import fault_hook
 from training.loop import Steps, TrainLoop, final_model, make_checkpoints
 from training.metrics import evaluate, loss_fn
-from training.models import checkpoint_activations, has_batchnorm, model_from_args, model_input
+from training.models import checkpoint_activations, model_from_args, model_input
 from training.optim import autocast_dtype, make_optimizer, make_scheduler
 from training.runlog import RunLog
 
@@ -152,8 +152,6 @@ def train(args: argparse.Namespace, env: DistEnv, devices: list[torch.device]) -
     if args.activation_checkpointing:  # recompute each block in backward: training/models.py
         checkpoint_activations(model)
     if args.sync_bn:  # batch statistics over the global batch (CUDA only: validate() checks)
-        if not has_batchnorm(model):
-            raise UsageError(f"--sync-bn: model {args.model} has no BatchNorm layer")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     dtype = getattr(torch, args.dtype)  # float32; float64 for exact comparisons
     model = model.to(env.device, dtype)

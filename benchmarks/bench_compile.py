@@ -27,22 +27,21 @@ import time
 
 import torch
 import torch._dynamo
-import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from benchmarks.bench_sync import rounds_of
+from benchmarks.workload import Workload, add_model_flags, workload
 from core.cli import Parser, positive, positive_float
 from core.dist import DistEnv, distributed, rank0_logger
 from core.errors import run_cli
 from parallel.factory import SYNC_MODES, make_sync
 from study.bench import add_world_flags, launch_unless_ranked, rank_backend
 from training.compiled import maybe_compile
-from training.models import MODELS, build_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="cnn", choices=MODELS, help="network to train")
+    add_model_flags(p)
     p.add_argument(
         "--modes", nargs="+", default=["ddp", "overlap", "zero1"], choices=SYNC_MODES,
         help="--sync modes to compare",
@@ -71,10 +70,7 @@ class Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def measure(args: argparse.Namespace, env: DistEnv) -> list[dict]:
-    g = torch.Generator().manual_seed(1 + env.rank)
-    x = torch.randn(args.batch_size, 3, 32, 32, generator=g)
-    y = torch.randint(10, (args.batch_size,), generator=g)
+def measure(args: argparse.Namespace, env: DistEnv, work: Workload) -> list[dict]:
     lines = Lines()
     logger = logging.getLogger("torch._dynamo.backends.distributed")
     logger.setLevel(logging.INFO)
@@ -88,7 +84,7 @@ def measure(args: argparse.Namespace, env: DistEnv) -> list[dict]:
             counters.clear()
             lines.lines.clear()
             torch.manual_seed(0)
-            model = build_model(args.model, 3, 32, 10)
+            model = work.build().to(env.device)
             buckets = cap if mode in ("ddp", "allreduce", "overlap") else None
             sync = make_sync(mode, model, env, bucket_bytes=buckets)
             opt = sync.make_optimizer(torch.optim.SGD, dict(lr=1e-3, momentum=0.9))
@@ -96,7 +92,7 @@ def measure(args: argparse.Namespace, env: DistEnv) -> list[dict]:
             maybe_compile(sync.model, compiled, backend=args.compile_backend)
 
             def step(sync=sync, opt=opt) -> None:
-                F.cross_entropy(sync.model(x), y).backward()
+                work.loss(sync.model).backward()
                 sync.finish_backward()
                 opt.step()
                 sync.after_step(opt)
@@ -120,17 +116,17 @@ def measure(args: argparse.Namespace, env: DistEnv) -> list[dict]:
     return rows
 
 
-def report(args: argparse.Namespace, env: DistEnv, rows: list[dict]) -> None:
+def report(args: argparse.Namespace, env: DistEnv, work: Workload, rows: list[dict]) -> None:
     if not env.is_main:
         return
     log = rank0_logger(env, "bench")
-    params = sum(p.numel() for p in build_model(args.model, 3, 32, 10).parameters())
+    params = sum(p.numel() for p in work.build().parameters())
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     log.info(
-        "%d ranks, %s, torch %s, --model %s (%d parameters, %.0f KB float32), batch %d per "
-        "rank, backend %s; load average %s on %d cores",
-        env.world_size, env.backend, torch.__version__, args.model, params, params * 4 / 1024,
-        args.batch_size, args.compile_backend, load, os.cpu_count(),
+        "%d ranks, %s, torch %s, %s (%d parameters, %.0f KB float32), backend %s; load "
+        "average %s on %d cores",
+        env.world_size, env.backend, torch.__version__, work.what, params, params * 4 / 1024,
+        args.compile_backend, load, os.cpu_count(),
     )  # fmt: skip
     log.info(
         "  %-10s %12s %14s %11s %13s %8s %7s %7s %7s",
@@ -152,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     launch_unless_ranked("benchmarks.bench_compile", argv, args)
     with distributed(rank_backend(args.backend)) as env:
-        report(args, env, measure(args, env))
+        work = workload(args, args.batch_size, env.rank, env.world_size, env.device)
+        report(args, env, work, measure(args, env, work))
 
 
 if __name__ == "__main__":

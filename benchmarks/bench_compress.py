@@ -31,6 +31,7 @@ import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from core.cli import Parser, positive
@@ -92,9 +93,12 @@ def modes(ranks: list[int]) -> dict[str, list[str]]:
     return rows
 
 
-def traced_run(nproc: int, flags: list[str], timeout: int) -> dict | str:
+def traced_run(
+    nproc: int, flags: list[str], timeout: int, read: Callable[[Path], dict] | None = None
+) -> dict | str:
     """`torchrun train_ddp.py --trace-comm FLAGS` on `nproc` CPU ranks (one intra-op thread
-    each) into a temporary --out-dir: its summary.json, or why there is none."""
+    each) into a temporary --out-dir: its summary.json (with what `read` takes from the
+    out-dir before it goes), or why there is none."""
     with tempfile.TemporaryDirectory(prefix="bench-run-") as out:
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -107,7 +111,7 @@ def traced_run(nproc: int, flags: list[str], timeout: int) -> dict | str:
         if code != 0 or not summary.is_file():
             tail = "\n".join(output.strip().splitlines()[-10:])
             return f"exit status {code}:\n{tail}"
-        return json.loads(summary.read_text())
+        return json.loads(summary.read_text()) | (read(Path(out)) if read else {})
 
 
 def one_run(args: argparse.Namespace, flags: list[str]) -> dict | str:

@@ -23,13 +23,14 @@ import time
 import torch
 import torch.distributed as dist
 
+from benchmarks.workload import BENCH_MODELS, model_named
 from comm import compress
 from comm.tracer import CommTracer
 from core.cli import Parser, positive
 from core.dist import DistEnv, distributed, rank0_logger
 from core.errors import run_cli
 from study.bench import add_world_flags, launch, rank_backend
-from training.models import MODELS, build_model
+from training.cli import add_gpt_size_flags
 
 
 def rank_list(value: str) -> list[int]:
@@ -45,14 +46,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--models",
         type=lambda v: v.split(","),
         default=["cnn", "resnet18"],
-        help=f"comma-separated, of {', '.join(MODELS)}",
+        help=f"comma-separated, of {', '.join(BENCH_MODELS)} (gpt: sized by the flags below)",
     )
     p.add_argument("--ranks", type=rank_list, default=[1, 4], help="PowerSGD ranks, e.g. 1,4")
     p.add_argument("--steps", type=positive, default=10, help="timed calls per round")
     p.add_argument("--rounds", type=positive, default=5, help="rounds; the fastest is reported")
     add_world_flags(p)
+    add_gpt_size_flags(p.add_argument_group("--models gpt (training/gpt.py)"))
     args = p.parse_args(argv)
-    unknown = [m for m in args.models if m not in MODELS]
+    unknown = [m for m in args.models if m not in BENCH_MODELS]
     if unknown:
         p.error(f"--models: unknown {', '.join(unknown)}")
     return args
@@ -104,7 +106,7 @@ def report(args: argparse.Namespace, env: DistEnv) -> None:
     log(f"{'model':9s} {'compress':12s} {'bytes':>10s} {'vs fp32':>7s} {'ms':>8s} {'vs none':>7s}")
     for name in args.models:
         torch.manual_seed(0)
-        model = build_model(name, 3, 32, 10).to(env.device)
+        model = model_named(name, args).to(env.device)
         shapes = [p.shape for p in model.parameters() if p.requires_grad]
         full = sum(s.numel() for s in shapes) * 4
         base = None

@@ -16,14 +16,19 @@ the same data, steps and seed; only --sync and its settings differ:
 From each run's summary.json: the eval loss after the run, and the bytes this rank sent in
 its training steps (comm/tracer.py, summed over the steps; every step also all-reduces 4
 bytes for the preemption check, and log steps the metrics; the start-up broadcast of the
-parameters is not counted). The table goes to stdout, the rows to <out-dir>/bench_diloco.csv
-and loss against bytes to <out-dir>/bench_diloco.png.
+parameters is not counted); from its TensorBoard events, the training loss of every
+--log-every steps (the mean over the ranks' batches since the last log line; local SGD's and
+DiLoCo's ranks train their own replicas between syncs), set against the bytes sent up to
+that step. The table goes to stdout, the rows to <out-dir>/bench_diloco.csv, the curves to
+<out-dir>/bench_diloco_curves.csv and loss against bytes (the curves, and each run's eval
+loss as a dot at its end) to <out-dir>/bench_diloco.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import os
 from pathlib import Path
 
@@ -65,11 +70,27 @@ def modes(every: int) -> dict[str, list[str]]:
     }
 
 
+def train_losses(out_dir: Path) -> dict:
+    """The run's training loss at its log steps, from its TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out_dir / "tb"), size_guidance={"scalars": 0}).Reload()
+    return {"train_loss": [(e.step, e.value) for e in events.Scalars("train/loss")]}
+
+
 def one_run(args: argparse.Namespace, flags: list[str]) -> dict | str:
-    """The run's summary.json, or why there is none."""
+    """The run's summary.json and training losses, or why there are none."""
     common = ["--optimizer", "adamw", "--lr", "0.001", "--epochs", "1000"]
     steps = ["--max-steps", str(args.steps)]
-    return traced_run(args.nproc, [*common, *steps, *flags, *args.train_args], args.timeout)
+    return traced_run(
+        args.nproc, [*common, *steps, *flags, *args.train_args], args.timeout, train_losses
+    )
+
+
+def curve(result: dict) -> list[tuple[int, float, float]]:
+    """(step, MB sent up to and including it, training loss) at each log step."""
+    sent = list(itertools.accumulate(result["comm"]["sent_per_rank_per_step"]))
+    return [(step, sent[step - 1] / 1e6, loss) for step, loss in result["train_loss"]]
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -78,12 +99,14 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        ax.scatter(r["sent_mb"], r["eval_loss"], label=r["mode"])
+        _, mb, loss = zip(*r["curve"], strict=True)
+        (line,) = ax.plot(mb, loss, label=r["mode"], lw=1.2)
+        ax.scatter([r["sent_mb"]], [r["eval_loss"]], color=line.get_color(), zorder=3)
     ax.set_xscale("log")
-    ax.set_xlabel("MB sent per rank in the run (log)")
-    ax.set_ylabel("eval loss after the run")
+    ax.set_xlabel("MB sent per rank so far (log)")
+    ax.set_ylabel("training loss (line); eval loss after the run (dot)")
     ax.set_title(f"loss against bytes (load average {os.getloadavg()[0]:.1f})")
     ax.legend()
     fig.tight_layout()
@@ -105,15 +128,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{name:14s} failed, {result}", flush=True)
             continue
         sent = sum(result["comm"]["sent_per_rank_per_step"])  # the steps': not start-up
-        rows.append({"mode": name, "eval_loss": result["eval_loss"], "sent_mb": sent / 1e6})
+        rows.append(
+            {
+                "mode": name,
+                "eval_loss": result["eval_loss"],
+                "sent_mb": sent / 1e6,
+                "curve": curve(result),
+            }
+        )
         ratio = sent / 1e6 / rows[0]["sent_mb"]
         print(f"{name:14s} {result['eval_loss']:9.4f} {sent / 1e6:9.2f} {ratio:7.3f}", flush=True)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "bench_diloco.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["mode", "eval_loss", "sent_mb"])
+        w = csv.DictWriter(f, fieldnames=["mode", "eval_loss", "sent_mb"], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+    with open(out / "bench_diloco_curves.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["mode", "step", "sent_mb", "train_loss"])
+        w.writerows([r["mode"], *point] for r in rows for point in r["curve"])
     if rows:
         plot(rows, out / "bench_diloco.png")
     if failed:

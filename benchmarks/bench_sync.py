@@ -37,23 +37,29 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from benchmarks.workload import Workload, add_model_flags, workload
 from comm.communicate import communicate
-from core.cli import Parser, positive
+from core.cli import Parser, positive, positive_float
 from core.dist import DistEnv, choose_threads, distributed, rank0_logger
 from core.errors import run_cli
 from parallel.base import Sync
 from parallel.factory import SHARDED_MODES, SYNC_MODES, make_sync
 from study.bench import add_world_flags, launch_unless_ranked, rank_backend
-from training.models import MODELS, build_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(description=__doc__)
-    p.add_argument("--model", default="cnn", choices=MODELS, help="network for the sync modes")
+    add_model_flags(p)
     p.add_argument("--batch-size", type=positive, default=32, help="samples per rank per step")
+    p.add_argument(
+        "--bucket-cap-mb",
+        type=positive_float,
+        default=None,
+        help="gradient bucket cap of ddp, allreduce and overlap, MiB (unset: DDP's 25, and 1 "
+        "for the first bucket)",
+    )
     p.add_argument("--steps", type=positive, default=10, help="timed steps per mode per round")
     p.add_argument("--rounds", type=positive, default=7, help="rounds; the fastest is reported")
     p.add_argument("--warmup", type=positive, default=3, help="untimed steps per mode first")
@@ -119,17 +125,24 @@ class NoSync(Sync):
     """No communication at all: each rank trains alone. The floor for every mode."""
 
 
-def bench_sync_modes(args: argparse.Namespace, env: DistEnv) -> dict[str, float]:
-    g = torch.Generator().manual_seed(1 + env.rank)  # each rank its own shard of the batch
-    x = torch.randn(args.batch_size, 3, 32, 32, generator=g).to(env.device)
-    y = torch.randint(10, (args.batch_size,), generator=g).to(env.device)
+def bucket_bytes(args: argparse.Namespace, mode: str) -> int | None:
+    """--bucket-cap-mb for the modes with gradient buckets (None: the mode's default)."""
+    if args.bucket_cap_mb is None or mode not in ("ddp", "allreduce", "overlap"):
+        return None
+    return int(args.bucket_cap_mb * 2**20)
+
+
+def bench_sync_modes(
+    args: argparse.Namespace, env: DistEnv, work: Workload
+) -> tuple[dict[str, float], int]:
+    """Seconds per step of every mode, and how many buckets overlap (and DDP) launch."""
 
     def step_fn(sync: Sync) -> Callable[[], None]:
         optimizer = torch.optim.SGD(sync.model.parameters(), lr=0.01, momentum=0.9)
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(sync.model(x), y).backward()
+            work.loss(sync.model).backward()
             sync.finish_backward()
             optimizer.step()
             sync.after_step(optimizer)
@@ -140,17 +153,21 @@ def bench_sync_modes(args: argparse.Namespace, env: DistEnv) -> dict[str, float]
     # The sharded modes step only their own shard: benchmarks/bench_zero.py measures them.
     for mode in ("none", *(m for m in SYNC_MODES if m not in SHARDED_MODES)):
         torch.manual_seed(0)
-        model = build_model(args.model, 3, 32, 10).to(env.device)
+        model = work.build().to(env.device)
         if mode == "none":
             sync = NoSync(model)
         else:
             every = args.sync_every if mode in ("local-sgd", "diloco") else None
-            sync = make_sync(mode, model, env, sync_every=every)
+            sync = make_sync(
+                mode, model, env, sync_every=every, bucket_bytes=bucket_bytes(args, mode)
+            )
         label = f"{mode} K={args.sync_every}" if mode in ("local-sgd", "diloco") else mode
         variants[label] = step_fn(sync)
         for _ in range(args.warmup):
             variants[label]()
-    return rounds_of(variants, args.rounds, args.steps, env)
+        if mode == "overlap":  # rebuilt after the first backward, in DDP's ready order
+            buckets = len(sync.buckets)
+    return rounds_of(variants, args.rounds, args.steps, env), buckets
 
 
 def bench_communicate(args: argparse.Namespace, env: DistEnv) -> tuple[dict[str, float], str]:
@@ -181,7 +198,15 @@ def bench_communicate(args: argparse.Namespace, env: DistEnv) -> tuple[dict[str,
     return rounds_of(variants, args.rounds, args.steps, env), what
 
 
-def report(args: argparse.Namespace, env: DistEnv, modes: dict, comms: dict, what: str) -> None:
+def report(
+    args: argparse.Namespace,
+    env: DistEnv,
+    modes: dict,
+    comms: dict,
+    what: str,
+    workload_title: str,
+    buckets: int,
+) -> None:
     """Rank 0 prints the tables and writes the CSV and the plot."""
     if not env.is_main:
         return
@@ -201,7 +226,7 @@ def report(args: argparse.Namespace, env: DistEnv, modes: dict, comms: dict, wha
     for section, title, unit in (
         (
             "sync step",
-            f"step time, --model {args.model}, {args.batch_size} samples per rank",
+            f"step time, {workload_title}",
             "vs ddp",
         ),
         ("communication", f"synchronising {what}", "speed-up"),
@@ -214,7 +239,9 @@ def report(args: argparse.Namespace, env: DistEnv, modes: dict, comms: dict, wha
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "bench_sync.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["section", "variant", "ms", "ratio", "model", "batch_size", "world_size"])
+        w.writerow(
+            ["section", "variant", "ms", "ratio", "model", "batch_size", "world_size", "buckets"]
+        )
         for section, name, ms, ratio in rows:
             w.writerow(
                 [
@@ -225,9 +252,11 @@ def report(args: argparse.Namespace, env: DistEnv, modes: dict, comms: dict, wha
                     args.model,
                     args.batch_size,
                     env.world_size,
+                    buckets if section == "sync step" else "",
                 ]
             )
-    plot(rows, out / "bench_sync.png", f"{env.world_size} ranks, {env.backend}", what, args)
+    where = f"{env.world_size} ranks, {env.backend}, {buckets} buckets"
+    plot(rows, out / "bench_sync.png", where, what, args)
     log.info("\nwrote %s and %s", out / "bench_sync.csv", out / "bench_sync.png")
 
 
@@ -273,10 +302,13 @@ def main(argv: list[str] | None = None) -> None:
         log.info(threads)
         log.info("timing the step of every --sync mode (%d rounds x %d steps)", args.rounds,
                  args.steps)  # fmt: skip
-        modes = bench_sync_modes(args, env)
+        work = workload(args, args.batch_size, env.rank, env.world_size, env.device)
+        modes, buckets = bench_sync_modes(args, env, work)
+        log.info("overlap launches %d gradient buckets per step (DDP's plan)", buckets)
         log.info("timing 4 ways to synchronise %d small tensors", 2 * args.layers)
         comms, what = bench_communicate(args, env)
-        report(args, env, modes, comms, what)
+        title = f"{work.what}; {buckets} gradient buckets"
+        report(args, env, modes, comms, what, title, buckets)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     python -m benchmarks.bench_zero --nproc 4      # starts its ranks itself, through torchrun
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 -m benchmarks.bench_zero
 
-Every mode trains the same model with AdamW (2 state tensors per parameter) on a fixed batch:
+Every mode trains the same model (--model: an image model, or the gpt on text; see
+benchmarks/workload.py) with AdamW (2 state tensors per parameter) on a fixed batch:
 `ddp`, the hand-made `zero1`, `zero2`, `zero3` (comm/zero*.py) and torch's `torch-zero1`
 (ZeroRedundancyOptimizer) and `fsdp2` (fully_shard). For each:
 
@@ -15,6 +16,8 @@ Every mode trains the same model with AdamW (2 state tensors per parameter) on a
 - traffic: the bytes one rank sends in one step, from comm/tracer.py (the ring model:
   (W-1)/W x payload per all-gather and reduce-scatter, 2(W-1)/W per all-reduce), next to
   the formula;
+- peak: the most bytes of tensors a rank held at once during one step (activations and
+  gathered parameters included), as torch's MemTracker counts them (`peak_bytes`);
 - step time: forward, backward, synchronisation, AdamW step; fastest of --rounds rounds,
   slowest rank (as benchmarks/bench_sync.py), and its ratio to ddp's.
 
@@ -36,19 +39,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.distributed._tools.mem_tracker import MemTracker
 
 from benchmarks.bench_sync import rounds_of
+from benchmarks.workload import Workload, add_model_flags, workload
 from comm.tracer import CommTracer
 from core.cli import Parser, positive
 from core.dist import DistEnv, distributed, rank0_logger
-from core.errors import run_cli
+from core.errors import UsageError, run_cli
 from parallel.factory import make_sync, precision_from_args
 from parallel.flags import MIXED_PRECISION_MODES, PARAM_DTYPES, REDUCE_DTYPES
 from parallel.memory import predicted_bytes, rank_memory
 from parallel.zero1 import FULL
 from study.bench import add_world_flags, launch_unless_ranked, rank_backend
-from training.models import MODELS, build_model
 
 MODES = ("ddp", "zero1", "zero2", "zero3", "torch-zero1", "fsdp2")
 KINDS = ("params", "grads", "optimizer")
@@ -56,7 +59,14 @@ KINDS = ("params", "grads", "optimizer")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="cnn", choices=MODELS, help="network to train")
+    add_model_flags(p)
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=list(MODES),
+        choices=MODES,
+        help="the --sync modes to run (ddp among them: the times are ratios to it)",
+    )
     p.add_argument("--batch-size", type=positive, default=32, help="samples per rank per step")
     p.add_argument("--steps", type=positive, default=5, help="timed steps per mode per round")
     p.add_argument("--rounds", type=positive, default=5, help="rounds; the fastest is reported")
@@ -69,7 +79,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_world_flags(p)
     p.add_argument("--out-dir", default="bench_out", help="where the CSV and the PNG go")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if "ddp" not in args.modes:
+        raise UsageError("--modes must include ddp: every time is reported as a ratio to it")
+    args.modes = list(dict.fromkeys(args.modes))  # each once, in the order given
+    return args
 
 
 def units(model: nn.Module) -> list[int]:
@@ -104,14 +118,24 @@ def predicted(
     return {k: v / element for k, v in got.items()} | {"element": element}
 
 
-def measure(args: argparse.Namespace, env: DistEnv) -> list[dict]:
-    g = torch.Generator().manual_seed(1 + env.rank)
-    x = torch.randn(args.batch_size, 3, 32, 32, generator=g).to(env.device)
-    y = torch.randint(10, (args.batch_size,), generator=g).to(env.device)
+def peak_bytes(step, model: nn.Module, optimizer) -> int:
+    """The most bytes of tensors alive at once during `step()`, as torch's MemTracker counts
+    them: the model's parameters and gradients, the optimizer's state and every tensor
+    allocated by an operator in the step (activations, gathered parameters, communication
+    buffers allocated through torch). Buffers allocated inside C++ before the step and
+    never handed to Python, such as DDP's reducer buckets, are not seen."""
+    tracker = MemTracker()
+    tracker.track_external(model, getattr(optimizer, "optim", optimizer))
+    with tracker:
+        step()
+    return int(sum(dev["Total"] for dev in tracker.get_tracker_snapshot("peak").values()))
+
+
+def measure(args: argparse.Namespace, env: DistEnv, work: Workload) -> list[dict]:
     rows, steps = [], {}
-    for mode in MODES:
+    for mode in args.modes:
         torch.manual_seed(0)
-        model = build_model(args.model, 3, 32, 10).to(env.device)
+        model = work.build().to(env.device)
         sizes = units(model)
         precision = precision_from_args(args) if mode in MIXED_PRECISION_MODES else FULL
         sync = make_sync(mode, model, env, precision=precision)
@@ -119,7 +143,7 @@ def measure(args: argparse.Namespace, env: DistEnv) -> list[dict]:
         held: dict[str, int] = {}
 
         def step(sync=sync, optimizer=optimizer, held=held) -> None:
-            F.cross_entropy(sync.model(x), y).backward()
+            work.loss(sync.model).backward()
             sync.finish_backward()
             optimizer.step()
             held.update(rank_memory(sync.model, optimizer))
@@ -134,9 +158,10 @@ def measure(args: argparse.Namespace, env: DistEnv) -> list[dict]:
         with tracer:
             step()
         sent = sum(e.sent for e in tracer.events[first:])
+        held["peak"] = peak_bytes(step, sync.model, optimizer)
         largest = [None] * env.world_size
         dist.all_gather_object(largest, held)
-        row = {k: max(r[k] for r in largest) for k in KINDS}
+        row = {k: max(r[k] for r in largest) for k in (*KINDS, "peak")}
         param = precision.param_dtype.itemsize if precision.param_dtype else None
         reduce = precision.reduce_dtype.itemsize if precision.reduce_dtype else None
         tensors = sum(1 for _ in model.parameters())
@@ -152,19 +177,19 @@ def measure(args: argparse.Namespace, env: DistEnv) -> list[dict]:
     return rows
 
 
-def report(args: argparse.Namespace, env: DistEnv, rows: list[dict]) -> None:
+def report(args: argparse.Namespace, env: DistEnv, work: Workload, rows: list[dict]) -> None:
     if not env.is_main:
         return
     log = rank0_logger(env, "bench")
-    p = sum(units(build_model(args.model, 3, 32, 10)))
+    p = sum(units(work.build()))
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     log.info(
-        "%d ranks, %s, torch %s, --model %s (P = %d parameters, float32; --param-dtype %s "
+        "%d ranks, %s, torch %s, %s (P = %d parameters, float32; --param-dtype %s "
         "--reduce-dtype %s), AdamW",
         env.world_size,
         env.backend,
         torch.__version__,
-        args.model,
+        work.what,
         p,
         args.param_dtype,
         args.reduce_dtype,
@@ -174,13 +199,14 @@ def report(args: argparse.Namespace, env: DistEnv, rows: list[dict]) -> None:
     )
     log.info(
         "\nper rank (largest rank), bytes per parameter: measured (predicted)\n"
-        "  %-12s %14s %14s %14s %14s %18s %9s %7s",
+        "  %-12s %14s %14s %14s %14s %18s %9s %9s %7s",
         "mode",
         "params",
         "grads",
         "optimizer",
         "total",
         "sent/step (/P)",
+        "peak MB",
         "ms",
         "vs ddp",
     )
@@ -194,7 +220,7 @@ def report(args: argparse.Namespace, env: DistEnv, rows: list[dict]) -> None:
         w = csv.writer(f)
         w.writerow(
             ["mode", *KINDS, *(f"predicted_{k}" for k in KINDS), "sent", "predicted_sent"]
-            + ["ms", "vs_ddp", "parameters", "world_size"]
+            + ["ms", "vs_ddp", "parameters", "world_size", "peak"]
         )
         for row in rows:
             pred = row["predicted"]
@@ -204,11 +230,12 @@ def report(args: argparse.Namespace, env: DistEnv, rows: list[dict]) -> None:
             total_pred = None if guess["params"] is None else sum(guess.values())
             sent_pred = pred["sent"] * e / p if pred["sent"] is not None else None
             log.info(
-                "  %-12s %14s %14s %14s %14s %18s %9.2f %6.2fx",
+                "  %-12s %14s %14s %14s %14s %18s %9.2f %9.2f %6.2fx",
                 row["mode"],
                 *(cell(per[k], guess[k]) for k in KINDS),
                 cell(sum(per.values()), total_pred),
                 cell(row["sent"] / p, sent_pred),
+                row["peak"] / 1e6,
                 row["ms"],
                 row["vs_ddp"],
             )
@@ -216,7 +243,7 @@ def report(args: argparse.Namespace, env: DistEnv, rows: list[dict]) -> None:
                 [row["mode"], *(row[k] for k in KINDS)]
                 + [pred[k] * e if pred[k] is not None else "" for k in KINDS]
                 + [f"{row['sent']:.1f}", f"{pred['sent'] * e:.1f}" if pred["sent"] else ""]
-                + [f"{row['ms']:.3f}", f"{row['vs_ddp']:.3f}", p, env.world_size]
+                + [f"{row['ms']:.3f}", f"{row['vs_ddp']:.3f}", p, env.world_size, row["peak"]]
             )
     plot(rows, p, out / "bench_zero.png", env)
     log.info("\nwrote %s and %s", out / "bench_zero.csv", out / "bench_zero.png")
@@ -262,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     launch_unless_ranked("benchmarks.bench_zero", argv, args)
     with distributed(rank_backend(args.backend)) as env:
-        report(args, env, measure(args, env))
+        work = workload(args, args.batch_size, env.rank, env.world_size, env.device)
+        report(args, env, work, measure(args, env, work))
 
 
 if __name__ == "__main__":

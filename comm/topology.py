@@ -79,6 +79,11 @@ class Topology:
         if self.inter_node_gbps and sent_bytes:
             time.sleep(sent_bytes * 8 / (self.inter_node_gbps * 1e9))
 
+    def inter_all_reduce_delay(self, nbytes: int) -> None:
+        """Sleep as long as a ring all-reduce of `nbytes` over the inter-node group takes on
+        the emulated link: each rank sends 2(N-1)/N x nbytes over it."""
+        self.link_delay(bus_factor("all_reduce", self.nodes) * nbytes)
+
 
 def check_layout(text: str, inter_node_gbps: float | None, world_size: int) -> tuple[int, int]:
     """(nodes, ranks per node) of `text`, which must fit the world; the link speed, if given,
@@ -134,7 +139,7 @@ def hierarchical_all_reduce(tensor: torch.Tensor, topo: Topology, async_op: bool
     mine = padded.new_empty(shard)
     reduce_scatter_single(mine, padded, group=topo.intra)
     dist.all_reduce(mine, group=topo.inter)
-    topo.link_delay(bus_factor("all_reduce", topo.nodes) * mine.numel() * mine.element_size())
+    topo.inter_all_reduce_delay(mine.numel() * mine.element_size())
     all_gather_single(padded, mine, group=topo.intra)
     if padded.data_ptr() != tensor.data_ptr():
         tensor.copy_(padded[:n].view_as(tensor))
@@ -164,6 +169,9 @@ def inter_node_bytes_per_rank(nbytes: int, nodes: int, per_node: int) -> dict[st
 # The --sync modes that take an `all_reduce` to average with (parallel/allreduce.py,
 # overlap.py, local_sgd.py: dist.all_reduce unless given this one).
 TOPOLOGY_MODES = ("allreduce", "overlap", "local-sgd")
+# The --sync modes that shard inside each node and replicate across nodes (parallel/hsdp.py
+# and its twin): the layout is what they shard by, so they need one.
+SHARDING_MODES = ("hsdp", "torch-hsdp")
 
 
 def check_topology_flags(
@@ -172,12 +180,21 @@ def check_topology_flags(
     """--topology and --inter-node-gbps against each other, --sync and the world size
     (training/cli.py's validate, before anything is written)."""
     if text is None:
+        if sync_mode in SHARDING_MODES:
+            raise UsageError(
+                f"--sync {sync_mode} needs --topology NODESxPER_NODE: it shards inside each node "
+                f"and replicates across nodes (--topology 1x{world_size}: one node, as zero3)"
+            )
         if inter_node_gbps is not None:
             raise UsageError("--inter-node-gbps needs --topology: which links are inter-node?")
         return
-    if sync_mode not in TOPOLOGY_MODES:
+    if sync_mode not in (*TOPOLOGY_MODES, *SHARDING_MODES):
+        modes = ", ".join((*TOPOLOGY_MODES, *SHARDING_MODES))
+        raise UsageError(f"--topology applies to --sync {modes}, not --sync {sync_mode}")
+    if sync_mode == "torch-hsdp" and inter_node_gbps is not None:
         raise UsageError(
-            f"--topology applies to --sync {', '.join(TOPOLOGY_MODES)}, not --sync {sync_mode}"
+            "--inter-node-gbps does not apply to --sync torch-hsdp: FSDP2 calls its collectives "
+            "itself, past the delay (the hand-made --sync hsdp takes it)"
         )
     check_layout(text, inter_node_gbps, world_size)
 

@@ -369,14 +369,15 @@ class CommTracer:
             "comm/seconds": sum(e.seconds for e in events),
             "comm/calls": float(len(events)),
         }
-        for label, sent in self._sent_by_group(events).items():
+        for label, sent in self.sent_by_group(events).items():
             if label != "world":  # a split only where groups other than the world ran
                 totals[f"comm/sent_per_rank/{label}"] = sent
         self.steps.append(totals)
         return totals
 
     @staticmethod
-    def _sent_by_group(events: list[Event]) -> dict[str, float]:
+    def sent_by_group(events: list[Event]) -> dict[str, float]:
+        """The bytes `events` sent, per process group label."""
         sent: dict[str, float] = {}
         for e in events:
             sent[e.group] = sent.get(e.group, 0.0) + e.sent

@@ -48,22 +48,27 @@ from torch.distributed.tensor import DTensor
 
 
 def clip_grad_norm_(
-    params: Iterable[torch.Tensor], max_norm: float, *, sharded: bool = False
+    params: Iterable[torch.Tensor],
+    max_norm: float,
+    *,
+    sharded: bool = False,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Scale the gradients of `params` so that their global 2-norm is at most `max_norm`;
     return the norm before clipping (a plain tensor; the same on every rank unless each
     holds a gradient of its own, as under local-sgd).
 
     `sharded`: each rank holds a different slice of the gradient (zero2, zero3): the squares
-    of the local norms are summed across ranks, in one all-reduce. DTensor gradients (fsdp2)
-    are recognised by their type."""
+    of the local norms are summed across the ranks of `group` (None: every rank), in one
+    all-reduce; hsdp's group is one node, whose slices make up the whole gradient once.
+    DTensor gradients (fsdp2) are recognised by their type."""
     params = list(params)
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()  # the global norm as a plain tensor, for the clip and log
     elif sharded:
         squares = norm.square()
-        dist.all_reduce(squares)  # the sum of squares over every rank's slice: once
+        dist.all_reduce(squares, group=group)  # the sum of squares over every slice: once
         norm = squares.sqrt()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm

@@ -19,11 +19,21 @@ in the recorded order (an all-reduce of zeros; the gradients it leaves are dropp
 `find_unused_parameters=True` DDP never rebuilds its buckets, and nothing is needed.
 (`static_graph=True` rebuilds them otherwise; train_ddp.py does not use it, and it is left
 out here.)
+
+DDP's Python reducer (--compiled-autograd)
+------------------------------------------
+With torch._dynamo.config.optimize_ddp = "python_reducer" when it is constructed, DDP builds no
+C++ buckets: it registers one post-accumulate-grad hook per parameter that divides the
+gradient by W and all-reduces it with a functional collective, which compiled autograd traces
+into the backward graph (inductor then fuses those all-reduces into buckets of its own). DDP
+reads that setting in its constructor, not from an argument: `choose_reducer` sets it for the
+next DDP(...) (parallel/factory.py's ddp_kwargs, evaluated on the line that builds it).
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING
@@ -38,6 +48,17 @@ if TYPE_CHECKING:  # annotations only: the page loads no more of the repository 
     from core.dist import DistEnv
 
 READY_ORDER = "ddp_ready_order"  # the rank state's key
+
+
+def choose_reducer(python: bool) -> None:
+    """Make the next DDP(...) of this process use its Python reducer (`python`) or its C++ one,
+    through the setting DDP's constructor reads."""
+    if python:
+        torch._dynamo.config.optimize_ddp = "python_reducer"
+    # torch's default back (True: DDPOptimizer under --compile) where an earlier DDP of this
+    # process had the Python one (tests build many); untouched, and not imported, otherwise.
+    elif "torch._dynamo" in sys.modules and torch._dynamo.config.optimize_ddp == "python_reducer":
+        torch._dynamo.config.optimize_ddp = True
 
 
 class DDPSync(Sync):
@@ -86,10 +107,12 @@ class DDPSync(Sync):
             if p.requires_grad and name not in model.parameters_to_ignore
         ]
         # DDP rebuilds its buckets from the first synchronising backward, unless it looks for
-        # unused parameters (then it never rebuilds: nothing to record). static_graph, which
+        # unused parameters (then it never rebuilds: nothing to record), or reduces each
+        # gradient on its own (the Python reducer: no C++ buckets). static_graph, which
         # rebuilds otherwise and which train_ddp.py does not use, is left as DDP has it.
         self.ready = None
-        if not model.static_graph and not model.find_unused_parameters:
+        python = getattr(model, "_use_python_reducer", False)
+        if not model.static_graph and not model.find_unused_parameters and not python:
             self.ready = ReadyOrder(self.params, lambda: model.require_backward_grad_sync)
 
     def no_sync(self) -> AbstractContextManager:

@@ -13,17 +13,18 @@ from comm.communicate import (
 )
 from comm.compress import NO_COMPRESSION, Compression
 from comm.shm import ShmWorld
-from comm.topology import topology_all_reduce
+from comm.topology import build_topology, check_layout, check_topology_flags, topology_all_reduce
 from core.dist import DistEnv
 from core.errors import UsageError
 from parallel.allreduce import AllReduceSync
 from parallel.base import Sync
 from parallel.compressed import CompressedAllReduceSync, CompressedDDPSync
-from parallel.ddp import DDPSync
+from parallel.ddp import DDPSync, choose_reducer
 from parallel.diloco import DiLoCoSync
 from parallel.flags import (
     DDP_MODES,
     DILOCO_EVERY,
+    HSDP_MODES,
     LOCAL_SGD_EVERY,
     MIXED_PRECISION_MODES,
     SHARDED_MODES,
@@ -31,6 +32,7 @@ from parallel.flags import (
     TRANSPORT_MODES,
 )
 from parallel.flags import add_sync_flags as add_sync_flags  # train_ddp.py imports it from here
+from parallel.hsdp import HSDPSync
 from parallel.local_sgd import LocalSGDSync
 from parallel.overlap import OverlapSync
 from parallel.torch_twins import FSDP2Sync, TorchZero1Sync
@@ -51,6 +53,8 @@ def make_sync(
     diloco: dict | None = None,
     find_unused_parameters: bool = False,
     precision: Precision = FULL,
+    topology: str | None = None,
+    inter_node_gbps: float | None = None,
 ) -> Sync:
     """The strategy for `--sync mode`, around `model` (for ddp and torch-zero1, a DDP model or
     a plain one to wrap). `sync_every` is local-sgd's K; `bucket_bytes` caps the gradient
@@ -58,7 +62,9 @@ def make_sync(
     dist.all_reduce in allreduce, overlap and local-sgd (None: keep it); `compression` is
     --comm-hook (ddp) or --compress (allreduce), comm/compress.py; `find_unused_parameters`
     is DDP's option (ddp, torch-zero1: a model to wrap is wrapped with it); `precision` is
-    --param-dtype and --reduce-dtype (MIXED_PRECISION_MODES)."""
+    --param-dtype and --reduce-dtype (MIXED_PRECISION_MODES); `topology` ('NODESxPER_NODE')
+    and `inter_node_gbps` are --topology's layout for hsdp and torch-hsdp, which shard by it
+    (the all-reduce modes take --topology as their `all_reduce`)."""
     if all_reduce is not None and compression.active:
         raise UsageError(
             "--topology/--transport shm and --compress/--comm-hook do not combine: the "
@@ -80,6 +86,10 @@ def make_sync(
             f"--find-unused-parameters is DDP's option (--sync ddp, torch-zero1); --sync {mode} "
             "always leaves a parameter that no rank gave a gradient unstepped"
         )
+    if topology is not None and mode not in HSDP_MODES:
+        raise UsageError(f"make_sync: a layout to shard by is for --sync hsdp, not --sync {mode}")
+    if mode in HSDP_MODES:  # the checks of train_ddp.py's --topology, also for direct callers
+        check_topology_flags(topology, inter_node_gbps, mode, env.world_size)
     compression.check(mode)
     unused = {"find_unused_parameters": find_unused_parameters}
     if precision != FULL and mode not in MIXED_PRECISION_MODES:
@@ -105,6 +115,11 @@ def make_sync(
         return DiLoCoSync(model, sync_every or DILOCO_EVERY, **(diloco or {}))
     if mode == "torch-zero1":
         return TorchZero1Sync(model, env, **unused)
+    if mode == "hsdp":
+        return HSDPSync(model, build_topology(topology, inter_node_gbps))
+    if mode == "torch-hsdp":
+        nodes, per_node = check_layout(topology, None, env.world_size)
+        return FSDP2Sync(model, layout=(nodes, per_node))
     sharded = {"zero1": Zero1Sync, "zero2": Zero2Sync, "zero3": Zero3Sync, "fsdp2": FSDP2Sync}
     return sharded[mode](model, precision)
 
@@ -137,12 +152,23 @@ def sync_from_args(
         diloco=diloco_settings(args),
         find_unused_parameters=args.find_unused_parameters,
         precision=precision_from_args(args),
+        **hsdp_layout(args),
     )
+
+
+def hsdp_layout(args: argparse.Namespace) -> dict:
+    """--topology and --inter-node-gbps for make_sync, under --sync hsdp and torch-hsdp."""
+    if args.sync not in HSDP_MODES:
+        return {}
+    return {"topology": args.topology, "inter_node_gbps": args.inter_node_gbps}
 
 
 def ddp_kwargs(args: argparse.Namespace) -> dict:
     """DDP's options that train_ddp.py's flags set, for `DDP(model, ..., **ddp_kwargs(args))`
-    (--sync ddp and torch-zero1): --find-unused-parameters."""
+    (--sync ddp and torch-zero1): --find-unused-parameters, and --compiled-autograd's Python
+    reducer, which DDP's constructor reads from torch's config: set here, on the line that
+    builds DDP (parallel/ddp.py's choose_reducer)."""
+    choose_reducer(getattr(args, "compiled_autograd", False))
     return {"find_unused_parameters": True} if args.find_unused_parameters else {}
 
 
@@ -181,6 +207,8 @@ def transport_all_reduce(args: argparse.Namespace, env: DistEnv) -> CommOp | Non
     """The all-reduce the hand-made modes average with: --topology's hierarchical one,
     --transport shm's through shared memory, or None (dist.all_reduce on the process group)."""
     check_transport_flags(args, env)
+    if args.sync in HSDP_MODES:  # --topology is their sharding (make_sync's `topology`)
+        return None
     if getattr(args, "transport", "gloo") == "shm":
         return ShmWorld().op()
     return topology_all_reduce(args.topology, args.inter_node_gbps)

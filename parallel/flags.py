@@ -13,9 +13,12 @@ DILOCO_EVERY = 8  # --sync-every for diloco when it is not given (parallel/diloc
 OUTER_DTYPES = ("same", "bfloat16")  # diloco's all-reduce; same: the parameters' dtype
 COMPRESSIONS = ("none", "bf16", "fp16", "powersgd")  # comm/compress.py, parallel/compressed.py
 
-# The sharded modes (ZeRO-1/2/3 by hand and their library twins) live in their own pages:
-# parallel/zero1.py, parallel/zero2.py, parallel/zero3.py, parallel/torch_twins.py.
-SHARDED_MODES = ("zero1", "zero2", "zero3", "torch-zero1", "fsdp2")
+# The sharded modes (ZeRO-1/2/3 and HSDP by hand, and their library twins) live in their own
+# pages: parallel/zero1.py, zero2.py, zero3.py, hsdp.py, torch_twins.py.
+# HSDP shards inside each node of --topology and replicates across nodes: it needs one
+# (comm/topology.py's SHARDING_MODES, which cannot import this page, names the same two).
+HSDP_MODES = ("hsdp", "torch-hsdp")
+SHARDED_MODES = ("zero1", "zero2", "zero3", "torch-zero1", "fsdp2", *HSDP_MODES)
 SYNC_MODES = ("ddp", "allreduce", "overlap", "local-sgd", "diloco", *SHARDED_MODES)
 DDP_MODES = ("ddp", "torch-zero1")  # train_ddp.py wraps the model in DDP for these
 # --transport: the process group's own all-reduce, or comm/shm.py's (one node, CPU tensors).
@@ -151,7 +154,8 @@ def add_topology_flags(group: argparse._ArgumentGroup) -> None:
         default=None,
         metavar="NODESxPER_NODE",
         help="--sync allreduce, overlap or local-sgd: pretend the ranks sit on NODES nodes of "
-        "PER_NODE ranks and all-reduce hierarchically (comm/topology.py)",
+        "PER_NODE ranks and all-reduce hierarchically (comm/topology.py); --sync hsdp and "
+        "torch-hsdp (required there): shard inside each node, replicate across nodes",
     )
     group.add_argument(
         "--inter-node-gbps",
@@ -159,5 +163,5 @@ def add_topology_flags(group: argparse._ArgumentGroup) -> None:
         default=None,
         metavar="GBIT_S",
         help="with --topology: emulate an inter-node link of this many Gbit/s by delaying "
-        "each collective that crosses nodes by its bytes / speed",
+        "each collective that crosses nodes by its bytes / speed (not with torch-hsdp)",
     )

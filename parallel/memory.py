@@ -64,7 +64,7 @@ def rank_memory(model: torch.nn.Module, optimizer) -> dict[str, int]:
 # ---- the formulas (docs/ddp-to-fsdp.md), per rank, in bytes ----------------------------------
 
 KINDS = ("params", "grads", "optimizer")
-SIMULATED_MODES = ("ddp", "allreduce", "zero1", "zero2", "zero3", "fsdp2")
+SIMULATED_MODES = ("ddp", "allreduce", "zero1", "zero2", "zero3", "fsdp2", "hsdp", "torch-hsdp")
 
 
 def _units(model: torch.nn.Module) -> list[list[torch.Tensor]]:
@@ -74,28 +74,36 @@ def _units(model: torch.nn.Module) -> list[list[torch.Tensor]]:
     return [u for u in units if u]
 
 
-def expected_bytes(mode: str, model: torch.nn.Module, world: int, element: int) -> dict[str, int]:
+def expected_bytes(
+    mode: str, model: torch.nn.Module, world: int, element: int, per_node: int | None = None
+) -> dict[str, int]:
     """Rank 0's bytes of parameters, gradients and AdamW state (two tensors per element), and
-    the bytes it sends per step, for `--sync mode` with `world` ranks and `model` itself:
+    the bytes it sends per step, for `--sync mode` with `world` ranks and `model` itself
+    (hsdp, torch-hsdp: on nodes of `per_node` ranks):
     `predicted_bytes` for ddp and the hand-made modes (allreduce sends what ddp sends),
     FSDP2's own rule (each tensor sharded along its first dimension, padded to a multiple of
-    W rows; per unit two all-gathers and a reduce-scatter), and what the hand-made modes
-    send besides: rank 0's buffers (BatchNorm statistics) broadcast before each training
-    forward, as DDP does in C++ (where the tracer does not see it), and the used map."""
+    G rows, G the ranks it is sharded over; per unit two all-gathers and a reduce-scatter over
+    them, and with HSDP an all-reduce of the unit's shard across the nodes), and what the
+    hand-made modes send besides: rank 0's buffers (BatchNorm statistics) broadcast before
+    each training forward, as DDP does in C++ (where the tracer does not see it), and the
+    used map."""
     units = _units(model)
     sizes = [sum(t.numel() for t in u) for u in units]
     tensors = sum(len(u) for u in units)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    if mode == "fsdp2":
-        slices = sum(-(-t.shape[0] // world) * (t.numel() // max(t.shape[0], 1))
+    if mode in ("fsdp2", "torch-hsdp"):
+        shards = world if mode == "fsdp2" else per_node
+        slices = sum(-(-t.shape[0] // shards) * (t.numel() // max(t.shape[0], 1))
                      for u in units for t in u)  # fmt: skip
         held = slices * element
-        return dict(params=held, grads=held, optimizer=2 * held, sent=3 * (world - 1) * held)
+        sent = 3 * (shards - 1) * held + bus_factor("all_reduce", world // shards) * held
+        return dict(params=held, grads=held, optimizer=2 * held, sent=sent)
     if mode == "ddp":
         return predicted_bytes("ddp", sizes, world, 0, master=element)
     out = predicted_bytes(
-        "ddp" if mode == "allreduce" else mode, sizes, world, 0, master=element, tensors=tensors
-    )
+        "ddp" if mode == "allreduce" else mode, sizes, world, 0, master=element, tensors=tensors,
+        per_node=per_node,
+    )  # fmt: skip
     used_map = 2 * (world - 1) * 4 * tensors / world if mode == "allreduce" else 0
     return {**out, "sent": out["sent"] + buffers + used_map}
 
@@ -111,10 +119,11 @@ def predicted_bytes(
     reduce: int | None = None,
     state: int = 2,
     tensors: int = 0,
+    per_node: int | None = None,
 ) -> dict[str, float]:
     """What `rank_memory` reads on `rank` right after optimizer.step() in `--sync mode`
-    (ddp, zero1, zero2, zero3), and the bytes the rank sends in one step (comm/tracer.py's ring
-    model), for a model whose zero3 units have `units` elements. Element sizes in bytes:
+    (ddp, zero1, zero2, zero3, hsdp), and the bytes the rank sends in one step (comm/tracer.py's
+    ring model), for a model whose zero3 units have `units` elements. Element sizes in bytes:
     `master` the parameters' own (the optimizer's), `param` the compute copies'
     (--param-dtype; None: master), `reduce` the gradients' on the wire (--reduce-dtype; None:
     param); `state` tensors of optimizer state per element (AdamW 2, SGD with momentum 1).
@@ -124,6 +133,9 @@ def predicted_bytes(
     their o master elements apart; the gradient the optimizer gets is a view of the kept
     buffer (zero1: W x S, zero2: S) when it is in the master's dtype, else a copy of the o
     elements. zero3 keeps its units' padded master slices and frees the gathered units.
+    hsdp (nodes of G = `per_node` ranks, N = W / G of them) holds what zero3 holds on a world
+    of G, as rank r % G of it, and sends what that zero3 sends plus, per unit, an all-reduce
+    of its padded slice across the N nodes (parallel/hsdp.py).
     `tensors`: the model's parameter tensors, of which the hand-made modes all-reduce an
     int32 each per step (which got a gradient: parallel/base.py's used_anywhere)."""
     p, w = sum(units), world_size
@@ -151,12 +163,14 @@ def predicted_bytes(
             optimizer=optimizer,
             sent=(w - 1) * size * (reduce + param) + used_map,
         )
-    if mode != "zero3":
+    if mode not in ("zero3", "hsdp"):
         raise ValueError(f"no formula for --sync {mode}")
-    slices = [shard_range(u, w, rank) for u in units]
+    g, local = (w, rank) if mode == "zero3" else (per_node, rank % per_node)
+    slices = [shard_range(u, g, local) for u in units]
+    across = bus_factor("all_reduce", w // g) * reduce  # hsdp's all-reduce across nodes
     return dict(
         params=sum(s for s, _, _ in slices) * master,
         grads=sum(s if reduce == master else o for s, _, o in slices) * master,
         optimizer=state * sum(o for _, _, o in slices) * master,
-        sent=sum((w - 1) * s * (2 * param + reduce) for s, _, _ in slices) + used_map,
+        sent=sum((g - 1) * s * (2 * param + reduce) + across * s for s, _, _ in slices) + used_map,
     )

@@ -1,8 +1,9 @@
-"""torch's own sharded data parallelism: the library twins of parallel/zero1.py and
-parallel/zero3.py.
+"""torch's own sharded data parallelism: the library twins of parallel/zero1.py,
+parallel/zero3.py and parallel/hsdp.py.
 
     train_ddp.py --sync torch-zero1 --optimizer adamw   # DDP + ZeroRedundancyOptimizer
     train_ddp.py --sync fsdp2 --optimizer adamw         # fully_shard (FSDP2)
+    train_ddp.py --sync torch-hsdp --topology 2x2       # fully_shard on a 2-D mesh (HSDP)
 
 - `torch-zero1`: `torch.distributed.optim.ZeroRedundancyOptimizer` wraps the optimizer of
   a DDP model. DDP all-reduces the gradients; each rank steps the parameters it owns and
@@ -16,6 +17,10 @@ parallel/zero3.py.
   all-gather each unit and free it after use; gradients are reduce-scattered. Mixed
   precision (--param-dtype, --reduce-dtype) is its `MixedPrecisionPolicy(param_dtype,
   reduce_dtype)`: the hand-made zero1/2/3 follow the same rules (parallel/zero1.py).
+- `torch-hsdp`: the same `fully_shard` calls on a 2-D device mesh of N x G ranks (--topology
+  NxG), dimensions named ("replicate", "shard"): each parameter sharded over the G ranks of
+  a node and replicated over the N nodes; FSDP2 then reduce-scatters each gradient inside
+  the node and all-reduces the shard across nodes, as parallel/hsdp.py does by hand.
 
 Both match `--sync ddp` in float64 (tests/test_parallel_zero.py) and run on CPU with gloo.
 """
@@ -61,7 +66,14 @@ class FSDP2Sync(Sync):
         # DTensor gradients: torch's total norm is itself a DTensor, made whole once here.
         return clip_grad_norm_(self.model.parameters(), max_norm)
 
-    def __init__(self, model: nn.Module, precision: Precision | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        precision: Precision | None = None,
+        layout: tuple[int, int] | None = None,
+    ) -> None:
+        """`layout`: (nodes, ranks per node) for HSDP (torch-hsdp); None: one dimension, the
+        whole world (fsdp2)."""
         broadcast_state(model)  # fully_shard keeps each rank's own values: start from rank 0's
         # A parameter-less copy on the meta device: consolidated() fills it with the full model.
         self._template = copy.deepcopy(model).to("meta")
@@ -69,7 +81,12 @@ class FSDP2Sync(Sync):
         # torch's accelerator, a GPU wherever one exists, and moves the parameters there,
         # while --backend gloo computes (and feeds its batches) on the CPU.
         self._device = next(model.parameters()).device
-        mesh = init_device_mesh(self._device.type, (dist.get_world_size(),))
+        if layout is None:
+            mesh = init_device_mesh(self._device.type, (dist.get_world_size(),))
+        else:  # torchrun's numbering: rank = node x G + local index, as comm/topology.py
+            mesh = init_device_mesh(
+                self._device.type, layout, mesh_dim_names=("replicate", "shard")
+            )
         policy = MixedPrecisionPolicy()  # no cast: the parameters' own dtype
         if precision is not None:
             policy = MixedPrecisionPolicy(precision.param_dtype, precision.reduce_dtype)

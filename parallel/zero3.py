@@ -74,9 +74,17 @@ class Unit:
     padded slice of it, which the optimizer steps (without the padding)."""
 
     def __init__(
-        self, module: nn.Module, world_size: int, rank: int, precision: Precision = FULL
+        self,
+        module: nn.Module,
+        world_size: int,
+        rank: int,
+        precision: Precision = FULL,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
+        """`world_size` and `rank` are those of `group`, the ranks the unit is sharded over
+        (None: every rank; parallel/hsdp.py: the ranks of one node)."""
         self.module = module
+        self.group = group
         self.params = [p for p in module.parameters(recurse=False) if p.requires_grad]
         self.world_size = world_size
         self.numel = sum(p.numel() for p in self.params)
@@ -107,7 +115,7 @@ class Unit:
         if not self.gathered:
             self.full.untyped_storage().resize_(self._bytes)
             with torch.no_grad():
-                all_gather_single(self.full, self.padded.to(self.full.dtype))
+                all_gather_single(self.full, self.padded.to(self.full.dtype), group=self.group)
 
     def free(self) -> None:
         self.full.untyped_storage().resize_(0)
@@ -117,7 +125,7 @@ class Unit:
         master slice, gathered; `flat_views(unit.params, unit.full, copy=False)` undoes it."""
         master = self.padded.new_zeros(self.size * self.world_size)
         with torch.no_grad():
-            all_gather_single(master, self.padded)
+            all_gather_single(master, self.padded, group=self.group)
         flat_views(self.params, master, copy=False)
 
     def reduce(self) -> None:
@@ -128,10 +136,14 @@ class Unit:
         for p in self.params:
             p.grad = None
         grad_shard = reduced_slice(self.grad_shard, self.shard, self.size)
-        reduce_scatter_single(grad_shard, flat_grad.to(grad_shard.dtype))
-        grad_shard.div_(self.world_size)
+        self.average(grad_shard, flat_grad.to(grad_shard.dtype))
         self.shard.grad = to_master(grad_shard[: self.shard.numel()], self.shard)
         self.reduced = True
+
+    def average(self, grad_shard: torch.Tensor, flat_grad: torch.Tensor) -> None:
+        """This rank's slice of the average of every rank's `flat_grad`, into `grad_shard`."""
+        reduce_scatter_single(grad_shard, flat_grad, group=self.group)
+        grad_shard.div_(self.world_size)
 
 
 class Zero3Sync(GradientSync):
@@ -141,9 +153,8 @@ class Zero3Sync(GradientSync):
 
     def __init__(self, model: nn.Module, precision: Precision = FULL) -> None:
         super().__init__(model)  # every rank starts from rank 0's parameters
-        world_size, rank = dist.get_world_size(), dist.get_rank()
         self.units = [
-            Unit(m, world_size, rank, precision)
+            self.make_unit(m, precision)
             for m in model.modules()
             if any(p.requires_grad for p in m.parameters(recurse=False))
         ]
@@ -158,6 +169,10 @@ class Zero3Sync(GradientSync):
             unit.module.register_forward_hook(functools.partial(self._after, unit))
             for p in unit.params:
                 p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, unit))
+
+    def make_unit(self, module: nn.Module, precision: Precision) -> Unit:
+        """`module`'s unit, sharded over every rank (parallel/hsdp.py: over one node)."""
+        return Unit(module, dist.get_world_size(), dist.get_rank(), precision)
 
     def make_optimizer(self, cls: type[torch.optim.Optimizer], kwargs: dict):
         self.optimizer = ShardOptimizer([(u.shard, u.pieces) for u in self.units], cls, kwargs)
@@ -214,8 +229,10 @@ class Zero3Sync(GradientSync):
             unit.ready = 0
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        # Each rank holds its slice of every unit's gradient: squared norms summed across ranks.
-        return clip_grad_norm_([unit.shard for unit in self.units], max_norm, sharded=True)
+        # Each rank holds its slice of every unit's gradient: squared norms summed across the
+        # ranks the units are sharded over (each slice once).
+        shards = [unit.shard for unit in self.units]
+        return clip_grad_norm_(shards, max_norm, sharded=True, group=self.units[0].group)
 
     @contextmanager
     def consolidated(self, optimizer) -> Iterator[None]:

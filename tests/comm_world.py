@@ -1,6 +1,7 @@
-"""One 4-rank world for test_comm_communicate.py and test_parallel_sync.py together.
+"""One 4-rank world for test_comm_communicate.py, test_parallel_sync.py and
+test_benchmarks_gpt.py together.
 
-Starting ranks (each imports torch) is most of what these tests cost, so both files share a
+Starting ranks (each imports torch) is most of what these tests cost, so the files share a
 single spawn: the first test that asks for `results()` runs it, the others read what it
 returned (or see the same failure).
 """
@@ -16,12 +17,14 @@ _cache: dict[str, object] = {}
 
 
 def _world(rank: int, world_size: int, out_root: str) -> dict:
+    from tests.test_benchmarks_gpt import bench_checks
     from tests.test_comm_communicate import communicate_checks
     from tests.test_parallel_sync import sync_checks
 
     return {
         "communicate": communicate_checks(rank, world_size),
         "sync": sync_checks(rank, world_size, out_root),
+        "bench": bench_checks(rank, world_size, out_root),
     }
 
 

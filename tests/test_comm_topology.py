@@ -90,9 +90,9 @@ def _traced(rank: int, world_size: int) -> dict:
         hier_events = tracer.events[:3]
         flat_events = tracer.events[3:]
         out[layout] = {
-            "hier_sent": CommTracer._sent_by_group(hier_events),
+            "hier_sent": CommTracer.sent_by_group(hier_events),
             "hier_names": [(e.name, e.group) for e in hier_events],
-            "flat_sent": CommTracer._sent_by_group(flat_events),
+            "flat_sent": CommTracer.sent_by_group(flat_events),
             "step_scalars": tracer.steps[0],
             "summary_groups": tracer.summary()["groups"],
             "slept": slept,
@@ -269,6 +269,16 @@ def test_topology_flag_checks():
         check_topology_flags("2x1", 0.0, "local-sgd", 2)
     check_topology_flags("2x1", 0.5, "local-sgd", 2)
     check_topology_flags(None, None, "ddp", 2)
+    # hsdp and its twin shard by the layout: they need one; FSDP2 runs its own collectives.
+    for mode in ("hsdp", "torch-hsdp"):
+        with pytest.raises(UsageError, match=f"--sync {mode} needs --topology NODESxPER_NODE"):
+            check_topology_flags(None, None, mode, 4)
+        with pytest.raises(UsageError, match="3 x 2 = 6 ranks, but the world has 4"):
+            check_topology_flags("3x2", None, mode, 4)
+        check_topology_flags("2x2", None, mode, 4)
+    check_topology_flags("2x2", 0.5, "hsdp", 4)
+    with pytest.raises(UsageError, match="--inter-node-gbps does not apply to --sync torch-hsdp"):
+        check_topology_flags("2x2", 0.5, "torch-hsdp", 4)
 
 
 def test_bench_model_crossover_is_where_the_predictions_meet():

@@ -49,6 +49,7 @@ SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [  # the first match wins
      "--max-bytes 4K --iters 1 --rounds 1 --warmup 0 --inter-node-gbps 1", (0,)),
     (r"benchmarks\.dp_ddp_drift", "--steps 2", (0,)),
     (r"benchmarks\.bench_shm", "--sizes 64K --rounds 1 --iters 1", (0,)),
+    (r"study\.simulate .*--topology", "--world 8 --topology 2x4", (0,)),  # hsdp's layout
     (r"study\.simulate", "--world 8 --sync zero3", (0,)),
     (r"benchmarks\.bench_compress_sync", "--models cnn --ranks 1 --steps 1 --rounds 1", (0,)),
     (r"benchmarks\.bench_compress\b",

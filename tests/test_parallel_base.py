@@ -116,7 +116,7 @@ def optimizer_view(sync, optimizer, mode: str) -> list[tuple[str, torch.Tensor, 
     inner = getattr(optimizer, "optim", optimizer)  # ShardOptimizer, ZeroRedundancyOptimizer
     if mode in ("zero1", "zero2"):
         pairs = list(zip(sync.params, sync.pieces, strict=True))
-    elif mode == "zero3":
+    elif mode in ("zero3", "hsdp"):
         pairs = [(p, x) for u in sync.units for p, x in zip(u.params, u.pieces, strict=True)]
     else:
         pairs = [(p, p) for p in model.parameters()]
@@ -135,12 +135,21 @@ def summary(view: list[tuple[str, torch.Tensor, dict]]) -> dict[str, object]:
 
 
 def train(
-    rank: int, world_size: int, mode: str, optimizer: str, ragged: bool, sync_every=None
+    rank: int,
+    world_size: int,
+    mode: str,
+    optimizer: str,
+    ragged: bool,
+    sync_every=None,
+    topology: str | None = None,
 ) -> dict:
+    """`topology`: hsdp's and torch-hsdp's layout (tests/test_parallel_hsdp.py)."""
     env = DistEnv(rank, rank, world_size, world_size, "gloo", torch.device("cpu"))
     options = {"find_unused_parameters": True} if mode in ("ddp", "torch-zero1") else {}
     if mode == "local-sgd":
         options["sync_every"] = sync_every
+    if topology is not None:
+        options["topology"] = topology
     sync = make_sync(mode, fresh(), env, **options)
     opt = sync.make_optimizer(*OPTIMIZERS[optimizer])
     none_after_sync = []

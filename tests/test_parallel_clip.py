@@ -7,8 +7,8 @@ Three oracles (parallel/clip.py says where clipping goes and why):
   the norm before clipping and the stepped parameters equal one process clipping the
   gradient of the global batch; local-sgd, which has no gradient sync, equals the average of
   ranks that each clip their own gradient. The collectives inside the clip: none where every
-  rank holds the whole gradient, exactly one all-reduce for zero2, zero3 and fsdp2 (counted
-  by torch's CommDebugMode, which sees c10d and DTensor collectives alike);
+  rank holds the whole gradient, exactly one all-reduce for zero2, zero3, fsdp2 and hsdp
+  (counted by torch's CommDebugMode, which sees c10d and DTensor collectives alike);
 - end to end: `train_dp.py --batch-size 12` in this process and `train_ddp.py` on 2 ranks x 6
   (and 2 x 3 x `--grad-accum 2`, and train_dp.py's own 6 x 2) reach the same parameters,
   with clipping active in some of the steps (the logged pre-clip norm is above X) and not in
@@ -46,14 +46,20 @@ LR = 0.5
 # The modes with no gradient sync clip each rank's own gradient.
 LOCAL_MODES = ("local-sgd", "diloco")
 # Where the gradient is sharded, the global norm takes one all-reduce; elsewhere none.
-REDUCED = {"zero2", "zero3", "fsdp2"}
+# hsdp and its twin run on 3 nodes of one rank: each node holds the whole gradient, replicated
+# three times, so summing the squares over the world rather than the node is caught (x sqrt 3).
+# hsdp all-reduces them over its node of one rank; DTensor (torch-hsdp) skips the reduction
+# over a mesh dimension of size 1.
+REDUCED = {"zero2", "zero3", "fsdp2", "hsdp"}
+LAYOUT = {mode: {"topology": f"{WORLD}x1"} for mode in ("hsdp", "torch-hsdp")}
 
 
 def one_step(rank: int, world_size: int, mode: str, accum: int) -> dict:
     env = DistEnv(rank, rank, world_size, world_size, "gloo", torch.device("cpu"))
     # diloco with H = 1, outer lr 1 and no outer momentum: local SGD averaging every step
     plain = {"sync_every": 1, "diloco": {"outer_lr": 1.0, "outer_momentum": 0.0}}
-    sync = make_sync(mode, small_model(), env, **(plain if mode == "diloco" else {}))
+    options = plain if mode == "diloco" else LAYOUT.get(mode, {})
+    sync = make_sync(mode, small_model(), env, **options)
     optimizer = sync.make_optimizer(torch.optim.SGD, {"lr": LR})
     for micro in range(accum):
         x, y = batch(rank, 0, micro)
@@ -271,7 +277,8 @@ def test_train_dp_and_ddp_clip_alike(reference, tmp_path):
 
 
 OTHER_MODES = [m for m in SYNC_MODES if m not in ("ddp", *LOCAL_MODES)]
-SWEEP = [(f"{mode}{suffix}", ["--sync", mode, *flags])
+TOPOLOGY = {"hsdp": ["--topology", "2x1"], "torch-hsdp": ["--topology", "1x2"]}  # 2 ranks
+SWEEP = [(f"{mode}{suffix}", ["--sync", mode, *TOPOLOGY.get(mode, []), *flags])
          for mode in OTHER_MODES for suffix, flags in (("", PLAIN), ("-accum", ACCUM))]  # fmt: skip
 SWEEP.append(("local-sgd", ["--sync", "local-sgd", "--sync-every", "1", *PLAIN]))
 assert {name.split("-accum")[0] for name, _ in SWEEP} >= set(SHARDED_MODES)

@@ -16,21 +16,27 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from core.errors import UsageError
 from parallel.memory import KINDS, SIMULATED_MODES
 from study.simulate import parse_args
 from tests.multiproc import ROOT
+from training.models import build_model
 
 WORLDS = (8, 64, 1024)
+# hsdp and torch-hsdp on nodes of 8 ranks but at W = 8, where that is zero3: 2 nodes of 4.
+PER_NODE = {8: 4, 64: 8, 1024: 8}
 SCRIPT = f"""
 import json, sys
 from study.simulate import parse_args, simulate
 model, worlds = sys.argv[1], sys.argv[2:]
 for mode in {SIMULATED_MODES!r}:
     for world in worlds:
-        out = simulate(parse_args(["--world", world, "--sync", mode, "--model", model]))
-        print(json.dumps(out), flush=True)
+        g = {PER_NODE!r}[int(world)]
+        layout = ["--topology", f"{{int(world) // g}}x{{g}}"] if "hsdp" in mode else []
+        argv = ["--world", world, "--sync", mode, "--model", model, *layout]
+        print(json.dumps(simulate(parse_args(argv))), flush=True)
 """
 
 
@@ -71,6 +77,29 @@ def test_counted_bytes_equal_the_formulas_with_buffers_and_many_units():
     assert_counts_are_the_formulas(simulated("resnet18", (64,)))
 
 
+def test_hsdp_holds_a_node_s_share_and_sends_less_across_nodes(rows):
+    """hsdp at 1024 = 128 x 8 holds what zero3 holds at W = 8 (1/8 of ddp, padding aside),
+    128 times zero3's at 1024; each unit's slice crosses the network once (2(N-1)/N x P/G),
+    and the whole step sends less than zero3's 3 (W-1)/W x P."""
+    at = {r["sync"]: r for r in rows if r["world"] == 1024}
+    eight = {r["sync"]: r for r in rows if r["world"] == 8}
+    ddp, zero3, hsdp = at["ddp"], at["zero3"], at["hsdp"]
+    padding = 8 * hsdp["params_bytes"] - ddp["params_bytes"]  # G x the slices, less P
+    assert 0 <= padding <= 7 * 4 * 4  # at most G - 1 float32 elements for each of 4 units
+    assert hsdp["params_bytes"] > 100 * zero3["params_bytes"]
+    assert hsdp["bytes_sent_per_rank"] < zero3["bytes_sent_per_rank"]
+    assert eight["hsdp"]["topology"] == "2x4" and hsdp["topology"] == "128x8"
+    # Across nodes: each unit's padded slice of ceil(P_u / 8) float32 elements, all-reduced
+    # over the 128 nodes (2 x 127/128 of it sent); zero3's whole step runs on the world.
+    torch.manual_seed(0)
+    model = build_model("cnn", 3, 32, 10)
+    units = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()]
+    slices = sum(-(-u // 8) for u in units if u)
+    across = hsdp["bytes_sent_per_group"]["inter-node"]
+    assert abs(across - 2 * 127 / 128 * slices * 4) <= 1e-12 * across
+    assert set(zero3["bytes_sent_per_group"]) == {"world"}
+
+
 def test_sharding_shrinks_what_a_rank_holds(rows):
     """The point of the modes, as a sanity check on the counts: at 1024 ranks zero3 and fsdp2
     hold a sliver of what ddp holds, zero2 drops the gradients, zero1 the optimizer state."""
@@ -88,6 +117,9 @@ def test_usage_errors_are_one_line():
         (["--world", "1", "--sync", "ddp"], "--world must be 2 to"),
         (["--world", "8", "--sync", "zero3", "--rank", "8"], "not a rank of a world of 8"),
         (["--world", "8", "--sync", "ring"], "invalid choice: 'ring'"),
+        (["--world", "8", "--sync", "hsdp"], "--sync hsdp needs --topology NODESxPER_NODE"),
+        (["--world", "8", "--sync", "torch-hsdp", "--topology", "2x2"], "2 x 2 = 4 ranks"),
+        (["--world", "8", "--sync", "zero3", "--topology", "2x4"], "--topology applies to"),
     ]:
         with pytest.raises(UsageError, match=re.escape(says)):
             parse_args(argv)

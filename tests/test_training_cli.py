@@ -85,3 +85,16 @@ def test_local_sgd_and_diloco_refuse_fp16_autocast_and_other_modes_take_it():
         args = train_ddp.parse_args(["--sync", mode, "--amp", "fp16"])
         with pytest.raises(UsageError, match=f"--sync {mode} cannot use --amp fp16"):
             validate(args, ON_A_GPU)
+
+
+def test_hsdp_needs_a_topology_and_its_hooks_refuse_activation_checkpointing():
+    """--sync hsdp and torch-hsdp shard by --topology: without one, one line; hsdp frees its
+    units in forward hooks as zero3 does, so recomputation in backward is refused alike."""
+    cpu = DistEnv(0, 0, 4, 4, "gloo", torch.device("cpu"))
+    for mode in ("hsdp", "torch-hsdp"):
+        with pytest.raises(UsageError, match=f"--sync {mode} needs --topology NODESxPER_NODE"):
+            validate(train_ddp.parse_args(["--sync", mode]), cpu)
+        validate(train_ddp.parse_args(["--sync", mode, "--topology", "2x2"]), cpu)
+    args = ["--sync", "hsdp", "--topology", "2x2", "--activation-checkpointing"]
+    with pytest.raises(UsageError, match="--activation-checkpointing does not combine with"):
+        validate(train_ddp.parse_args(args), cpu)

@@ -1,5 +1,7 @@
 """The small GPT (training/gpt.py), its loss and metrics (training/metrics.py), its flags
-(training/cli.py), and the central oracle on it: W ranks under DDP equal one process.
+(training/cli.py), and the central oracles on it: W ranks under DDP equal one process, and
+every --sync mode (sharded ones included; compressed ones where lossless) equals ddp, at 2
+and 3 ranks, with --grad-accum 2 and the tied head, in one spawned world per W.
 
 All in float64 on tiny sizes, so a comparison's error is rounding, bounded beside it."""
 
@@ -12,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
+from comm.compress import Compression, PowerSGDCompressor
 from core.dist import DistEnv
 from core.errors import UsageError
 from data.text import ByteWindows
 from parallel.factory import make_sync
 from tests.multiproc import run_world
+from training.checkpoint import unwrap
 from training.cli import check_model_data, make_parser
 from training.gpt import GPT, generate, show_sample
 from training.metrics import Totals, bits_text, loss_fn, scalars
@@ -185,54 +189,144 @@ def test_generation_is_deterministic_and_greedy_at_temperature_zero():
     assert greedy == bytes(ids[4:])
 
 
-# ---- the oracle: 1 process vs 2 and 3 ranks, same global batch, float64
+# ---- the oracles: 1 process vs 2 and 3 ranks, and every --sync mode vs ddp, in float64
 
-GLOBAL_BATCH, ACCUM, STEPS, LR = 12, 2, 3, 0.1
+GLOBAL_BATCH, ACCUM, STEPS, LR, MOMENTUM = 12, 2, 4, 0.1, 0.9
+BUCKET = 2**14  # bytes: allreduce's and overlap's buckets, ~9 of them for the small gpt
+# name: (--sync mode, make_sync's options, SGD momentum). Each run is compared with the ddp
+# run of the same momentum. local-sgd and diloco are compared where they reduce to DDP's
+# step: local-sgd with K = 1 and diloco with H = 1, outer lr 1 and no outer momentum, each
+# inner step plain SGD (theta - lr x mean(g) either way). Left out: the bf16/fp16 casts and
+# PowerSGD below full rank (lossy by design: the cast rounds every gradient to 8 or 11 bits,
+# ~1e-3 relative; their twins are compared in tests/test_comm_compress.py), local-sgd K > 1
+# and diloco H > 1 (not DDP's trajectory: tests/test_parallel_sync.py, test_parallel_diloco.py),
+# --param-dtype (tests/test_parallel_mixed_precision.py) and --transport shm / --topology (the
+# same modes with another all-reduce: tests/test_parallel_sync.py, test_comm_topology.py).
+DILOCO_AS_SGD = {"outer_lr": 1.0, "outer_momentum": 0.0}
+RUNS = {
+    "ddp": ("ddp", {}, MOMENTUM),
+    "allreduce": ("allreduce", {"bucket_bytes": BUCKET}, MOMENTUM),
+    "overlap": ("overlap", {"bucket_bytes": BUCKET}, MOMENTUM),
+    "zero1": ("zero1", {}, MOMENTUM),
+    "zero2": ("zero2", {}, MOMENTUM),
+    "zero3": ("zero3", {}, MOMENTUM),
+    "torch-zero1": ("torch-zero1", {}, MOMENTUM),
+    "fsdp2": ("fsdp2", {}, MOMENTUM),
+    # --comm-hook powersgd at rank 32 = the width: torch's rule compresses no matrix that
+    # (n + m) r x 2 >= n m, so every gradient goes through the hook's uncompressed all-reduce.
+    "ddp-powersgd-hook": (
+        "ddp", {"compression": Compression(comm_hook="powersgd", powersgd_rank=32)}, MOMENTUM
+    ),
+    # --compress powersgd at full rank on every matrix (the compressor's min_compression_rate
+    # 0, set in train_mode): P Q^T = P P^T mean(M) = mean(M), lossless up to rounding.
+    "allreduce-powersgd-full-rank": (
+        "allreduce", {"compression": Compression(compress="powersgd", powersgd_rank=256)}, MOMENTUM
+    ),
+    "ddp-plain-sgd": ("ddp", {}, 0.0),
+    "local-sgd": ("local-sgd", {"sync_every": 1}, 0.0),
+    "diloco": ("diloco", {"sync_every": 1, "diloco": DILOCO_AS_SGD}, 0.0),
+}  # fmt: skip
+ORACLE = {name: "ddp-plain-sgd" if run[2] == 0 else "ddp" for name, run in RUNS.items()}
 
 
-def train_steps(rank: int, world_size: int) -> list[torch.Tensor]:
-    """STEPS SGD steps of the small GPT through make_sync('ddp') (a world of one: plain
-    backward), each of ACCUM micro-batches of GLOBAL_BATCH windows split over the ranks by
-    DistributedSampler. Returns the parameters."""
-    torch.set_num_threads(1)
+def loader(rank: int, world_size: int):
+    """GLOBAL_BATCH windows per micro-batch, split over the ranks by DistributedSampler."""
     data = ByteWindows(corpus(), SMALL["context"])
-    model = small_gpt()
-    sync = None
-    if world_size > 1:
-        env = DistEnv(rank, rank, world_size, world_size, "gloo", torch.device("cpu"))
-        sync = make_sync("ddp", model, env)
-        model = sync.model
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     sampler = DistributedSampler(data, world_size, rank, shuffle=True, seed=0, drop_last=True)
-    loader = iter(DataLoader(data, GLOBAL_BATCH // world_size, sampler=sampler, drop_last=True))
+    return iter(DataLoader(data, GLOBAL_BATCH // world_size, sampler=sampler, drop_last=True))
+
+
+def one_process() -> dict[str, torch.Tensor]:
+    """STEPS SGD steps of the small GPT in one process, each of ACCUM micro-batches of
+    GLOBAL_BATCH windows: the oracle of the ranks' ddp run."""
+    torch.set_num_threads(1)
+    model, batches = small_gpt(), loader(0, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     for _ in range(STEPS):
-        for micro in range(ACCUM):
-            x, y = next(loader)
-            last = micro == ACCUM - 1
-            with sync.no_sync() if sync and not last else nullcontext():
-                (loss_fn(model(x), y) / ACCUM).backward()
-        if sync:
-            sync.finish_backward()
+        for _ in range(ACCUM):
+            x, y = next(batches)
+            (loss_fn(model(x), y) / ACCUM).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return [p.detach().clone() for p in model.parameters()]
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train_mode(rank: int, world_size: int, name: str) -> dict[str, torch.Tensor]:
+    """The same steps on this rank's share of each micro-batch, synchronised by RUNS[name]:
+    the micro-steps but the last under sync.no_sync(), as train_ddp.py does."""
+    mode, options, momentum = RUNS[name]
+    env = DistEnv(rank, rank, world_size, world_size, "gloo", torch.device("cpu"))
+    sync, batches = make_sync(mode, small_gpt(), env, **options), loader(rank, world_size)
+    if name == "allreduce-powersgd-full-rank":
+        sync.compressor = PowerSGDCompressor(rank=256, min_compression_rate=0)
+    optimizer = sync.make_optimizer(torch.optim.SGD, dict(lr=LR, momentum=momentum))
+    for _ in range(STEPS):
+        for micro in range(ACCUM):
+            x, y = next(batches)
+            with nullcontext() if micro == ACCUM - 1 else sync.no_sync():
+                (loss_fn(sync.model(x), y) / ACCUM).backward()
+        sync.finish_backward()
+        optimizer.step()
+        sync.after_step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+    with sync.consolidated(optimizer):
+        state = unwrap(sync.model).state_dict()
+        return {k: v.detach().clone() for k, v in state.items()}
+
+
+def every_mode(rank: int, world_size: int) -> dict[str, dict[str, torch.Tensor]]:
+    torch.set_num_threads(1)
+    return {name: train_mode(rank, world_size, name) for name in RUNS}
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def ranks(request) -> tuple[int, list[dict]]:
+    """One world per W runs every mode: spawning and importing torch is most of the cost."""
+    return request.param, run_world(every_mode, request.param, timeout=240)
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys() and "tok" in a  # the tied head: one entry
+    assert all(a[k].dtype == b[k].dtype == torch.float64 for k in a)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# Error model, for both tests below: each rank's mean loss over its own tokens, then an
+# average over the ranks (DDP's buckets, a mode's buckets, shards or a reduce-scatter; local
+# SGD and DiLoCo average parameters that differ from the average by lr x g), sums the same
+# float64 terms in another order than one process or DDP: a relative ~1e-15 per gradient
+# element (full-rank PowerSGD adds two products and a Gram-Schmidt, each a few ulps of |M|
+# times the condition of P). The model is smooth (GELU, softmax, LayerNorm: no kink for a
+# rounding to cross), so 4 momentum steps of lr 0.1 carry that into parameter differences
+# of ~1e-15: the largest measured is printed with -s. 1e-10 leaves 10^5 of room and still
+# catches any gradient that is not the global batch's: a wrong shard, one micro-batch
+# dropped, the tied head's gradient reduced twice or only one of its two uses, differences
+# of order lr x |grad| ~ 1e-3.
+TOLERANCE = 1e-10
 
 
 @pytest.mark.oracle
-def test_two_and_three_ranks_equal_one_process_in_float64():
-    single = train_steps(0, 1)
-    for world_size in (2, 3):
-        ranks = run_world(train_steps, world_size, timeout=180)
-        for params in ranks:
-            # Error model: each rank's mean loss over its own tokens, then DDP's average over
-            # the ranks, sums the same float64 terms in another order than one process: a
-            # relative 1e-15 per gradient, carried through 3 momentum steps of lr 0.1 into
-            # parameter differences of ~1e-15. 1e-10 leaves room and still catches any
-            # gradient that is not the global batch's (a wrong shard, the head's gradient
-            # reduced twice or not at all: differences of order lr x |grad| ~ 1e-3).
-            assert len(params) == len(single)
-            for a, b in zip(params, single, strict=True):
-                assert (a - b).abs().max().item() < 1e-10
+def test_two_and_three_ranks_equal_one_process_in_float64(ranks):
+    world_size, results = ranks
+    single = one_process()
+    assert max_diff(single, small_gpt().state_dict()) > 1e-3, "training moved nothing"
+    for r, rank in enumerate(results):
+        diff = max_diff(rank["ddp"], single)
+        assert diff <= TOLERANCE, f"W={world_size} rank {r}: ddp differs by {diff:.3g}"
+
+
+@pytest.mark.oracle
+def test_every_sync_mode_equals_ddp_in_float64(ranks):
+    world_size, results = ranks
+    worst = 0.0
+    for name in RUNS:
+        for r, rank in enumerate(results):
+            diff = max_diff(rank[name], rank[ORACLE[name]])
+            worst = max(worst, diff)
+            assert diff <= TOLERANCE, f"W={world_size} {name} rank {r}: {diff:.3g} from ddp"
+    moved = max_diff(results[0]["ddp-plain-sgd"], small_gpt().state_dict())
+    assert moved > 1e-3, "plain SGD moved nothing"
+    print(f"W={world_size}: largest difference from ddp {worst:.2e}")
 
 
 def test_sample_is_written_on_rank_zero_only_through_a_wrapper():

@@ -7,8 +7,10 @@ import torch
 import torch.nn as nn
 
 import train_ddp
+from core.errors import UsageError
+from data.datasets import DataSpec
 from tests.multiproc import PYTHON, run_cmd
-from training.models import MODELS, DataParallel, build_model, has_batchnorm
+from training.models import MODELS, DataParallel, build_model, has_batchnorm, model_from_args
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -19,6 +21,15 @@ def test_every_model_fits_every_dataset_shape(name, channels, size):
     # Only resnet18 has BatchNorm: the default models compute the same function whatever
     # the per-rank batch size, which the DDP == single-process oracle relies on.
     assert has_batchnorm(model) == (name == "resnet18")
+
+
+def test_sync_bn_needs_a_batchnorm_layer_to_convert():
+    data = DataSpec(train=None, eval=None, in_channels=3, image_size=32, num_classes=10)
+    args = train_ddp.parse_args(["--model", "mlp", "--sync-bn"])
+    with pytest.raises(UsageError, match="--sync-bn: model mlp has no BatchNorm layer"):
+        model_from_args(args, data)
+    args = train_ddp.parse_args(["--model", "resnet18", "--sync-bn"])
+    assert has_batchnorm(model_from_args(args, data))
 
 
 def test_bf16_autocast_and_loader_workers_train(tmp_path):

@@ -1,8 +1,10 @@
 """Resume is exact: N steps, stop, resume for N more gives the bit-identical parameters,
 optimizer state, scheduler state and RNG states of 2N steps straight (2 ranks, gloo, CPU),
 whether the stop falls at an epoch end, mid-epoch, between accumulated micro-batches, or the
-resume starts from an older rotated file by path."""
+resume starts from an older rotated file by path; and for `--model gpt --dataset stdlib` in
+float32 at 2 and 3 ranks (its tied head, text windows and AdamW)."""
 
+import json
 import random
 from pathlib import Path
 from unittest import mock
@@ -25,6 +27,40 @@ COMMON = [
     "--lr", "0.02", "--warmup-steps", "40", "--no-eval", "--log-every", "1000", "--epochs", "2",
     "--dtype", "float64",
 ]  # fmt: skip
+# The small gpt on the standard library's bytes, float32: 96 windows / (4 per rank x W ranks x
+# 2 micro-batches) = 6 optimizer steps per epoch at W = 2, 4 at W = 3, 3 at W = 4; 2 epochs.
+GPT = [
+    "--model", "gpt", "--dataset", "stdlib", "--context", "16", "--gpt-layers", "2",
+    "--gpt-width", "16", "--gpt-heads", "2", "--train-size", "96", "--eval-size", "8",
+    "--batch-size", "4", "--grad-accum", "2", "--optimizer", "adamw", "--lr", "0.01",
+    "--warmup-steps", "40", "--no-eval", "--log-every", "1000", "--epochs", "2",
+    "--dtype", "float32",
+]  # fmt: skip
+GPT_STOP = {2: 5, 3: 3, 4: 2}  # W: the step the stopped run ends at, inside epoch 0
+
+
+def _gpt_runs(root: Path, world_size: int) -> None:
+    """Straight; stopped at GPT_STOP[W]; resumed from there (--resume auto) to the end."""
+    train_ddp.main([*GPT, "--out-dir", str(root / "gpt_straight")])
+    stop = str(GPT_STOP[world_size])
+    train_ddp.main([*GPT, "--out-dir", str(root / "gpt_stopped"), "--max-steps", stop])
+    train_ddp.main([*GPT, "--out-dir", str(root / "gpt_stopped"), "--resume", "auto"])
+
+
+def _assert_gpt_resume_is_straight(root: Path, world_size: int) -> None:
+    stopped = load_checkpoint(
+        root / "gpt_stopped" / "checkpoints" / f"step-{GPT_STOP[world_size]:08d}.pt"
+    )
+    assert stopped["step"] == GPT_STOP[world_size] and stopped["epoch"] == 0  # it did stop
+    assert stopped["model"]["tok"].dtype == torch.float32
+    _assert_same_run(
+        root / "gpt_stopped" / "checkpoint.pt", root / "gpt_straight" / "checkpoint.pt"
+    )
+    summaries = [
+        json.loads((root / r / "summary.json").read_text()) for r in ("gpt_straight", "gpt_stopped")
+    ]
+    assert summaries[0]["steps"] == summaries[1]["steps"] == 2 * 12 // world_size
+    assert summaries[0]["param_checksum"] == summaries[1]["param_checksum"]
 
 
 def _runs(rank: int, world_size: int, root: str) -> list[str]:
@@ -48,6 +84,7 @@ def _runs(rank: int, world_size: int, root: str) -> list[str]:
     )  # 8 steps
     step3 = root / "accum_straight" / "checkpoints" / "step-00000003.pt"
     run("accum", "--grad-accum", "2", "--resume", str(step3), fresh=False)  # 5 more, from 3
+    _gpt_runs(root, world_size)
 
     # Ranks that cannot all use the same file must all fail, before any collective of
     # training: rank 1 cannot read its file; then rank 1 sees a file where rank 0 sees none.
@@ -124,6 +161,11 @@ def test_stop_and_resume_equals_straight_run(runs):
 
 
 @pytest.mark.oracle
+def test_gpt_stopped_and_resumed_equals_straight_in_float32(runs):
+    _assert_gpt_resume_is_straight(runs, 2)
+
+
+@pytest.mark.oracle
 def test_resume_on_another_world_size_with_the_same_samples_per_step(runs, tmp_path, capsys):
     """The 2-rank run's step-8 checkpoint (4 samples per rank) continues in this process
     with 8 per step: the same batches, so the same run to float tolerance."""
@@ -175,6 +217,7 @@ def _float32_runs(rank: int, world_size: int, root: str) -> list:
     def run(name: str, *flags: str) -> None:
         train_ddp.main([*FLOAT32, "--out-dir", str(root / name), *flags])
 
+    _gpt_runs(root, world_size)
     run("straight", "--save-every", "1", "--keep", "10")
     step2 = root / "straight" / "checkpoints" / "step-00000002.pt"
     run("resumed", "--resume", str(step2))
@@ -205,6 +248,7 @@ def _float32_runs(rank: int, world_size: int, root: str) -> list:
 @pytest.mark.parametrize("world_size", [3, pytest.param(4, marks=pytest.mark.slow)])
 def test_float32_resume_is_bit_identical_at_3_and_4_ranks(tmp_path, world_size):
     errors = run_world(_float32_runs, world_size, str(tmp_path), timeout=240)
+    _assert_gpt_resume_is_straight(tmp_path, world_size)
     straight = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
     order = straight["ranks"][0][ORDER]
     n = len(straight["model"])

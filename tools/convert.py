@@ -7,11 +7,12 @@ Runs in one process, without a process group: DCP reads every rank's files and p
 slices together (as torch.distributed.checkpoint.format_utils.dcp_to_torch_save does, but
 through training/sharded.py's SafeReader: the folder is untrusted, nothing in it is
 unpickled without an allow-list); this module
-then cuts the flat vectors of zero1/zero2/zero3 back into named tensors (the names and
-shapes are in the checkpoint's train_state.pt), maps FSDP2's and ZeroRedundancyOptimizer's
-per-name optimizer state to the plain optimizer's per-index state, and writes the file that
-training/checkpoint/ writes for `--sync ddp`: every sharded mode takes DDP's steps, so the
-converted checkpoint continues the same run under `--sync ddp` or in train_dp.py.
+then cuts the flat vectors of zero1/zero2/zero3/hsdp back into named tensors (the names and
+shapes are in the checkpoint's train_state.pt), maps FSDP2's (fsdp2, torch-hsdp) and
+ZeroRedundancyOptimizer's per-name optimizer state to the plain optimizer's per-index state,
+and writes the file that training/checkpoint/ writes for `--sync ddp`: every sharded mode
+takes DDP's steps, so the converted checkpoint continues the same run under `--sync ddp` or
+in train_dp.py.
 """
 
 from __future__ import annotations

@@ -263,6 +263,13 @@ def make_parser(
         "compilation",
     )
     m.add_argument(
+        "--compiled-autograd",
+        action="store_true",
+        help="with --compile, train_ddp.py --sync ddp: compile backward too, DDP's all-reduces "
+        "included (torch's compiled autograd and DDP's Python reducer, instead of "
+        "DDPOptimizer's graph per bucket; training/compiled.py, docs/compile.md)",
+    )
+    m.add_argument(
         "--activation-checkpointing",
         action="store_true",
         help="keep only each block's input for backward and recompute the rest of its "
@@ -314,6 +321,12 @@ def make_parser(
         "epoch and of the run)",
     )
     r.add_argument(
+        "--async-save",
+        action="store_true",
+        help="write checkpoints in the background: copy the step's state to CPU memory, then "
+        "train on while a thread writes it (at most one save in flight; docs/checkpoints.md)",
+    )
+    r.add_argument(
         "--preempt-signal",
         default="USR1",
         choices=EXTRA_SIGNALS,
@@ -355,6 +368,25 @@ def add_gpt_flags(p: Parser) -> None:
     """--model gpt's sizes and --sample. The defaults train visibly in a few minutes on two
     CPU processes (README, 'A small GPT on real text')."""
     g = p.add_argument_group("language model (--model gpt; training/gpt.py)")
+    add_gpt_size_flags(g)
+    g.add_argument(
+        "--sample",
+        type=non_negative,
+        default=0,
+        metavar="N",
+        help="at the end, global rank 0 prints N bytes the trained model writes (0: none)",
+    )
+    g.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        default=0.8,
+        help="--sample's softmax temperature, sampled with --seed (0: greedy)",
+    )
+
+
+def add_gpt_size_flags(g: argparse._ArgumentGroup | Parser) -> None:
+    """--model gpt's sizes (--context, --gpt-layers, --gpt-width, --gpt-heads), which the
+    benchmarks take too (benchmarks/workload.py)."""
     g.add_argument(
         "--context",
         type=bounded_int(1, 2**16, "bytes"),
@@ -375,19 +407,6 @@ def add_gpt_flags(p: Parser) -> None:
         type=bounded_int(1, 2**14, "heads"),
         default=4,
         help="attention heads per block",
-    )
-    g.add_argument(
-        "--sample",
-        type=non_negative,
-        default=0,
-        metavar="N",
-        help="at the end, global rank 0 prints N bytes the trained model writes (0: none)",
-    )
-    g.add_argument(
-        "--temperature",
-        type=non_negative_float,
-        default=0.8,
-        help="--sample's softmax temperature, sampled with --seed (0: greedy)",
     )
 
 
@@ -425,12 +444,14 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
             f"--amp {args.amp} and --param-dtype {args.param_dtype} are two ways to compute in "
             "low precision: choose one (--param-dtype for the sharded --sync modes)"
         )
-    if args.activation_checkpointing and getattr(args, "sync", None) == "zero3":
+    if args.activation_checkpointing and getattr(args, "sync", None) in ("zero3", "hsdp"):
         raise UsageError(
-            "--activation-checkpointing does not combine with --sync zero3: its forward hooks "
-            "free each unit after use, and the recomputation inside backward would free it "
-            "again before the unit's backward reads it (use --sync fsdp2)"
+            f"--activation-checkpointing does not combine with --sync {args.sync}: its forward "
+            "hooks free each unit after use, and the recomputation inside backward would free "
+            "it again before the unit's backward reads it (use --sync fsdp2 or torch-hsdp)"
         )
+    if args.compiled_autograd:
+        check_compiled_autograd(args)
     if args.dataset not in ("synthetic", "stdlib") and not args.data_dir:
         raise UsageError(f"--dataset {args.dataset} needs --data-dir")
     check_model_data(args)
@@ -443,6 +464,29 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
         raise UsageError(
             "--download fetches the official files and --trust-data-dir is for a copy that is "
             "not: choose one of them"
+        )
+
+
+def check_compiled_autograd(args: argparse.Namespace) -> None:
+    """--compiled-autograd against the flags it needs and those it cannot serve."""
+    if not args.compile:
+        raise UsageError("--compiled-autograd compiles backward: it goes with --compile")
+    if getattr(args, "sync", None) != "ddp":
+        where = f"--sync {args.sync}" if hasattr(args, "sync") else "train_dp.py"
+        raise UsageError(
+            f"--compiled-autograd is for train_ddp.py --sync ddp, not {where}: it traces DDP's "
+            "Python reducer (the hand-made modes' hooks already run after the compiled backward)"
+        )
+    if args.comm_hook != "none":
+        raise UsageError(
+            "--compiled-autograd and --comm-hook do not combine: DDP's Python reducer calls a "
+            "hook with one gradient, torch's compression hooks take a bucket"
+        )
+    if args.find_unused_parameters:
+        raise UsageError(
+            "--compiled-autograd and --find-unused-parameters do not combine: DDP's Python "
+            "reducer skips a parameter with no gradient on this rank, while the ranks that "
+            "have one wait for it in their all-reduce"
         )
 
 

@@ -18,9 +18,18 @@ same state_dict keys: checkpoints, `unwrap` and every --sync mode see the model 
   pieces before it. A model under 1 MiB of parameters (the default cnn, 288 KB) is one
   bucket and one graph; docs/compile.md counts them. (Compiling the DDP wrapper itself
   captures no graph on torch 2.14: its forward breaks the graph at DDP's logger and at the
-  skipped `_inside_ddp_forward`.) Compiled autograd (torch._dynamo.config.compiled_autograd
-  with optimize_ddp = "python_reducer") would trace backward and its all-reduces as well, but
-  DDP reads that setting in its constructor: see docs/compile.md.
+  skipped `_inside_ddp_forward`.)
+- `--compiled-autograd` (with --compile and --sync ddp): backward is traced too, by torch's
+  compiled autograd, and DDP's all-reduces with it. DDP then uses its Python reducer, one
+  functional all-reduce per parameter in a post-accumulate-grad hook, which compiled autograd
+  can trace (the C++ reducer's hooks it cannot), instead of DDPOptimizer's graph per bucket:
+  the two are alternatives. DDP chooses its reducer in its constructor from
+  torch._dynamo.config.optimize_ddp, so ddp_kwargs(args) sets it on the line that builds DDP
+  (parallel/ddp.py's choose_reducer); `compiled_autograd(args)`, entered by TrainLoop around
+  the training loop, compiles every backward inside it. A flag rather than the default of
+  --compile: torch calls the Python reducer experimental, and the first steps compile three
+  graphs instead of one (the forward, and a backward with and one without the all-reduces,
+  for --grad-accum's no_sync micro-steps); docs/compile.md counts them.
 - The hand-made modes (allreduce, overlap, local-sgd, zero1/2/3): the plain model they hold
   is compiled. Their hooks keep working: forward pre-hooks and forward hooks on the
   root are traced with it (a collective inside one, as the buffer broadcast of models with
@@ -37,23 +46,32 @@ same state_dict keys: checkpoints, `unwrap` and every --sync mode see the model 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from core.errors import UsageError
 
+BACKEND = "inductor"  # torch.compile's backend for the scripts (tests patch in "aot_eager")
+Backend = str | Callable
 
-def maybe_compile(model: nn.Module, args: argparse.Namespace, backend: str = "inductor") -> None:
+
+def maybe_compile(
+    model: nn.Module, args: argparse.Namespace, backend: Backend | None = None
+) -> None:
     """--compile: compile, in place, the model the training loop calls, once wrapped (the DDP
     model or the plain one in train_ddp.py, DataParallel's or the plain one in train_dp.py: the
-    same line in both scripts). `backend` is torch.compile's (tests use "aot_eager": the same
-    graph capture and autograd, without inductor's C++ build)."""
+    same line in both scripts). `backend` is torch.compile's (None: BACKEND; tests use
+    "aot_eager": the same graph capture and autograd, without inductor's C++ build)."""
+    backend = backend or BACKEND
     if not getattr(args, "compile", False):
         return
-    if getattr(args, "sync", None) == "fsdp2":
+    if getattr(args, "sync", None) in ("fsdp2", "torch-hsdp"):
         raise UsageError(
-            "--compile does not combine with --sync fsdp2: dynamo captures no graph from "
+            f"--compile does not combine with --sync {args.sync}: dynamo captures no graph from "
             "fully_shard's root forward on this torch, every step would run eagerly "
             "(docs/compile.md)"
         )
@@ -65,3 +83,17 @@ def maybe_compile(model: nn.Module, args: argparse.Namespace, backend: str = "in
     if isinstance(model, DDP):  # the module inside: DDPOptimizer splits it at the buckets
         model = model.module
     model.compile(backend=backend)
+
+
+@contextmanager
+def compiled_autograd(args: argparse.Namespace, backend: Backend | None = None) -> Iterator[None]:
+    """--compiled-autograd: inside the block every backward is captured by torch's compiled
+    autograd, hooks included (DDP's Python reducer and its all-reduces), and compiled with
+    `backend` (None: BACKEND). Without the flag, nothing changes."""
+    if not getattr(args, "compiled_autograd", False):
+        yield
+        return
+    # torch's own entry point for a backward called outside a compiled function (the
+    # scripts call loss.backward() in plain sight); torch._dynamo loads on first use here.
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend=backend or BACKEND)):
+        yield

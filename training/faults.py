@@ -16,7 +16,9 @@ or of a checkpoint write (tests/test_training_preempt.py):
 
     TRAIN_SLOW=step:0.2           every rank sleeps 0.2 s after each optimizer step
     TRAIN_SLOW=step:0.2,save:1    ... and for 1 s halfway through each file write (checkpoints,
-                                  summary.json: training/checkpoint/files.atomic_write)
+                                  summary.json: training/checkpoint/files.atomic_write), and
+                                  with --async-save before each background write starts
+                                  (training/checkpoint/background.py, training/sharded.py)
     TRAIN_SLOW=reduce:0.3         a fault-tolerant replica sleeps 0.3 s before each gradient
                                   all-reduce: a kill then lands while its peers wait in theirs
 

@@ -42,12 +42,13 @@ from core.errors import UsageError
 from parallel.base import Sync
 from parallel.clip import GradClip
 from training.checkpoint import CheckpointManager, Position, param_checksum
+from training.compiled import compiled_autograd
 from training.gpt import show_sample
 from training.guard import LossWatch
 from training.heartbeat import Heartbeat
 from training.metrics import Totals, bits_text, scalars
 from training.observe import Observer
-from training.preempt import Preemption
+from training.preempt import Preempted, Preemption
 from training.runlog import RunLog
 from training.sharded import ShardedCheckpoints
 
@@ -147,6 +148,8 @@ class TrainLoop:
         # SIGTERM, --preempt-signal: finish the step, save, leave the `with` (training/preempt.py)
         self.preempt = Preemption(args.preempt_signal, env)
         self.observer = Observer(args, env, model, Path(args.out_dir))
+        if getattr(args, "async_save", False):  # every rank, here (sharded: a new group)
+            checkpoints.enable_async()
         self.plan: EpochPlan | None = None
         self.done = 0  # steps taken of the plan's part of the epoch
         self.bar = None  # the epoch's progress bar, from batches()
@@ -156,11 +159,22 @@ class TrainLoop:
         with ExitStack() as stack:  # if the second fails to enter, the first is left again
             stack.enter_context(self.observer)
             stack.enter_context(self.preempt)  # swallows the exception stop() raises
+            stack.enter_context(compiled_autograd(self.args))  # --compiled-autograd; else nothing
+            stack.push(self._last_save)  # runs first on the way out, inside the preemption's
             self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc) -> bool:
         return self._stack.__exit__(*exc)
+
+    def _last_save(self, kind, error, tb) -> None:
+        """--async-save: the run (or its preemption) is over only once its last checkpoint is
+        on disk. Every rank waits at the same place, and a failed write fails the run. On an
+        error path, where peers may be gone, a rank waits only for a write of its own."""
+        if kind is None or issubclass(kind, Preempted):
+            self.checkpoints.settle()
+        else:
+            self.checkpoints.abandon()
 
     # ---- where the run goes: epochs and batches
 

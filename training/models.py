@@ -123,10 +123,15 @@ def build_model(name: str, in_channels: int, image_size: int, num_classes: int) 
 
 def model_from_args(args: argparse.Namespace, data) -> nn.Module:
     """--model for the data of `data` (a data.datasets.DataSpec): gpt takes its sizes from
-    --gpt-layers, --gpt-width, --gpt-heads and --context, the others from the data."""
+    --gpt-layers, --gpt-width, --gpt-heads and --context, the others from the data. Refuses
+    train_ddp.py's --sync-bn for a model without a BatchNorm layer to convert."""
     if args.model == "gpt":
-        return GPT(data.num_classes, args.context, args.gpt_layers, args.gpt_width, args.gpt_heads)
-    return build_model(args.model, data.in_channels, data.image_size, data.num_classes)
+        model = GPT(data.num_classes, args.context, args.gpt_layers, args.gpt_width, args.gpt_heads)
+    else:
+        model = build_model(args.model, data.in_channels, data.image_size, data.num_classes)
+    if getattr(args, "sync_bn", False) and not has_batchnorm(model):
+        raise UsageError(f"--sync-bn: model {args.model} has no BatchNorm layer")
+    return model
 
 
 def model_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

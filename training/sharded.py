@@ -15,9 +15,11 @@ slices it now owns from whichever files hold them (resharding). Each mode saves 
 - zero1, zero2, zero3 (comm/zero*.py): each flat vector (zero3: one per unit) as a DTensor
   sharded along its only dimension (torch.chunk's split, the one comm/zero1.shard_range
   uses), parameters and per-element optimizer state alike; the buffers, replicated.
+- hsdp: as zero3, on the 2-D mesh of its --topology: sharded over the ranks of a node,
+  replicated across nodes (so any other --topology, of any world size, resumes it).
 - torch-zero1: the model, replicated; each parameter's optimizer state from the rank that
   owns it (ZeroRedundancyOptimizer owns whole parameters).
-- fsdp2: torch's own get_state_dict / set_state_dict, DTensors throughout.
+- fsdp2, torch-hsdp: torch's own get_state_dict / set_state_dict, DTensors throughout.
 
 The guarantees of the single-file checkpoint hold here too:
 
@@ -61,11 +63,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from core.dist import DistEnv
 from core.errors import UsageError
 from parallel.torch_twins import FSDP2Sync, TorchZero1Sync
+from training.checkpoint.background import BackgroundWriter, Snapshot
 from training.checkpoint.contents import CheckpointError, rng_state, set_rng_state, unwrap
 from training.checkpoint.files import (
     _check_archive,
@@ -78,7 +81,9 @@ from training.checkpoint.files import (
     write_checkpoint,
 )
 from training.checkpoint.resume import Position, check_resumable
+from training.faults import slow_down
 from training.guard import Diverged, advice
+from training.preempt import job_timeout
 
 POINTER = "checkpoint.dcp"
 FOLDER = "checkpoints"
@@ -301,6 +306,28 @@ def _state_of(optimizer, param: torch.Tensor, prefix: str, metadata) -> dict:
     return state
 
 
+class _Writer(dcp.FileSystemWriter):
+    """DCP's file writer for --async-save, with its staging (the copy to CPU memory that
+    `dcp.async_save` makes on the training thread) done by background.Snapshot: DCP's own
+    deep-copies each DTensor, which fails for a shard that is a view of a larger buffer (as
+    the zero modes' are). With the test hook TRAIN_SLOW=save:S (training/faults.py) before
+    each rank writes its files, so that a test can kill a rank, or change the live tensors,
+    while the save is in flight."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.snapshot = Snapshot()  # its buffers are kept from one save to the next
+
+    def stage(self, state_dict: dict) -> dict:
+        self.per_thread_copy_ahead = 0  # as DCP's own stage(): the data is in CPU memory
+        return self.snapshot.take(state_dict)
+
+    def write_data(self, plan, planner):
+        self.snapshot.ready()  # the copies from GPUs have landed
+        slow_down("save")
+        return super().write_data(plan, planner)
+
+
 class ShardedCheckpoints:
     """The sharded checkpoints of one --out-dir, for a sharded `sync` (see the module doc)."""
 
@@ -320,14 +347,42 @@ class ShardedCheckpoints:
         self.sync = sync
         self.log = log or (lambda *_: None)
         self._mesh = None
+        self.background: BackgroundWriter | None = None  # --async-save: enable_async()
+        self._group = None
+        self._writer: dcp.FileSystemWriter | None = None
+
+    def enable_async(self) -> None:
+        """--async-save, on every rank (it makes a process group): from now on each save
+        goes through `dcp.async_save`, and rank 0 finishes the folder (train_state.pt, the
+        rename, the pointer) on a background thread once every rank's files are written."""
+        self.background = BackgroundWriter(self.env, self.log)
+        # DCP's thread runs collectives; gloo, since async_save needs a CPU backend, and
+        # bounded like the job's group (a gloo group waits 30 minutes by default).
+        self._group = dist.new_group(backend="gloo", timeout=job_timeout(self.env))
+        # One writer for every save, which keeps its (pinned, with GPUs) staging buffers from
+        # one save to the next: safe, since the next save waits for this one to finish.
+        self._writer = _Writer(self.out_dir)
+
+    def settle(self) -> None:
+        """Every rank: wait for the save in flight; see CheckpointManager.settle."""
+        if self.background is not None:
+            self.background.settle("the end of the run")
+
+    def abandon(self) -> None:
+        """On an error path nothing is awaited: DCP's thread needs every peer, which may be
+        gone. The temporary folder it leaves is never the newest checkpoint."""
 
     # ---- what DCP saves and loads: views of the live tensors, so a load writes into them
 
     def _flat(self, local: torch.Tensor, numel: int) -> DTensor:
+        # hsdp: its slices are sharded over each node and replicated across nodes; DCP saves
+        # one copy of each and any layout reads back the slices it owns now.
+        shape = getattr(self.sync, "mesh_shape", (self.env.world_size,))
         if self._mesh is None:
-            self._mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+            self._mesh = init_device_mesh(self.env.device.type, shape)
+        placements = [Replicate()] * (len(shape) - 1) + [Shard(0)]
         return DTensor.from_local(
-            local, self._mesh, [Shard(0)], run_check=False, shape=torch.Size([numel]), stride=(1,)
+            local, self._mesh, placements, run_check=False, shape=torch.Size([numel]), stride=(1,)
         )
 
     def tensors(self, optimizer, metadata=None) -> dict:
@@ -367,6 +422,8 @@ class ShardedCheckpoints:
         CheckpointManager.save_training's call, so that train_ddp.py saves alike in every
         mode: `model` is the sync's (which this class holds), and check_supported() leaves no
         GradScaler state to keep."""
+        if self.background is not None:  # at most one save in flight
+            self.background.settle(f"the checkpoint of step {step}")
         tensors = self.tensors(optimizer)
         # Each rank holds other shards: one small all-reduce, so that all refuse together.
         bad = torch.tensor([0 if _all_finite(tensors) else 1], device=self.env.device)
@@ -383,10 +440,22 @@ class ShardedCheckpoints:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp))
+        if self.background is None:
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp))
+        else:
+            # DCP copies this rank's shards to CPU memory now (its staging) and writes them on
+            # its own thread, whose collectives (the plan, the metadata) run in the gloo group
+            # made for them, never beside the training's in the same group.
+            written = dcp.async_save(
+                tensors, checkpoint_id=tmp, storage_writer=self._writer, process_group=self._group
+            )
+            # torch 2.11 .. 2.14 return a Future here (FileSystemWriter stages in the call);
+            # a stager that stages in the background would return an AsyncSaveResponse.
+            written = getattr(written, "upload_completion", written)
         mine = {"rng": rng_state([self.env.device]), **self.sync.rank_state(optimizer)}
         ranks = [None] * self.env.world_size if self.env.is_main else None
         dist.gather_object(mine, ranks, dst=0)
+        state = None
         if self.env.is_main:
             # The hyper-parameters (lr, betas, ...), for tools/convert.py.
             group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
@@ -402,22 +471,38 @@ class ShardedCheckpoints:
                 "layout": layout(unwrap(self.sync.model)),
                 "rng": ranks[0]["rng"],
                 "ranks": ranks,
-                # Written last, over every file the ranks wrote: DCP has no checksums.
-                "files": {f.name: _sha256(f) for f in sorted(tmp.iterdir())},
             }
-            write_checkpoint(tmp / STATE, state)
-            _fsync_dir(tmp)
-            if final.exists():  # the same step saved again (a resumed run): replace it
-                old = final.with_name(f".{final.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                shutil.rmtree(old)
-            os.replace(tmp, final)
-            _fsync_dir(self.folder)
-            point(self.latest, final)
-            self._prune()
-        dist.barrier()
+        if self.background is None:
+            if state is not None:
+                self._finish(tmp, final, state)
+            dist.barrier()
+        else:
+            copied = self.background.snapshot.take(state)
+
+            def finish() -> None:
+                written.result()  # rank 0's: done once every rank's files are (DCP's finish)
+                if copied is not None:
+                    self._finish(tmp, final, copied)
+
+            self.background.start(f"step {step}", finish)
         return final
+
+    def _finish(self, tmp: Path, final: Path, state: dict) -> None:
+        """Rank 0, once every rank has written its files into `tmp`: the train state with the
+        files' sha256, the rename, the pointer."""
+        # Written last, over every file the ranks wrote: DCP has no checksums.
+        state = {**state, "files": {f.name: _sha256(f) for f in sorted(tmp.iterdir())}}
+        write_checkpoint(tmp / STATE, state)
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (a resumed run): replace it
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old)
+        os.replace(tmp, final)
+        _fsync_dir(self.folder)
+        point(self.latest, final)
+        self._prune()
 
     def _prune(self) -> None:
         done = sorted(self.folder.glob("step-*.dcp"), key=lambda p: (p.stat().st_mtime_ns, p))

@@ -21,6 +21,7 @@ import torch.nn as nn
 from core.dist import DistEnv
 from parallel.base import Sync
 from parallel.flags import DILOCO_EVERY, LOCAL_SGD_EVERY
+from training.checkpoint.background import BackgroundWriter
 from training.checkpoint.contents import CheckpointError, restore_training_state, training_state
 from training.checkpoint.files import load_checkpoint, point, pointed_to, write_checkpoint
 from training.checkpoint.schema import check_counters, check_position
@@ -105,6 +106,13 @@ def check_resumable(
             f"{world_size}: the same samples per step, so the same run to float tolerance "
             "(sums in another order), but not bit for bit"
         )
+    if saved.get("topology") != live.get("topology") and state["world_size"] == world_size:
+        # hsdp shards by it, the all-reduce modes reduce hierarchically by it: either way the
+        # sums run in another order.
+        notes.append(
+            f"{source} was written with --topology {saved.get('topology')}, this job has "
+            f"{live.get('topology')}: the same run to float tolerance, but not bit for bit"
+        )
     differ = [
         f"--{k.replace('_', '-')} {saved[k]} (this run: {live[k]})"
         for k in TRAJECTORY_FLAGS
@@ -169,6 +177,26 @@ class CheckpointManager:
         # train_ddp.py's --sync strategy: with local-sgd the ranks' replicas differ between
         # two averages, so a checkpoint holds their average and each rank's own replica.
         self.sync = sync
+        self.background: BackgroundWriter | None = None  # --async-save: enable_async()
+
+    def enable_async(self) -> None:
+        """--async-save: from now on rank 0 writes each checkpoint on a background thread
+        from a snapshot taken at the step (background.py); `settle()` waits for it."""
+        self.background = BackgroundWriter(self.env, self.log)
+
+    def settle(self) -> None:
+        """Every rank, at the end of the run or when it is preempted: wait for the save in
+        flight, and raise on every rank if it failed. Nothing to wait for without
+        --async-save."""
+        if self.background is not None:
+            self.background.settle("the end of the run")
+
+    def abandon(self) -> None:
+        """On an error path, where the peers may be gone: wait for this rank's own write (a
+        file on its way to disk), without a collective; its error, if any, is dropped for
+        the one that ended the run."""
+        if self.background is not None:
+            self.background.wait("the error exit")
 
     def path_for(self, step: int) -> Path:
         return self.folder / f"step-{step:08d}.pt"  # zero-padded: name order is step order
@@ -180,6 +208,8 @@ class CheckpointManager:
         """Checkpoint the run as it is now, on every rank: the one model that every rank
         holds (the sync strategy's `consolidated()` view: training goes on unchanged) and
         this rank's own part (its `rank_state()`, taken before the views are merged)."""
+        if self.background is not None:  # at most one save in flight
+            self.background.settle(f"the checkpoint of step {step}")
         mine = self.sync.rank_state(optimizer) if self.sync else None
         with self.sync.consolidated(optimizer) if self.sync else nullcontext():
             state = training_state(
@@ -202,7 +232,11 @@ class CheckpointManager:
         file's `ranks` list, so that every rank resumes its own generators; global rank 0
         writes, moves the pointer and deletes old files; then everyone meets at a barrier
         (collectives, so never inside `if rank == 0`), so no rank goes on while the file may
-        still be incomplete."""
+        still be incomplete.
+
+        With --async-save (`enable_async`), rank 0 takes a snapshot of `state` here and writes
+        it on the background thread, and nobody waits: the ranks meet in the next `settle()`
+        instead. Call `settle()` before this when a save may be in flight."""
         # Every rank holds the same model here (the consolidated view): all refuse together.
         check_finite(state["model"], state["step"], state["args"])
         path = self.path_for(state["step"])
@@ -214,12 +248,19 @@ class CheckpointManager:
             ranks = [mine]
         if self.env.is_main:
             state = {**state, "ranks": ranks}
-            write_checkpoint(path, state)
-            point(self.latest, path)
-            self._prune()
-        if dist.is_initialized():
+            if self.background is None:
+                self._write(path, state)
+            else:  # the copy now, at the step; the file while training goes on
+                copied = self.background.snapshot.take(state)
+                self.background.start(f"step {state['step']}", lambda: self._write(path, copied))
+        if dist.is_initialized() and self.background is None:
             dist.barrier()
         return path
+
+    def _write(self, path: Path, state: dict) -> None:
+        write_checkpoint(path, state)  # whole under its name, or not at all
+        point(self.latest, path)  # only then the newest
+        self._prune()
 
     def _prune(self) -> None:
         # Newest by write time, not by step: a run resumed from an older file in the same
