@@ -156,7 +156,7 @@ class QuorumLost(UsageError):
     """The job cannot go on: no quorum of --min-replicas, or the coordinator is gone."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, every_rank=True)
+        super().__init__(message)  # each replica's rank 0 says it: RANK 0 of its torchrun
 
 
 def connect(address: str, timeout: float) -> dist.TCPStore:
