@@ -18,8 +18,8 @@ NPROC      ?= 2
 STAMP      := $(VENV)/.installed
 
 .PHONY: demo gpt test test-slow test-all test-oracles test-fakegpu bench model bench-topology \
-  bench-compress bench-diloco bench-fault-tolerance torture-fault-tolerance stress-exit \
-  torture-async bench-async-save lint docs clean
+  bench-compress bench-compress-gpt bench-diloco bench-fault-tolerance torture-fault-tolerance \
+  stress-exit torture-async bench-async-save lint docs clean
 
 # Installs pyproject.toml's dependencies (and the dev extra) without installing the repo
 # itself: the scripts run from the checkout, as `python train_ddp.py` or `-m study.bench`.
@@ -131,6 +131,16 @@ bench-topology: $(STAMP)
 bench-compress: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_compress --out-dir bench_out $(BENCH_NPROC)
 
+# The same on the small GPT (docs/compression.md): 100 steps of `make gpt`'s model on the
+# standard library per row, eval loss on 256 held-out windows, into bench_out/gpt/ (4 minutes
+# at load average 9). Not ddp+powersgd: torch's PowerSGD hook over the gpt's two DDP buckets
+# stops at a collective mismatch on gloo.
+COMPRESS_GPT := --model gpt --dataset stdlib --batch-size 4 --max-steps 100 --eval-size 256 \
+  --log-every 1000
+bench-compress-gpt: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_compress --ranks 1 --out-dir bench_out/gpt $(BENCH_NPROC) \
+	  --modes ddp,ddp+bf16,allreduce,allreduce+bf16,allreduce+powersgd-r1 -- $(COMPRESS_GPT)
+
 # Loss against bytes sent (docs/communication-at-scale.md): ddp, local SGD, DiLoCo, DiLoCo with a
 # bfloat16 outer all-reduce and streaming DiLoCo, each a traced train_ddp.py run of the small GPT
 # on the standard library, NPROC ranks on CPU, one after the other (about 3 minutes loaded):
@@ -161,6 +171,11 @@ torture-fault-tolerance: $(STAMP)
 RUNS ?= 50
 stress-exit: $(STAMP)
 	$(BIN)/python -m benchmarks.stress_exit --runs $(RUNS)
+
+# docs/checkpoints.md's --async-save table: resnet18 with AdamW (a 134 MB checkpoint) trained
+# with no checkpoints, synchronous saves and --async-save; about two minutes on a loaded box.
+bench-async-save: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_async_save --out-dir bench_out
 
 # --async-save under SIGKILL (tests/test_training_checkpoint_background.py): KILLS kills per
 # mode (ddp, zero2; by turns the whole job, rank 0, rank 1) at random moments of a background

@@ -47,8 +47,8 @@ from training.models import MODELS, build_model
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(description=__doc__)
     p.add_argument("--model", default="resnet18", choices=[*MODELS, "gpt"], help="what to train")
-    p.add_argument("--batch-size", type=positive, default=32, help="samples per step")
-    p.add_argument("--steps", type=positive, default=20, help="optimizer steps per segment")
+    p.add_argument("--batch-size", type=positive, default=4, help="samples per step")
+    p.add_argument("--steps", type=positive, default=10, help="optimizer steps per segment")
     p.add_argument("--save-every", type=positive, default=5, help="steps between checkpoints")
     p.add_argument("--rounds", type=positive, default=2, help="times each segment runs")
     p.add_argument("--threads", type=positive, default=1, help="torch's intra-op threads")

@@ -9,7 +9,7 @@ flag at its default (the default CNN on the synthetic dataset): DDP with each of
 comm hooks (`--comm-hook none|fp16|bf16|powersgd`) and `--sync allreduce` with each of the
 hand-made compressors (`--compress ...`, error feedback on). From each run's summary.json:
 
-- eval acc: after the last epoch;
+- eval loss and acc: after the run (for --model gpt, per byte: token accuracy);
 - bytes/step: the payload of the step's collectives as comm/tracer.py counts them (the most
   common value over the steps: the metric reduction of logging steps and PowerSGD's first
   two plain steps are not typical), and its ratio to the uncompressed gradient bytes;
@@ -127,6 +127,7 @@ def row(name: str, s: dict) -> dict:
     per_step = statistics.mode(comm["bytes_per_step"])
     return {
         "mode": name,
+        "eval_loss": s["eval_loss"],
         "eval_acc": s["eval_accuracy"],
         "bytes_per_step": per_step,
         "ratio": per_step / comm["model_grad_bytes"],
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     extra = f", then {' '.join(args.train_args)}" if args.train_args else ""
     print(f"{args.nproc} ranks, gloo on CPU, 1 intra-op thread each; train_ddp.py defaults, "
           f"{args.epochs} epoch(s){extra}; one run after the other")  # fmt: skip
-    print(f"{'mode':22s} {'eval acc':>8s} {'bytes/step':>10s} {'vs fp32':>7s} "
+    print(f"{'mode':22s} {'eval loss':>9s} {'eval acc':>8s} {'bytes/step':>10s} {'vs fp32':>7s} "
           f"{'step ms':>7s} {'comm ms':>7s}", flush=True)  # fmt: skip
     rows, failed = [], []
     for name, flags in modes(args.ranks).items():
@@ -154,8 +155,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         r = row(name, result)
         rows.append(r)
         print(
-            f"{name:22s} {r['eval_acc']:8.4f} {r['bytes_per_step']:10.0f} {r['ratio']:7.3f} "
-            f"{r['step_ms']:7.1f} {r['comm_ms']:7.2f}",
+            f"{name:22s} {r['eval_loss']:9.4f} {r['eval_acc']:8.4f} {r['bytes_per_step']:10.0f} "
+            f"{r['ratio']:7.3f} {r['step_ms']:7.1f} {r['comm_ms']:7.2f}",
             flush=True,
         )
     out = Path(args.out_dir)

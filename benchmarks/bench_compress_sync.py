@@ -1,6 +1,7 @@
 """One gradient synchronisation with and without compression, timed alone.
 
     python -m benchmarks.bench_compress_sync                 # 2 gloo ranks, cnn and resnet18
+    python -m benchmarks.bench_compress_sync --models cnn,gpt   # the small GPT (make bench)
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m benchmarks.bench_compress_sync
 
 For each model, the gradients of its parameters (random values, the model's shapes) are

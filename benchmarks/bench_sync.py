@@ -9,7 +9,9 @@ override that.
 
 1. Step time of every `--sync` mode (and of no communication at all) on the same model and
    the same fixed batch: forward, backward, gradient synchronisation, SGD step. Reported as
-   the ratio to `ddp`.
+   the ratio to `ddp`. `--model gpt` times the small language model on windows of text
+   (benchmarks/workload.py); `--bucket-cap-mb` sets the buckets of ddp, allreduce and
+   overlap (`make bench` uses 1 MiB on the gpt, so that overlap has 4 to send).
 2. The cost of synchronising ~100 small tensors (a stack of 50 Linear layers: 100 weight and
    bias tensors): one blocking all-reduce per tensor, one asynchronous all-reduce per tensor
    (all launched, then all waited for), communicate() with one flat buffer, and

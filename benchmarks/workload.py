@@ -102,7 +102,7 @@ def workload(
         x = torch.randn(batch_size, 3, 32, 32, generator=g)
         y = torch.randint(10, (batch_size,), generator=g)
         return Workload(args.model, IMAGES, args, x.to(device), y.to(device))
-    args.dataset = args.dataset or "stdlib"
+    args = argparse.Namespace(**{**vars(args), "dataset": args.dataset or "stdlib"})
     check_model_data(argparse.Namespace(**{**vars(args), "sample": 0}))
     data = build_datasets(args.dataset, args.data_dir, seed=0, context=args.context)
     n = len(data.train)

@@ -19,6 +19,7 @@ import torch
 from benchmarks import bench_diloco, bench_zero
 from benchmarks.workload import add_model_flags, model_named, workload
 from comm.communicate import plan_buckets_like_ddp
+from comm.compress import powersgd_elements
 from core.cli import Parser
 from core.dist import DistEnv
 from core.errors import UsageError
@@ -142,7 +143,7 @@ def test_bench_zero_on_the_gpt_measures_what_the_formulas_say():
 def test_bench_sync_and_compress_sync_run_the_gpt(tmp_path):
     """bench_sync and bench_compress_sync end to end on 2 ranks with --model gpt: every mode's
     row, the buckets overlap launched (DDP's rule at the cap given), and compression's bytes
-    against the gpt's 4 P bytes of float32 gradients."""
+    against the gpt's 4 P bytes of float32 gradients and PowerSGD's formula."""
     data = text_file(tmp_path)
     gpt = [*TINY, "--dataset", "text", "--data-dir", data]
     run_cmd(
@@ -174,4 +175,28 @@ def test_bench_sync_and_compress_sync_run_the_gpt(tmp_path):
     }
     full = 4 * sum(q.numel() for q in params)
     assert sent["none"] == full and sent["bf16"] == sent["fp16"] == full // 2
-    assert sent["powersgd-r1"] < full // 10
+    # PowerSGD's bytes, exactly: (n + m) r per compressed matrix, the rest as they are.
+    assert sent["powersgd-r1"] == 4 * powersgd_elements([q.shape for q in params], 1) < full // 8
+
+
+@pytest.mark.slow
+def test_bench_zero_on_the_gpt_at_3_ranks(tmp_path):
+    """The formulas at W = 3, which divides neither the tiny gpt's P = 10,816 nor all of its
+    units: the padded flat buffers and slices, byte for byte, from the benchmark's CSV."""
+    run_cmd(
+        [PYTHON, "-m", "benchmarks.bench_zero", "--nproc", "3", "--model", "gpt", *TINY]
+        + ["--dataset", "text", "--data-dir", text_file(tmp_path), "--batch-size", "2"]
+        + ["--rounds", "1", "--steps", "1", "--warmup", "1", "--modes", *ORACLE_MODES]
+        + ["--out-dir", str(tmp_path)],
+        timeout=300,
+        check=True,
+    )
+    with open(tmp_path / "bench_zero.csv", newline="") as f:
+        rows = {r["mode"]: r for r in csv.DictReader(f)}
+    assert list(rows) == list(ORACLE_MODES)
+    for mode, row in rows.items():
+        assert int(row["parameters"]) == 10_816 and int(row["world_size"]) == 3
+        for kind in bench_zero.KINDS:
+            assert float(row[kind]) == float(row[f"predicted_{kind}"]), (mode, kind)
+        assert math.isclose(float(row["sent"]), float(row["predicted_sent"]), rel_tol=1e-12)
+        assert int(row["peak"]) >= sum(int(row[k]) for k in bench_zero.KINDS), mode

@@ -39,6 +39,14 @@ SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [  # the first match wins
     (r"(train_dp|train_ddp)\.py|launch/(cpu_sim|multi_gpu|multi_node)\.sh|launch/spawn\.py",
      TRAIN, (0,)),  # fmt: skip
     (r"study\.bench", "--max-bytes 4K --iters 1 --warmup 0", (0,)),
+    # The gpt rows of `make bench`: a 1-block gpt on 32-byte windows, the same code paths.
+    (r"benchmarks\.bench_sync --model gpt",
+     "--steps 1 --rounds 1 --warmup 1 --gpt-layers 1 --context 32", (0,)),
+    (r"benchmarks\.bench_zero --model gpt",
+     "--steps 1 --rounds 1 --warmup 1 --gpt-layers 1 --context 32 --modes ddp zero3", (0,)),
+    (r"benchmarks\.bench_compile --model gpt",
+     "--steps 1 --rounds 1 --modes ddp --compile-backend aot_eager --batch-size 2 "
+     "--gpt-layers 1 --context 32", (0,)),
     (r"benchmarks\.bench_sync", "--steps 1 --rounds 1 --warmup 1", (0,)),
     (r"benchmarks\.bench_dp_ddp", "--steps 1 --repeats 1 --warmup 1", (0,)),
     (r"benchmarks\.bench_zero", "--steps 1 --rounds 1 --warmup 1", (0,)),
@@ -51,6 +59,7 @@ SHORTEN: list[tuple[str, str, tuple[int, ...]]] = [  # the first match wins
     (r"benchmarks\.bench_shm", "--sizes 64K --rounds 1 --iters 1", (0,)),
     (r"study\.simulate .*--topology", "--world 8 --topology 2x4", (0,)),  # hsdp's layout
     (r"study\.simulate", "--world 8 --sync zero3", (0,)),
+    (r"benchmarks\.bench_async_save", "--model mlp --steps 2 --save-every 1 --rounds 1", (0,)),
     (r"benchmarks\.bench_compress_sync", "--models cnn --ranks 1 --steps 1 --rounds 1", (0,)),
     (r"benchmarks\.bench_compress\b",
      "--ranks 1 --modes allreduce+powersgd-r1 -- --max-steps 3 --train-size 512 --eval-size 64",

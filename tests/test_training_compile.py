@@ -11,6 +11,12 @@ autograd's joint forward/backward are the real ones, but the ops run as aten's e
 identical. The `slow` test compiles with inductor, whose generated kernels may fuse and
 reassociate sums (error model beside it).
 
+`slow` as well: the small gpt of tests/test_training_gpt.py (tied head), compiled with
+aot_eager, equals eager bit for bit in float64 under ddp and zero1, and compiled with
+inductor in float32 follows eager's loss curve within float32's own rounding; and
+train_ddp.py with --compile --compiled-autograd (DDP's Python reducer traced by compiled
+autograd) equals eager train_ddp.py in float64 at 2 and 3 ranks.
+
 DDPOptimizer's buckets have a closed form: walking the parameters from the output back, a
 bucket closes once it holds at least its cap (the first 1 MiB, the others DDP's
 bucket_cap_mb). For this model in float64 (from the output: 8,224 + 526,336 + 526,336 B,
@@ -29,11 +35,14 @@ import torch.nn as nn
 
 from core.dist import DistEnv
 from core.errors import UsageError
+from data.text import ByteWindows
 from parallel.factory import make_sync
 from tests.multiproc import run_world
+from tests.test_training_gpt import SMALL, corpus, small_gpt
 from training.checkpoint import load_checkpoint, unwrap
 from training.cli import check_compiled_autograd
 from training.compiled import maybe_compile
+from training.metrics import loss_fn
 
 MODES = ("ddp", "overlap", "zero1")
 CAP = 2**20  # DDP's bucket cap here, and DDPOptimizer's first bucket
@@ -266,3 +275,109 @@ def test_compiled_autograd_equals_eager_through_train_ddp(world_size, tmp_path):
         worst = max(worst, diff)
         assert diff <= CA_TOLERANCE, diff
     print(f"W={world_size}: train_ddp.py --compiled-autograd vs eager {worst:.2e}")
+
+
+# ---- --model gpt: the small gpt of tests/test_training_gpt.py, compiled and eager
+
+CURVE_STEPS = 30
+
+
+def train_gpt(
+    rank: int, world_size: int, mode: str, backend: str | None, dtype: torch.dtype, steps: int
+) -> dict:
+    """`steps` SGD steps of the small gpt (tied head) on the byte corpus of
+    tests/test_training_gpt.py, each rank its own 4 windows per step; the losses and the
+    parameters."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    env = DistEnv(rank, rank, world_size, world_size, "gloo", torch.device("cpu"))
+    sync = make_sync(mode, small_gpt().to(dtype), env)
+    opt = sync.make_optimizer(torch.optim.SGD, dict(lr=LR, momentum=MOMENTUM))
+    if backend is not None:
+        maybe_compile(sync.model, argparse.Namespace(compile=True), backend=backend)
+    data = ByteWindows(corpus(), SMALL["context"])
+    losses = []
+    for step in range(steps):
+        first = 4 * (step * world_size + rank)
+        x, y = (torch.stack(t) for t in zip(*(data[first + i] for i in range(4)), strict=True))
+        loss = loss_fn(sync.model(x), y)
+        loss.backward()
+        sync.finish_backward()
+        opt.step()
+        sync.after_step(opt)
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    out = {
+        "losses": losses,
+        "graphs": counters["stats"]["unique_graphs"],
+        "pieces": counters["aot_autograd"]["total"],
+        "breaks": sum(counters["graph_break"].values()),
+    }
+    with sync.consolidated(opt):
+        out["params"] = {k: v.clone() for k, v in unwrap(sync.model).state_dict().items()}
+    return out
+
+
+def gpt_world(rank: int, world_size: int) -> dict:
+    torch.set_num_threads(1)
+    f32, f64 = torch.float32, torch.float64
+    results = {}
+    for mode in ("ddp", "zero1"):
+        results[mode, "eager"] = train_gpt(rank, world_size, mode, None, f64, STEPS)
+        results[mode, "aot_eager"] = train_gpt(rank, world_size, mode, "aot_eager", f64, STEPS)
+    for name, backend, dtype in [("eager32", None, f32), ("eager64", None, f64),
+                                 ("inductor32", "inductor", f32)]:  # fmt: skip
+        results[name] = train_gpt(rank, world_size, "ddp", backend, dtype, CURVE_STEPS)
+    return results
+
+
+@pytest.fixture(scope="module")
+def gpt_runs() -> list[dict]:
+    return run_world(gpt_world, 2, timeout=900, pg_timeout=800)
+
+
+# Error model, aot_eager: the captured graph runs eager's own aten kernels, forward and AOT
+# autograd's backward (the same derivative formulas autograd uses: SDPA's, LayerNorm's,
+# GELU's and the embedding's backward ops, the tied weight's two gradients added by the
+# same AccumulateGrad), so every float64 number is the one eager computes: equal, bit for
+# bit (measured), under any ATEN_CPU_CAPABILITY since both sides call the same kernel.
+@pytest.mark.slow
+@pytest.mark.oracle
+def test_gpt_compiled_equals_eager_in_float64(gpt_runs):
+    for rank in gpt_runs:
+        for mode in ("ddp", "zero1"):  # DDP's reducer, and a hand-made mode's
+            eager, compiled = rank[mode, "eager"], rank[mode, "aot_eager"]
+            assert compiled["graphs"] == 1 and compiled["breaks"] == 0, mode
+            # The small gpt is 267 KiB of float64 parameters, under DDPOptimizer's first
+            # bucket of 1 MiB: one bucket, one piece, under ddp as under zero1.
+            assert compiled["pieces"] == buckets_by_formula(small_gpt(), CAP) == 1, mode
+            moved = max(
+                (eager["params"][k] - v).abs().max() for k, v in small_gpt().state_dict().items()
+            )
+            assert moved > 1e-3
+            for k, v in eager["params"].items():
+                assert torch.equal(compiled["params"][k], v), (mode, k)
+
+
+# Error model, inductor in float32: its kernels fuse the pointwise ops and may sum in another
+# order (LayerNorm's and softmax's reductions over 32 and 16 terms, the bias and embedding
+# gradients over 64 tokens, the loss's mean), so each step's gradient differs from eager's by
+# float32 rounding (~1e-7 relative), and the trajectories drift apart as slowly as rounding
+# alone moves them. That yardstick is measured in the same run: float32 eager against float64
+# eager, the whole of float32's rounding. Compiled must stay within 10 times it (measured:
+# printed with -s), while a wrong gradient would move the loss by far more (a step of
+# lr x |g| ~ 1e-2 changes the next loss by ~1e-2).
+@pytest.mark.slow
+@pytest.mark.oracle
+def test_gpt_compiled_float32_loss_curve_within_rounding(gpt_runs):
+    for rank in gpt_runs:
+        e32, e64, c32 = (rank[k]["losses"] for k in ("eager32", "eager64", "inductor32"))
+        assert e64[-1] < e64[0] - 0.5, "the curve must fall for the comparison to mean much"
+        noise = max(abs(a - b) for a, b in zip(e32, e64, strict=True))
+        drift = max(abs(a - b) for a, b in zip(c32, e32, strict=True))
+        print(f"float32 vs float64 eager {noise:.2e}, inductor vs eager float32 {drift:.2e}")
+        assert 0 < noise < 1e-3
+        assert drift <= 10 * noise

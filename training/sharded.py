@@ -66,9 +66,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from core.dist import DistEnv
-from core.errors import UsageError
+from core.errors import WRITE_ERRORS, UsageError, write_error_line
 from parallel.torch_twins import FSDP2Sync, TorchZero1Sync
-from training.checkpoint.background import BackgroundWriter, Snapshot
+from training.checkpoint.background import BackgroundWriter, Snapshot, yield_to_training
 from training.checkpoint.contents import CheckpointError, rng_state, set_rng_state, unwrap
 from training.checkpoint.files import (
     _check_archive,
@@ -316,13 +316,14 @@ class _Writer(dcp.FileSystemWriter):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self.snapshot = Snapshot()  # its buffers are kept from one save to the next
+        self.snapshot = Snapshot(whole_storages=False)  # buffers kept from save to save
 
     def stage(self, state_dict: dict) -> dict:
         self.per_thread_copy_ahead = 0  # as DCP's own stage(): the data is in CPU memory
         return self.snapshot.take(state_dict)
 
     def write_data(self, plan, planner):
+        yield_to_training()  # DCP's thread, one per save
         self.snapshot.ready()  # the copies from GPUs have landed
         slow_down("save")
         return super().write_data(plan, planner)
@@ -480,7 +481,10 @@ class ShardedCheckpoints:
             copied = self.background.snapshot.take(state)
 
             def finish() -> None:
-                written.result()  # rank 0's: done once every rank's files are (DCP's finish)
+                try:  # rank 0's: done once every rank's files are (DCP's finish step)
+                    written.result()
+                except (Exception, CheckpointException) as e:  # one line, naming the rank
+                    raise _write_error(e) from None
                 if copied is not None:
                     self._finish(tmp, final, copied)
 
@@ -589,6 +593,17 @@ class ShardedCheckpoints:
             self.log("note: %s", note)
         self.log("resumed from %s at step %d (epoch %d)", path, state["step"], state["epoch"])
         return Position(state["step"], state["epoch"], state["step_in_epoch"])
+
+
+def _write_error(e: BaseException) -> CheckpointError:
+    """One line for an error out of an async DCP save: DCP hands every rank the failing
+    rank's exception, wrapped."""
+    rank, failure = next(iter(getattr(e, "failures", {}).items()), (None, (e,)))
+    inner = failure[0]
+    where = f"rank {rank}'s files: " if rank is not None else ""
+    if isinstance(inner, OSError) and inner.errno in WRITE_ERRORS:
+        return CheckpointError(where + write_error_line(inner))
+    return CheckpointError(where + _reason(inner))
 
 
 def dcp_error(e: BaseException, context: str) -> CheckpointError:

@@ -9,10 +9,11 @@ rename, the pointer, exactly as a synchronous save does it, so a kill at any mom
 leaves the previous checkpoint as the newest and never half a file under a real name.
 
 A thread, not a process: the snapshot is already in this process's memory, and the bulk of
-the write (copying storage bytes, write(2), fsync(2)) runs in C without the GIL; a process
-would need the snapshot copied once more into shared memory, its own `import torch` (seconds)
-and a fork of a process that holds CUDA and gloo threads, which is unsafe. torch's own
-`dcp.async_save` uses a thread by default for the same reasons.
+the write's time goes to system calls (write(2) of each storage, fsync(2)) that release the
+GIL; a process would need the snapshot copied once more into shared memory, its own
+`import torch` (seconds) and a fork of a process that holds CUDA and gloo threads, which is
+unsafe. torch's own `dcp.async_save` uses a thread by default for the same reasons. The thread
+runs at a lower CPU priority (`yield_to_training`).
 
 At most one save is in flight: the next save first waits for the previous write to finish
 (and says so in the log when it had to wait). Unbounded, a slow disk would pile up snapshots
@@ -22,7 +23,9 @@ safe once the previous write has finished with them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import sys
 import threading
 import time
@@ -36,13 +39,30 @@ from core.errors import WRITE_ERRORS, write_error_line
 from training.checkpoint.contents import CheckpointError
 from training.faults import slow_down
 
+# The writer thread's nice value (Linux: a per-thread attribute). Where the training's threads
+# keep every core busy (CPU training, or a shared box), an equal-priority writer takes half of
+# a core's time from the step it overlaps; at +10 the scheduler gives it about a tenth while
+# the training wants the core, and all of an idle one (a GPU job's CPU is mostly idle).
+WRITER_NICE = 10
+
+
+def yield_to_training() -> None:
+    """Lower the calling thread's CPU priority to WRITER_NICE (Linux only: elsewhere the same
+    call would renice the whole process)."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):  # a container that forbids it: run as it is
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+
 
 class Snapshot:
     """Copies of checkpoint trees in CPU memory, whose buffers are kept from one save to the
     next (pinned memory is slow to allocate). Storage for storage, like torch.save: tensors
     that share a storage (a tied head, views of one flat buffer) share it in the copy too."""
 
-    def __init__(self) -> None:
+    def __init__(self, whole_storages: bool = True) -> None:
+        # torch.save writes each tensor's whole storage, DCP only the tensor's own elements:
+        # the copy takes what the writer will write (a view of a large flat buffer: its part).
+        self.whole_storages = whole_storages
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._events: list = []
 
@@ -72,14 +92,14 @@ class Snapshot:
         # does); importing it here just to ask would cost every single-file run seconds.
         dtensor = sys.modules.get("torch.distributed.tensor")
         if dtensor is not None and isinstance(tree, dtensor.DTensor):
-            # a rank's shard of a sharded tensor (DCP's staging): copy its part only
+            # A rank's shard of a sharded tensor (DCP's staging): its part only, as a DTensor
+            # of the same layout. Built from the spec, as DCP's own staging builds its CPU
+            # copies: from_local would move a CPU shard back to a GPU mesh's device.
             local = self._compact(tree.to_local().detach(), used, cuda)
-            return dtensor.DTensor.from_local(
-                local, tree.device_mesh, tree.placements, run_check=False,
-                shape=tree.shape, stride=tree.stride(),
-            )  # fmt: skip
+            return dtensor.DTensor(local, tree._spec, requires_grad=False)
         if isinstance(tree, torch.Tensor):
-            return self._tensor(tree.detach(), used, cuda)
+            copier = self._tensor if self.whole_storages else self._compact
+            return copier(tree.detach(), used, cuda)
         if isinstance(tree, dict):
             return {k: self._copy(v, used, cuda) for k, v in tree.items()}
         if isinstance(tree, list):
@@ -114,7 +134,7 @@ class Snapshot:
 
     def _compact(self, t: torch.Tensor, used: dict, cuda: set) -> torch.Tensor:
         """A contiguous copy of `t` alone (DCP writes the shard, not the buffer around it)."""
-        key = (t.device, "tensor", t.data_ptr(), t.dtype, tuple(t.shape))
+        key = (t.device, "tensor", t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
         buffer = self._buffer(key, tuple(t.shape), t.dtype, used)
         self._fill(buffer, t, t.device, cuda)
         return buffer
@@ -146,13 +166,14 @@ class BackgroundWriter:
 
     def _run(self, write: Callable[[], None]) -> None:
         try:
+            yield_to_training()
             slow_down("save")  # test hook (TRAIN_SLOW): training goes on before a byte is read
             self.snapshot.ready()
             write()
         except OSError as e:
             self._error = write_error_line(e) if e.errno in WRITE_ERRORS else f"{e}"
         except BaseException as e:  # noqa: BLE001 - reported on the training thread by settle()
-            self._error = str(e) or type(e).__name__
+            self._error = (str(e).strip().splitlines() or [type(e).__name__])[0]  # one line
 
     def busy(self) -> bool:
         """Is a write in flight now (benchmarks/bench_async_save.py sorts steps by it)?"""
@@ -178,7 +199,7 @@ class BackgroundWriter:
     def settle(self, before: str) -> None:
         """On every rank: wait for the write in flight, then agree on whether every rank's
         part was written. A failure anywhere is one CheckpointError, the same on every rank
-        (the lowest failing rank's reason), so all ranks leave together."""
+        (the lowest rank's reason that has one), so all ranks leave together."""
         self.wait(before)
         error, self._error = self._error, None
         if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -191,7 +212,5 @@ class BackgroundWriter:
             return
         errors: list = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
-        rank, reason = next((r, e) for r, e in enumerate(errors) if e is not None)
-        raise CheckpointError(
-            f"the checkpoint of {self._what} was not written (rank {rank}): {reason}"
-        )
+        reason = next(e for e in errors if e is not None)
+        raise CheckpointError(f"the checkpoint of {self._what} was not written: {reason}")

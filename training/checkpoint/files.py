@@ -9,12 +9,12 @@ each zip entry's CRC-32 is checked first, since torch.load does not.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import re
 import stat
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -33,19 +33,44 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+class _PausingFile:
+    """A file that runs the test hook TRAIN_SLOW=save once, after its first bytes are on disk:
+    a signal or a kill then lands in a half-written file."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self._paused = False
+
+    def write(self, data) -> int:
+        n = self._file.write(data)
+        if not self._paused:
+            self._paused = True
+            self._file.flush()
+            slow_down("save")
+        return n
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
+def atomic_write(path: Path, data: bytes | Callable[[IO[bytes]], None]) -> None:
     """Write `data` to `path` so that `path` is at every moment either the old file or the
     new one: temp file in the same directory (same filesystem, so the rename is atomic),
-    fsync, rename, fsync of the directory (so the rename itself survives a power cut)."""
+    fsync, rename, fsync of the directory (so the rename itself survives a power cut).
+    `data` is the bytes, or a function that writes them into the file it is handed (so
+    that a checkpoint goes to disk without a copy of the whole file in memory first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            view, half = memoryview(data), len(data) // 2  # halves without copies
-            f.write(view[:half])
-            slow_down("save")  # test hook (TRAIN_SLOW): a signal lands in a half-written file
-            f.write(view[half:])
+            if callable(data):
+                data(_PausingFile(f))
+            else:
+                view, half = memoryview(data), len(data) // 2  # halves without copies
+                f.write(view[:half])
+                slow_down("save")  # test hook (TRAIN_SLOW): a signal lands in a half-written file
+                f.write(view[half:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -59,10 +84,9 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def write_checkpoint(path: Path, state: dict) -> None:
-    """Serialise in memory, then write atomically: the file appears whole or not at all."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write(path, buf.getvalue())
+    """torch.save straight into the temporary file, then the rename: the file appears whole
+    or not at all, and memory holds no second copy of it on the way."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def _check_archive(path: Path) -> None:
