@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # A fault-tolerant job on this machine: the coordinator (python -m training.quorum) and N
-# replicas, each one its own torchrun of train_ddp.py --fault-tolerance with one process. A
-# replica that dies is restarted by its torchrun (--max-restarts) and rejoins at a step
-# boundary, healed from a live peer; the others go on meanwhile, without a restart
-# (docs/fault-tolerance.md).
+# replicas, each one its own torchrun of train_ddp.py --fault-tolerance (NPROC_PER_REPLICA
+# processes, default 1). A replica that dies is restarted by its torchrun (--max-restarts)
+# and rejoins at a step boundary, healed from a live peer; the others go on meanwhile,
+# without a restart (docs/fault-tolerance.md).
 #
 #   launch/fault_tolerant.sh 3 --epochs 1 --out-dir runs/ft    # 3 replicas
 #   MIN_REPLICAS=2 launch/fault_tolerant.sh 3 --max-steps 200  # stop below 2 alive
+#   NPROC_PER_REPLICA=2 launch/fault_tolerant.sh 2 --epochs 1   # 2 replicas of 2 ranks
 #
 # Environment: MIN_REPLICAS (the smallest quorum, default 1), HEARTBEAT_TIMEOUT (seconds
 # without a heartbeat before a replica is dead, default 2), JOIN_TIMEOUT (default 30),
-# MAX_RESTARTS (torchrun restarts per replica, default 3), PYTHON, OMP_NUM_THREADS (default:
-# cores / N, at least 1), GLOO_SOCKET_IFNAME (default: the loopback interface).
+# MAX_RESTARTS (torchrun restarts per replica, default 3), NPROC_PER_REPLICA (ranks of each
+# replica, default 1; a rank that dies takes its replica with it), PYTHON, OMP_NUM_THREADS
+# (default: cores / all ranks, at least 1), GLOO_SOCKET_IFNAME (default: the loopback interface).
 # Everything listens on loopback only. Exit status: the first failing replica's, else 0.
+# SIGTERM, SIGINT or SIGHUP stops the job: each torchrun is sent SIGTERM and stops its replica
+# (torchrun prints its SignalException), then the coordinator; nothing is left running, and
+# nothing is saved (this mode writes no checkpoint); exit status 143.
 set -euo pipefail
 
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
@@ -32,8 +37,15 @@ if ! [[ $min =~ ^[0-9]+$ ]] || ((min < 1 || min > replicas)); then
   exit 2
 fi
 
+per_replica=${NPROC_PER_REPLICA:-1}
+if ! [[ $per_replica =~ ^[0-9]+$ ]] || ((per_replica < 1)); then
+  echo "error: NPROC_PER_REPLICA must be a positive integer, got '$per_replica'" >&2
+  exit 2
+fi
+
 cores=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cores / replicas > 1 ? cores / replicas : 1))}
+all=$((replicas * per_replica))
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cores / all > 1 ? cores / all : 1))}
 if [[ -z ${GLOO_SOCKET_IFNAME:-} ]]; then
   case $(uname -s) in
     Darwin) export GLOO_SOCKET_IFNAME=lo0 ;;
@@ -80,7 +92,7 @@ done
 port=$(<"$tmp/port")
 
 for ((i = 0; i < replicas; i++)); do
-  "$PYTHON" -m torch.distributed.run --nnodes 1 --nproc-per-node 1 \
+  "$PYTHON" -m torch.distributed.run --nnodes 1 --nproc-per-node "$per_replica" \
     --max-restarts "${MAX_RESTARTS:-3}" --rdzv-backend c10d --rdzv-endpoint "$tmp/rdzv$i" \
     --rdzv-conf store_type=file --local-addr 127.0.0.1 "$root/train_ddp.py" \
     --fault-tolerance --coordinator "127.0.0.1:$port" --replica-id "$i" "$@" &

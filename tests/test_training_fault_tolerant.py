@@ -146,22 +146,25 @@ def test_flags_that_the_replica_loop_does_not_run_are_refused_in_one_line():
     from core.errors import UsageError
     from train_ddp import parse_args
     from training.fault_tolerant import check_flags
+    from training.quorum import QuorumClient, QuorumLost
 
     base = ["--fault-tolerance", "--coordinator", "127.0.0.1:29400"]
-    check_flags(parse_args(base), world_size=1)  # accepted
+    check_flags(parse_args(base))  # accepted
     refused = {
-        "needs --coordinator HOST:PORT": (["--fault-tolerance"], 1),
-        "one process per replica (got WORLD_SIZE 2)": (base, 2),
-        "--grad-accum does not combine": ([*base, "--grad-accum", "2"], 1),
-        "--sync does not combine": ([*base, "--sync", "zero1"], 1),
-        "--resume does not combine": ([*base, "--resume", "auto"], 1),
-        "cosine with --fault-tolerance needs --max-steps": ([*base, "--lr-schedule", "cosine"], 1),
+        "needs --coordinator HOST:PORT": ["--fault-tolerance"],
+        "--grad-accum does not combine": [*base, "--grad-accum", "2"],
+        "--sync does not combine": [*base, "--sync", "zero1"],
+        "--resume does not combine": [*base, "--resume", "auto"],
+        "cosine with --fault-tolerance needs --max-steps": [*base, "--lr-schedule", "cosine"],
     }
-    for message, (argv, world_size) in refused.items():
+    for message, argv in refused.items():
         with pytest.raises(UsageError, match=re.escape(message)):
-            check_flags(parse_args(argv), world_size)
+            check_flags(parse_args(argv))
     with pytest.raises(UsageError, match="expected HOST:PORT, got 'no-port'"):  # Parser.error
         parse_args([*base[:2], "no-port"])
+    # Nothing listens on port 1: one line after the connect timeout, no traceback.
+    with pytest.raises(QuorumLost, match="cannot reach the coordinator at 127.0.0.1:1"):
+        QuorumClient("127.0.0.1:1", "0", quorum_timeout=0.2)
 
 
 # ------------------------------------------------ torture (make torture-fault-tolerance)
@@ -210,11 +213,14 @@ def random_kill(tmp: Path, rng: random.Random) -> str:
     )
     victim, at, go = rng.randrange(3), rng.randrange(2, 20), tmp / "go"
     env = {"TRAIN_FAULT": "", "TRAIN_SLOW": "step:0.05"}
-    procs = [replica(address, i, tmp, env) for i in range(3)]
+    # The victim sleeps 0.2 s before each all-reduce, its peers waiting inside theirs: most
+    # kills land there, and the peers' step fails, is discarded and redone.
+    slow = {**env, "TRAIN_SLOW": "step:0.05,reduce:0.2"}
+    procs = [replica(address, i, tmp, slow if i == victim else env) for i in range(3)]
     spare = replica(address, victim, tmp, {**env, "TRAIN_JOIN_AFTER": str(go)})
     try:
         assert procs[victim].wait_for(rf"step {at} epoch", deadline), procs[victim].output()
-        time.sleep(rng.uniform(0, 0.06))  # anywhere in the next step, the all-reduce too
+        time.sleep(rng.uniform(0, 0.3))  # anywhere in the next step, mostly in the all-reduce
         procs[victim].kill()
         go.touch()
         survivors = [p for i, p in enumerate(procs) if i != victim]
@@ -225,8 +231,8 @@ def random_kill(tmp: Path, rng: random.Random) -> str:
     first = summaries[(victim + 1) % 3]
     first["out"] = str(tmp / f"replica-{(victim + 1) % 3}")
     on_the_oracle(first)
-    redone = sum(p.output().count("discarded") for p in survivors)
-    return f"replica {victim} after step {at}: {redone} step attempt(s) discarded"
+    redone = max(p.output().count("discarded") for p in survivors)
+    return f"replica {victim} after step {at}: {redone} step(s) redone"
 
 
 def killed_while_healing(tmp: Path, rng: random.Random) -> str:
@@ -278,7 +284,7 @@ def two_lost_at_once(tmp: Path, rng: random.Random) -> str:
             p.kill()
     out = procs[0].output()
     errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert status == 2 and "Traceback" not in out, out
+    assert status == 2 and "Traceback" not in out and "Exception raised from" not in out, out
     assert errors == [
         "error: no quorum: 1 replica(s) alive, --min-replicas 2 (none joined for 3 s)"
     ], out

@@ -5,30 +5,36 @@ when replicas die or join, without restarting the survivors and without reading 
     OMP_NUM_THREADS=1 python train_ddp.py --fault-tolerance --coordinator 127.0.0.1:PORT \\
         --replica-id 0 --out-dir runs/ft   # and --replica-id 1, 2 (launch/fault_tolerant.sh)
 
-Each replica is a torchrun job of one process (more ranks per replica are refused). Before
-every optimizer step it asks the coordinator (training/quorum.py) for the step's quorum and
-then, in this order:
-1. if the quorum id changed, it builds a fresh gloo process group over the members, on
-   PrefixStore(f"quorum{id}") of the coordinator's store (no stale keys from a dead group);
+Each replica is a torchrun job of R processes (--nproc-per-node R, the same R for all), and
+a rank that dies takes its replica with it (its torchrun restarts the replica whole). Before
+every optimizer step the replica's rank 0 asks the coordinator (training/quorum.py) for the
+step's quorum, hands the answer to its other ranks, and then, in this order:
+1. if the quorum id changed, each rank r builds a fresh gloo process group with rank r of the
+   other members, on PrefixStore(f"quorum{id}/rank{r}") of the coordinator's store (no stale
+   keys from a dead group);
 2. if a member is behind the quorum's step (a newcomer, or a replica whose last step failed
-   where a peer's succeeded), the source member broadcasts its whole state over that group,
+   where a peer's succeeded), the source member broadcasts its whole state over those groups,
    serialized with torch.save and read back with weights_only=True: parameters, optimizer
    and scheduler state, step, epoch, data cursor, RNG state. Not from disk;
-3. it computes its gradient, all-reduces the gradients across the quorum and steps.
-A collective that fails (a peer was killed: gloo raises at once; a peer hangs: --ft-timeout)
-discards the step's gradients, and the step is redone under the next quorum.
+3. it computes its gradient, sums it over its own ranks, all-reduces the sums across the
+   quorum and steps.
+A collective among replicas that fails (a peer was killed: gloo raises at once; a peer hangs:
+--ft-timeout) discards the step's gradients, and the step is redone under the next quorum.
+The replica's ranks vote after each such collective, so that they commit, heal or redo
+together.
 
 Semantics, exactly. An epoch's samples are one permutation of the training set, drawn from
 --seed + epoch (as DistributedSampler draws it), consumed through a cursor that every replica
-holds (and a newcomer receives). A step whose quorum has m members takes the next
-m x --batch-size samples of the permutation; the member at index i of the membership sorted by
-incarnation takes perm[cursor + i*B : cursor + (i+1)*B]. The step's gradient is the average
-over those m x B samples (each replica's mean loss, all-reduced and divided by m), so a step
-of m replicas equals one process taking a batch of m x B. The cursor moves by m x B only when
-the step commits; a failed step is redone from the same cursor by the new quorum, so within an
-epoch no sample is skipped or seen twice. The epoch ends when fewer than m x B samples are
-left (they are dropped, as with drop_last). --max-steps counts optimizer steps whatever their
-m; --epochs counts passes over the permutation.
+holds (and a newcomer receives). With R ranks per replica and B = --batch-size (per rank), a
+step whose quorum has m members takes the next m x R x B samples of the permutation, in
+slices of B: rank r of the member at index i of the membership sorted by incarnation takes
+slice i*R + r, perm[cursor + (i*R + r)*B : cursor + (i*R + r + 1)*B]. The step's gradient is
+the average over those m x R x B samples (each process's mean loss, summed and divided by
+m x R), so the step equals one process's on a batch of m x R x B. The cursor moves only when
+the step commits; a failed step is redone from the same cursor by the new quorum, so within
+an epoch no sample is skipped or seen twice. The epoch ends when fewer than a step's samples
+are left (they are dropped, as with drop_last). --max-steps counts optimizer steps whatever
+their m; --epochs counts passes over the permutation.
 """
 
 from __future__ import annotations
@@ -44,17 +50,17 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import default_collate
 
-from core.dist import resolve
+from core.dist import rendezvous, resolve
 from core.errors import UsageError
 from data.datasets import build_datasets
 from data.sampling import eval_loader
 from training.checkpoint import param_checksum
 from training.checkpoint.files import atomic_write
-from training.faults import fault_hook, heal_fault, hold_until_released
+from training.faults import fault_hook, heal_fault, hold_until_released, slow_down
 from training.metrics import evaluate, loss_fn
 from training.models import model_from_args, model_input
 from training.optim import make_optimizer, make_scheduler
-from training.quorum import QuorumClient, QuorumLost
+from training.quorum import QuorumClient, QuorumLost, connect
 
 # Failed steps in a row (each under a new quorum) before a replica gives up: a collective
 # that fails again and again with the same peers is a bug, not a lost replica.
@@ -78,12 +84,7 @@ UNSUPPORTED = {
 }
 
 
-def check_flags(args: argparse.Namespace, world_size: int) -> None:
-    if world_size != 1:
-        raise UsageError(
-            f"--fault-tolerance runs one process per replica (got WORLD_SIZE {world_size}): "
-            "start each replica as torchrun --nproc-per-node 1"
-        )
+def check_flags(args: argparse.Namespace) -> None:
     if not args.coordinator:
         raise UsageError(
             "--fault-tolerance needs --coordinator HOST:PORT (python -m training.quorum)"
@@ -141,41 +142,40 @@ class Replica:
 
 
 def heal(
-    group: dist.ProcessGroup, replica: Replica, me: int, source: int, behind: bool, rid: int
-) -> None:
-    """Broadcast the source's state over the quorum's group; a member that is `behind` takes
-    it. The bytes are applied only once all have arrived: a source that dies mid-way leaves
-    the receiver as it was."""
+    group: dist.ProcessGroup, replica: Replica, me: int, source: int, rid: int
+) -> bytes | None:
+    """Broadcast the source's state over the quorum's group; the others get it as bytes, to
+    apply once every rank of their replica has received all of its own (a source that dies
+    mid-way leaves the receivers as they were)."""
     size = torch.zeros(1, dtype=torch.int64)
     data = replica.state_bytes() if me == source else b""
     size[0] = len(data)
     group.broadcast(size, source).wait()
     if me == source:
         heal_fault(rid)  # TRAIN_HEAL_FAULT: tests kill a source here
-    buf = (
-        torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        if me == source
-        else torch.empty(int(size), dtype=torch.uint8)
-    )
+        group.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), source).wait()
+        return None
+    buf = torch.empty(int(size), dtype=torch.uint8)
     group.broadcast(buf, source).wait()
-    if behind:
-        replica.load_bytes(buf.numpy().tobytes())
+    return buf.numpy().tobytes()
 
 
-def all_reduce_gradients(
-    group: dist.ProcessGroup, params: list[torch.nn.Parameter], loss: torch.Tensor, m: int
-) -> float:
-    """Average the gradients over the quorum's m replicas in one flat all-reduce. A parameter
-    that got no gradient on any replica keeps grad None (not stepped, as in DDP); the step's
-    mean loss rides along. Returns that loss."""
+def pack(params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
+    """The step's gradients, a has-a-gradient flag per parameter and the loss, in one buffer
+    for one all-reduce."""
     dtype = params[0].dtype
-    flat = torch.cat(
+    return torch.cat(
         [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
         + [torch.tensor([float(p.grad is not None) for p in params], dtype=dtype)]
         + [loss.detach().reshape(1).to(dtype)]
     )
-    group.allreduce([flat]).wait()
-    flat /= m
+
+
+def unpack(flat: torch.Tensor, params: list[torch.nn.Parameter], count: int) -> float:
+    """The summed buffer divided by the `count` processes that filled it: the gradients become
+    the average; a parameter that got no gradient anywhere keeps grad None (not stepped, as in
+    DDP). Returns the step's mean loss."""
+    flat /= count
     offset = 0
     for i, p in enumerate(params):
         n = p.numel()
@@ -185,19 +185,38 @@ def all_reduce_gradients(
     return float(flat[-1])
 
 
-def new_group(store: dist.Store, quorum: dict, me: int, timeout: float) -> dist.ProcessGroup:
-    """A gloo group of the quorum's members, on keys no other quorum uses."""
-    prefix = dist.PrefixStore(f"quorum{quorum['quorum']}", store)
+def new_group(
+    store: dist.Store, quorum: dict, me: int, rank: int, timeout: float
+) -> dist.ProcessGroup:
+    """A gloo group of the quorum's members' local rank `rank`, on keys no other quorum (and
+    no other local rank) uses."""
+    prefix = dist.PrefixStore(f"quorum{quorum['quorum']}/rank{rank}", store)
     return dist.ProcessGroupGloo(prefix, me, len(quorum["members"]), timedelta(seconds=timeout))
 
 
+def everywhere(ok: bool, ranks: int) -> bool:
+    """True when `ok` holds on every rank of this replica (a vote over its own group), so
+    that its ranks commit, heal or give up together."""
+    if ranks == 1:
+        return ok
+    vote = torch.tensor([int(ok)])
+    dist.all_reduce(vote, op=dist.ReduceOp.MIN)
+    return bool(vote)
+
+
 def run_replica(args: argparse.Namespace) -> dict:
-    """train_ddp.py's main() with --fault-tolerance: this replica's whole run. Returns its
-    summary (also written to --out-dir/replica-<id>/summary.json)."""
+    """train_ddp.py's main() with --fault-tolerance: this replica's whole run (each of its
+    ranks runs it). Returns its summary (rank 0 also writes it to
+    --out-dir/replica-<id>/summary.json)."""
     env = resolve("gloo")
-    check_flags(args, env.world_size)
+    check_flags(args)
+    ranks = env.world_size  # the replica's own processes: torchrun --nproc-per-node
+    if ranks > 1:  # the replica's own group: a rank that dies takes its replica with it
+        # Its ranks wait in it while rank 0 waits for a quorum: as long as that may take.
+        wait = timedelta(seconds=args.quorum_timeout + args.ft_timeout)
+        dist.init_process_group("gloo", timeout=wait, **rendezvous(env))
     label = str(args.replica_id)
-    say = lambda line: print(f"replica {label}: {line}", flush=True)  # noqa: E731
+    say = lambda line: env.is_main and print(f"replica {label}: {line}", flush=True)
     dtype = getattr(torch, args.dtype)
     data = build_datasets(
         args.dataset,
@@ -219,88 +238,125 @@ def run_replica(args: argparse.Namespace) -> dict:
     n, batch = len(data.train), args.batch_size
 
     hold_until_released()  # TRAIN_JOIN_AFTER: a test makes this replica join later
-    client = QuorumClient(args.coordinator, label, args.quorum_timeout)
+    # Rank 0 registers and heartbeats for the replica; every rank uses the store for its group.
+    client = QuorumClient(args.coordinator, label, args.quorum_timeout) if env.is_main else None
+    store = client.store if client else connect(args.coordinator, args.quorum_timeout)
     group, group_id, broken, failed = None, None, False, 0
     history, loss_value, perm, perm_epoch = [], float("nan"), None, None
-    say(f"incarnation #{client.inc}, coordinator {args.coordinator}")
+    if client:
+        say(f"incarnation #{client.inc}, coordinator {args.coordinator}, {ranks} rank(s)")
     while True:
-        quorum = client.quorum(replica.at.step, broken=broken)
-        members, me = quorum["members"], quorum["members"].index(client.inc)
+        quorum = agree_on_quorum(client, replica.at.step, not everywhere(not broken, ranks), ranks)
+        members, me = quorum["members"], quorum["members"].index(quorum["self"])
         source = members.index(quorum["source"])
         behind = replica.at.step < quorum["step"]
-        broken = False
+        broken, received = False, None
         try:
             if quorum["quorum"] != group_id:
                 group, group_id = None, None  # the old group's sockets close with it
-                group = new_group(client.store, quorum, me, args.ft_timeout)
+                group = new_group(store, quorum, me, env.rank, args.ft_timeout)
                 group_id = quorum["quorum"]
                 say(f"quorum {group_id}: replicas {quorum['labels']} from step {quorum['step']}")
             if any(s < quorum["step"] for s in quorum["steps"]):
-                heal(group, replica, me, source, behind, args.replica_id)
-                if behind:
-                    say(f"healed from replica {quorum['labels'][source]} at step {replica.at.step}")
+                received = heal(group, replica, me, source, args.replica_id)
+            error = None
         except RuntimeError as e:  # a member died or hung while the group formed or healed
-            broken, failed = True, failed + 1
-            say(f"quorum {quorum['quorum']} failed ({str(e).splitlines()[0]}); asking again")
+            error = str(e).splitlines()[0]
+        if not everywhere(error is None, ranks):
+            group_id, broken, failed = None, True, failed + 1
+            say(f"quorum {quorum['quorum']} failed ({error or 'on another rank'}); asking again")
             check_failures(failed)
             continue
+        if behind:
+            replica.load_bytes(received)
+            say(f"healed from replica {quorum['labels'][source]} at step {replica.at.step}")
         at = replica.at
         if (args.max_steps and at.step >= args.max_steps) or at.epoch >= args.epochs:
             break  # every member decides this from the same position, after healing
         m = len(members)
-        if at.cursor + m * batch > n:  # the epoch's rest is smaller than a step: dropped
+        if at.cursor + m * ranks * batch > n:  # the epoch's rest is smaller than a step: dropped
             at.epoch, at.cursor = at.epoch + 1, 0
             continue
         if perm_epoch != at.epoch:
             generator = torch.Generator().manual_seed(args.seed + at.epoch)
             perm, perm_epoch = torch.randperm(n, generator=generator), at.epoch
-        start = at.cursor + me * batch
+        start = at.cursor + (me * ranks + env.rank) * batch
         images, labels = default_collate([data.train[int(i)] for i in perm[start : start + batch]])
         images = model_input(images, env.device, dtype)
         model.train()
         loss = loss_fn(model(images).to(dtype), labels.to(env.device))
         loss.backward()
+        flat = pack(params, loss)
+        if ranks > 1:  # the replica's sum first; a sibling's death ends the replica here
+            dist.all_reduce(flat)
+        slow_down("reduce")  # TRAIN_SLOW=reduce:S, tests only: a kill in the middle of a step
         try:
-            loss_value = all_reduce_gradients(group, params, loss, m)
-        except RuntimeError as e:  # a peer died mid-step: discard, ask for a new quorum
+            group.allreduce([flat]).wait()
+            error = None
+        except RuntimeError as e:  # a peer died mid-step
+            error = str(e).splitlines()[0]
+        if not everywhere(error is None, ranks):  # discard, ask for a new quorum
             optimizer.zero_grad(set_to_none=True)
-            broken, failed = True, failed + 1
-            say(f"step {at.step + 1} discarded ({str(e).splitlines()[0]}); redoing it")
+            group_id, broken, failed = None, True, failed + 1
+            say(f"step {at.step + 1} discarded ({error or 'on another rank'}); redoing it")
             check_failures(failed)
             continue
+        loss_value = unpack(flat, params, m * ranks)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         history.append([at.step + 1, at.epoch, at.cursor, m, group_id])
-        at.step, at.cursor, failed = at.step + 1, at.cursor + m * batch, 0
+        at.step, at.cursor, failed = at.step + 1, at.cursor + m * ranks * batch, 0
         if at.step % args.log_every == 0:
             say(f"step {at.step} epoch {at.epoch} loss {loss_value:.4f} replicas {m}")
         fault(at.step)
 
-    client.close()
     group = None
-    metrics = {}
-    if not args.no_eval:
-        evaluation = eval_loader(data.eval, batch, rank=0, world_size=1, workers=0)
-        metrics = evaluate(model, evaluation, env.device, dtype)
+    if client:
+        client.close()
     summary = {
         "replica": label,
+        "ranks": ranks,
         "steps": replica.at.step,
         "epochs": replica.at.epoch,
         "final_loss": loss_value,
         "param_checksum": param_checksum(model),
-        "eval": metrics,
         "history": history,  # [step, epoch, cursor, replicas, quorum id] of each step it took
         "dtype": args.dtype,
     }
-    out = Path(args.out_dir) / f"replica-{label}"
-    out.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    atomic_write(out / "model.pt", buf.getvalue())  # for the tests' oracle
-    atomic_write(out / "summary.json", json.dumps(summary, indent=1).encode())
-    say(f"done: {replica.at.step} steps, loss {loss_value:.4f}")
+    if env.is_main:
+        if not args.no_eval:
+            evaluation = eval_loader(data.eval, batch, rank=0, world_size=1, workers=0)
+            summary["eval"] = evaluate(model, evaluation, env.device, dtype)
+        out = Path(args.out_dir) / f"replica-{label}"
+        out.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        atomic_write(out / "model.pt", buf.getvalue())  # for the tests' oracle
+        atomic_write(out / "summary.json", json.dumps(summary, indent=1).encode())
+        say(f"done: {replica.at.step} steps, loss {loss_value:.4f}")
+    if ranks > 1:
+        dist.barrier()  # rank 0 has written: a clean exit for all
+        dist.destroy_process_group()
     return summary
+
+
+def agree_on_quorum(client: QuorumClient | None, step: int, broken: bool, ranks: int) -> dict:
+    """Rank 0 asks the coordinator; the replica's other ranks get the answer from it. The
+    reply carries the replica's incarnation as "self"; a refusal reaches every rank."""
+    quorum: dict | None = None
+    if client:
+        try:
+            quorum = {**client.quorum(step, broken=broken), "self": client.inc}
+        except QuorumLost as e:
+            quorum = {"error": str(e)}
+    if ranks > 1:
+        box = [quorum]
+        dist.broadcast_object_list(box, src=0)
+        quorum = box[0]
+    if "error" in quorum:
+        raise QuorumLost(quorum["error"])
+    return quorum
 
 
 def check_failures(failed: int) -> None:

@@ -19,6 +19,8 @@ or of a checkpoint write (tests/test_training_preempt.py):
                                   summary.json: training/checkpoint/files.atomic_write), and
                                   with --async-save before each background write starts
                                   (training/checkpoint/background.py, training/sharded.py)
+    TRAIN_SLOW=reduce:0.3         a fault-tolerant replica sleeps 0.3 s before each gradient
+                                  all-reduce: a kill then lands while its peers wait in theirs
 
 A third holds a fault-tolerant replica (train_ddp.py --fault-tolerance) back, ready to train,
 until a file exists, so that a test can make it join a running job at a moment of its choice:
@@ -40,7 +42,7 @@ from core.errors import UsageError
 ENV = "TRAIN_FAULT"
 KINDS = ("kill", "hang", "raise")
 SLOW = "TRAIN_SLOW"
-SLOW_PLACES = ("step", "save")
+SLOW_PLACES = ("step", "save", "reduce")
 JOIN_AFTER = "TRAIN_JOIN_AFTER"
 HEAL_FAULT = "TRAIN_HEAL_FAULT"
 
@@ -59,7 +61,7 @@ def hold_until_released() -> None:
 
 
 def slow_down(place: str) -> None:
-    """Sleep for TRAIN_SLOW's seconds at `place` ('step' or 'save'); nothing when unset."""
+    """Sleep for TRAIN_SLOW's seconds at `place` (one of SLOW_PLACES); nothing when unset."""
     spec = os.environ.get(SLOW, "")
     if not spec:
         return
@@ -69,7 +71,7 @@ def slow_down(place: str) -> None:
             raise ValueError
     except ValueError:
         raise UsageError(
-            f"{SLOW}={spec!r}: expected PLACE:SECONDS[,...], PLACE step or save"
+            f"{SLOW}={spec!r}: expected PLACE:SECONDS[,...], PLACE one of {', '.join(SLOW_PLACES)}"
         ) from None
     time.sleep(seconds.get(place, 0.0))
 

@@ -38,6 +38,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -71,7 +72,7 @@ class Coordinator:
     heartbeat_timeout: float
     join_timeout: float
     expect_replicas: int = 1
-    log: object = print
+    log: Callable[[str], None] = print
     quorum_id: int = 0
     members: list[int] = field(default_factory=list)
     live: dict[int, Replica] = field(default_factory=dict)
@@ -123,7 +124,7 @@ class Coordinator:
                 self.log(error)
             return
         self.too_few_since = None
-        wanted = self.expect_replicas if not self.members and self.quorum_id == 0 else 0
+        wanted = self.expect_replicas if self.quorum_id == 0 else 0  # the first quorum
         everyone = len(asking) == len(self.live) and len(asking) >= wanted
         if len(asking) < self.min_replicas or not (everyone or waited >= self.join_timeout):
             return
@@ -155,16 +156,22 @@ class QuorumLost(UsageError):
     """The job cannot go on: no quorum of --min-replicas, or the coordinator is gone."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, every_rank=True)
+        super().__init__(message)  # each replica's rank 0 says it: RANK 0 of its torchrun
 
 
 def connect(address: str, timeout: float) -> dist.TCPStore:
     """A client of the coordinator's store at HOST:PORT."""
     host, _, port = address.rpartition(":")
+    # Tried with a plain socket first: TCPStore's own failure to connect logs a C++ stack
+    # trace on stderr for every retry, and the error must stay one line.
     try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
         return dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout))
-    except (RuntimeError, ValueError) as e:  # DistNetworkError, DistStoreError
-        raise QuorumLost(f"cannot reach the coordinator at {address}: {e}") from None
+    except OSError as e:  # refused, unreachable, timed out
+        reason = e.strerror or type(e).__name__
+    except RuntimeError as e:  # DistNetworkError: went away between the two
+        reason = str(e).splitlines()[0]
+    raise QuorumLost(f"cannot reach the coordinator at {address} ({reason})")
 
 
 class QuorumClient:
