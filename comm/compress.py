@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,8 +147,40 @@ def register_comm_hook(model: DDP, c: Compression) -> powerSGD_hook.PowerSGDStat
         orthogonalization_epsilon=0,
         random_seed=SEED,
     )
-    model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    hook = powerSGD_hook.powerSGD_hook
+    if dist.get_backend(model.process_group) != "nccl":
+        hook = one_bucket_at_a_time(hook)
+    model.register_comm_hook(state, hook)
     return state
+
+
+def one_bucket_at_a_time(hook: Callable) -> Callable:
+    """`hook` (torch's powerSGD_hook) made to finish a bucket before DDP hands it the next.
+
+    powerSGD_hook issues the bucket's uncompressed all-reduce itself, then the P and the Q
+    all-reduces from callbacks of that future, waiting on each inside the callback. On gloo a
+    future completes, and runs its callbacks, on one of the process group's two worker
+    threads, while the autograd thread goes on to the next bucket's hook. With two or more DDP
+    buckets (a model past DDP's 1 MiB first bucket after its rebuild, or a set bucket cap)
+    the order in which the ranks issue their collectives then depends on thread timing and
+    differs between ranks: gloo pairs collectives by their issue order, so the ranks sum
+    buffers of different sizes ("Received data size doesn't match expected size"), or both
+    worker threads block in callbacks waiting for P all-reduces that no free thread can run
+    (a hang). Waiting here, on the autograd thread, lets one bucket's chain run at a time, in
+    the same order on every rank; the gradients are the same, only the overlap of compressed
+    steps with backward is lost. NCCL's futures are complete once the collective is enqueued
+    on its stream, so their callbacks run inline, in order, on the issuing thread: there the
+    hook is left as torch has it (a wait would stall backward's stream on the all-reduce).
+    torch tests the hook's parity on NCCL only (pytorch/pytorch#58467)."""
+
+    # No annotations: DDP compares them with the types themselves, and this module's are
+    # strings (`from __future__ import annotations`). DDP looks the argument up as "bucket".
+    def serial(state, bucket):
+        fut = hook(state, bucket)
+        fut.wait()
+        return fut
+
+    return serial
 
 
 # ---- torch's rule: which gradients PowerSGD compresses, and what it sends --------------------

@@ -31,9 +31,10 @@ class CompressedDDPSync(DDPSync):
         model: nn.Module,
         env: DistEnv,
         compression: Compression,
+        bucket_bytes: int | None = None,
         find_unused_parameters: bool = False,
     ) -> None:
-        super().__init__(model, env, find_unused_parameters=find_unused_parameters)
+        super().__init__(model, env, bucket_bytes, find_unused_parameters)
         self.compression = compression
         self.hook_state = register_comm_hook(self.model, compression)
 

@@ -98,7 +98,7 @@ def make_sync(
             f", not --sync {mode} (for the others: --amp)"
         )
     if mode == "ddp" and compression.active:
-        return CompressedDDPSync(model, env, compression, **unused)
+        return CompressedDDPSync(model, env, compression, bucket_bytes, **unused)
     if mode == "ddp":
         return DDPSync(model, env, bucket_bytes, **unused)
     if mode == "allreduce" and compression.active:

@@ -225,6 +225,17 @@ RUNS = {
     "ddp-powersgd-hook": (
         "ddp", {"compression": Compression(comm_hook="powersgd", powersgd_rank=32)}, MOMENTUM
     ),
+    # The row above fits in one DDP bucket (the small gpt is ~0.3 MB, DDP's first bucket 1 MiB)
+    # and compresses nothing. This one compresses every matrix, at full rank (the hook's
+    # min_compression_rate 0, set in train_mode: lossless as below), in buckets of BUCKET
+    # bytes: several buckets, whose P and Q all-reduces torch's hook alone issues in an order
+    # that differs between gloo ranks (comm/compress.py's one_bucket_at_a_time).
+    "ddp-powersgd-hook-buckets": (
+        "ddp",
+        {"bucket_bytes": BUCKET,
+         "compression": Compression(comm_hook="powersgd", powersgd_rank=256)},
+        MOMENTUM,
+    ),
     # --compress powersgd at full rank on every matrix (the compressor's min_compression_rate
     # 0, set in train_mode): P Q^T = P P^T mean(M) = mean(M), lossless up to rounding.
     "allreduce-powersgd-full-rank": (
@@ -269,6 +280,8 @@ def train_mode(rank: int, world_size: int, name: str) -> dict[str, torch.Tensor]
     sync, batches = make_sync(mode, small_gpt(), env, **options), loader(rank, world_size)
     if name == "allreduce-powersgd-full-rank":
         sync.compressor = PowerSGDCompressor(rank=256, min_compression_rate=0)
+    if name == "ddp-powersgd-hook-buckets":
+        sync.hook_state.min_compression_rate = 0
     optimizer = sync.make_optimizer(torch.optim.SGD, dict(lr=LR, momentum=momentum))
     for _ in range(STEPS):
         for micro in range(ACCUM):
@@ -279,6 +292,8 @@ def train_mode(rank: int, world_size: int, name: str) -> dict[str, torch.Tensor]
         optimizer.step()
         sync.after_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
+    if name == "ddp-powersgd-hook-buckets":  # the hook's memory: one Q per compressed bucket
+        assert len(sync.hook_state.q_memory_dict) > 1, "one bucket: the row tests nothing new"
     with sync.consolidated(optimizer):
         state = unwrap(sync.model).state_dict()
         return {k: v.detach().clone() for k, v in state.items()}
