@@ -3,16 +3,21 @@ rank, then of two. A replica SIGKILLed after step 2 (every rank of it: a lost no
 restarted by its torchrun (--max-restarts), rejoins the survivor (which waits for it:
 --min-replicas 2), is healed from it over the groups, and the job ends with both replicas
 bit-identical and on the trajectory of one process taking all 2 x R x B samples of a step: no
-step lost, no sample skipped or repeated."""
+step lost, no sample skipped or repeated. A Ctrl-C stops the job cleanly at one step, where one
+replica saves, and the job resumed from that checkpoint ends on the straight run."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import time
 
 import pytest
 import torch
 
-from tests.multiproc import ROOT, run_cmd
+from tests.multiproc import ROOT, Live, run_cmd
 from tests.test_training_fault_tolerant import BATCH, reference
 
 STEPS = 6
@@ -39,6 +44,49 @@ def test_a_killed_replica_restarts_rejoins_and_the_run_loses_no_step(tmp_path, r
     assert [h[3] for h in history] == [2] * STEPS
     expected, steps = reference([2 * ranks] * STEPS, flags)  # slices of B a step
     assert [[*h[:3], h[3] * ranks] for h in history] == steps
+    got = torch.load(tmp_path / "replica-0/model.pt", weights_only=True)
+    for key, value in expected.items():  # error model: tests/test_training_fault_tolerant.py
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.oracle
+def test_ctrl_c_stops_every_replica_at_one_step_and_the_resumed_job_ends_on_the_straight_run(
+    tmp_path,
+):
+    steps = 12
+    flags = ["--model", "mlp", "--train-size", "96", "--batch-size", str(BATCH), "--epochs", "100"]
+    flags += ["--max-steps", str(steps), "--dtype", "float64", "--no-eval", "--log-every", "1"]
+    launch = [str(ROOT / "launch/fault_tolerant.sh"), "2", *flags, "--out-dir", str(tmp_path)]
+    env = {"HEARTBEAT_TIMEOUT": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    deadline = time.monotonic() + 300  # up to ten torch imports in the two jobs
+    job = Live(launch, env={**env, "TRAIN_SLOW": "step:0.2"})  # slowed: stopped mid-run
+    try:
+        assert job.wait_for(r"replica \d: step 3 epoch", deadline), job.output()
+        # A terminal's Ctrl-C signals its foreground process group: the script alone here,
+        # which passes it on to the ranks and the coordinator (their groups are their own).
+        os.killpg(job.proc.pid, signal.SIGINT)
+        status = job.finish(deadline)
+    finally:
+        job.kill()
+    log = job.output()
+    assert status == 0 and "Traceback" not in log and "SignalException" not in log, log
+    stops = re.findall(r"replica (\d): stopped by (.+) after step (\d+), checkpoint saved", log)
+    assert sorted(s[0] for s in stops) == ["0", "1"] and len({s[2] for s in stops}) == 1, log
+    stopped_at = int(stops[0][2])
+    assert 3 <= stopped_at < steps, log
+    assert (tmp_path / "checkpoint.pt").resolve().name == f"step-{stopped_at:08d}.pt"
+    first = json.loads((tmp_path / "replica-0/summary.json").read_text())["history"]
+
+    done = run_cmd([*launch, "--resume", "auto"], timeout=300, env=env)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert log.count(f"at step {stopped_at} (epoch") == 2, log  # both replicas resumed
+    summaries = [json.loads((tmp_path / f"replica-{i}/summary.json").read_text()) for i in (0, 1)]
+    assert summaries[0]["param_checksum"] == summaries[1]["param_checksum"]
+    history = first + summaries[0]["history"]  # [step, epoch, cursor, replicas, quorum id]
+    expected, reference_steps = reference([2] * steps, flags)
+    assert [h[:4] for h in history] == reference_steps  # every step once, on its samples
     got = torch.load(tmp_path / "replica-0/model.pt", weights_only=True)
     for key, value in expected.items():  # error model: tests/test_training_fault_tolerant.py
         torch.testing.assert_close(got[key], value, rtol=0, atol=1e-10)

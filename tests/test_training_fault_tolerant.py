@@ -149,12 +149,12 @@ def test_flags_that_the_replica_loop_does_not_run_are_refused_in_one_line():
     from training.quorum import QuorumClient, QuorumLost
 
     base = ["--fault-tolerance", "--coordinator", "127.0.0.1:29400"]
-    check_flags(parse_args(base))  # accepted
+    check_flags(parse_args([*base, "--resume", "auto", "--save-every", "5"]))  # accepted
     refused = {
         "needs --coordinator HOST:PORT": ["--fault-tolerance"],
         "--grad-accum does not combine": [*base, "--grad-accum", "2"],
         "--sync does not combine": [*base, "--sync", "zero1"],
-        "--resume does not combine": [*base, "--resume", "auto"],
+        "--async-save does not combine": [*base, "--async-save"],
         "cosine with --fault-tolerance needs --max-steps": [*base, "--lr-schedule", "cosine"],
     }
     for message, argv in refused.items():
@@ -165,6 +165,36 @@ def test_flags_that_the_replica_loop_does_not_run_are_refused_in_one_line():
     # Nothing listens on port 1: one line after the connect timeout, no traceback.
     with pytest.raises(QuorumLost, match="cannot reach the coordinator at 127.0.0.1:1"):
         QuorumClient("127.0.0.1:1", "0", quorum_timeout=0.2)
+
+
+def test_a_ddp_checkpoint_and_a_fault_tolerant_one_are_each_refused_by_the_other_mode():
+    """Their positions mean different things: a ddp step took a fixed number of samples, a
+    fault-tolerant step as many as its membership had (the cursor says where the epoch is).
+    Each mode refuses the other's file in one line, before anything is restored."""
+    from train_ddp import parse_args
+    from training.checkpoint import CheckpointError, check_resumable
+    from training.fault_tolerant import check_fault_tolerant
+
+    base = ["--fault-tolerance", "--coordinator", "127.0.0.1:29400", "--batch-size", "4"]
+    args = parse_args(base)
+    ft = {"epoch": 1, "step": 9, "step_in_epoch": 0, "world_size": 1, "scheduler": {}}
+    ft |= {"args": dict(vars(args)), "fault_tolerant": {"cursor": 8, "replicas": 2}}
+    check_fault_tolerant(ft, args, "ft.pt", n=96)  # this job's own: accepted
+    ddp = {k: v for k, v in ft.items() if k != "fault_tolerant"}
+    other = lambda *flags: parse_args([*base, *flags])
+    refused = {
+        "ddp.pt: written without --fault-tolerance": (ddp, args),
+        "ft.pt: written with --batch-size 4 (this run: 8)": (ft, other("--batch-size", "8")),
+        "ft.pt: written with --lr 0.015 (this run: 0.1)": (ft, other("--lr", "0.1")),
+        "ft.pt: fault_tolerant cursor is 97, not a sample count from 0 to 96": (
+            {**ft, "fault_tolerant": {"cursor": 97}}, args
+        ),
+    }  # fmt: skip
+    for message, (state, live) in refused.items():
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            check_fault_tolerant(state, live, message.split(":")[0], n=96)
+    with pytest.raises(CheckpointError, match="ft.pt: written by a --fault-tolerance job"):
+        check_resumable(ft, parse_args(["--batch-size", "4"]), 2, "ft.pt")
 
 
 # ------------------------------------------------ torture (make torture-fault-tolerance)
