@@ -25,8 +25,8 @@
 # process group of their own (job control), so a Ctrl-C in the terminal reaches this script
 # alone, which passes it on once.
 #
-#   launch/fault_tolerant.sh 3 --max-steps 200 --save-every 50 --out-dir runs/ft  # Ctrl-C
 #   launch/fault_tolerant.sh 3 --max-steps 200 --save-every 50 --out-dir runs/ft --resume auto
+#   (the same command for the first start and after every stop: Ctrl-C, again, it goes on)
 set -euo pipefail
 
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)

@@ -318,7 +318,10 @@ def two_lost_at_once(tmp: Path, rng: random.Random) -> str:
     assert errors == [
         "error: no quorum: 1 replica(s) alive, --min-replicas 2 (none joined for 3 s)"
     ], out
-    return f"after step {at}"
+    # The survivor saved the job's checkpoint first: --resume auto goes on from its step.
+    saved = re.findall(r"replica 0: checkpoint .*step-(\d+)\.pt", out)
+    assert saved and (tmp / "checkpoint.pt").resolve().name == f"step-{saved[-1]}.pt", out
+    return f"after step {at}, saved at step {int(saved[-1])}"
 
 
 @pytest.mark.slow

@@ -113,8 +113,9 @@ def test_quorums_follow_membership_heal_newcomers_and_stop_below_the_floor():
     assert r.reply(a) is None
     r.beat(a)
     r.c.poll(9.0)
-    assert r.reply(a) == {
-        "error": "no quorum: 1 replica(s) alive, --min-replicas 2 (none joined for 5 s)"
+    assert r.reply(a) == {  # the last asker saves the job's checkpoint, then stops
+        "error": "no quorum: 1 replica(s) alive, --min-replicas 2 (none joined for 5 s)",
+        "save": True,
     }
 
 

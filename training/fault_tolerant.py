@@ -284,12 +284,17 @@ def run_replica(args: argparse.Namespace) -> dict:
         store = client.store if client else connect(args.coordinator, args.quorum_timeout)
         group, group_id, broken, failed = None, None, False, 0
         history, loss_value, perm, perm_epoch = [], float("nan"), None, None
+        m = 0  # the members of the last quorum
         if client:
             say(f"incarnation #{client.inc}, coordinator {args.coordinator}, {ranks} rank(s)")
         while True:
             signal_name = preempt.agreed.name if preempt.requested() else ""  # a collective
             broken = not everywhere(not broken, ranks)
             quorum = agree_on_quorum(client, replica.at.step, broken, ranks, signal_name)
+            if "error" in quorum:  # too few replicas, or no coordinator: the job ends
+                if quorum.get("save"):  # the one the coordinator picked saves first
+                    save(m)
+                raise QuorumLost(quorum["error"])
             if "stopped" in quorum:  # the job stopped at a quorum without this replica
                 stopped = quorum
                 break
@@ -483,8 +488,8 @@ def agree_on_quorum(
     client: QuorumClient | None, step: int, broken: bool, ranks: int, stop: str = ""
 ) -> dict:
     """Rank 0 asks the coordinator; the replica's other ranks get the answer from it. The
-    reply carries the replica's incarnation as "self"; a refusal reaches every rank. `stop`:
-    the signal this replica's ranks agreed on, which stops the whole job."""
+    reply carries the replica's incarnation as "self"; a refusal ("error") reaches every
+    rank. `stop`: the signal this replica's ranks agreed on, which stops the whole job."""
     quorum: dict | None = None
     if client:
         try:
@@ -495,8 +500,6 @@ def agree_on_quorum(
         box = [quorum]
         dist.broadcast_object_list(box, src=0)
         quorum = box[0]
-    if "error" in quorum:
-        raise QuorumLost(quorum["error"])
     return quorum
 
 

@@ -17,7 +17,8 @@ key in that store, so there is no other service and no other wire format:
     ft/ask/<inc>/<seq>     the replica's seq-th request: {"step": its completed steps,
                            "broken": its last group failed, "leave": it is done, "stop": the
                            signal one of its ranks got (else ""), "label": ...}
-    ft/reply/<inc>/<seq>   the answer: the quorum, or {"error": why the job cannot go on}, or
+    ft/reply/<inc>/<seq>   the answer: the quorum, or {"error": why the job cannot go on, "save":
+                           whether this replica writes the job's last checkpoint}, or
                            {"stopped": step} to a replica that asks after the job stopped
 
 A quorum forms once every live replica has asked (a replica that asked and another that is
@@ -191,8 +192,12 @@ class Coordinator:
                     f"no quorum: {len(self.live)} replica(s) alive, --min-replicas "
                     f"{self.min_replicas} (none joined for {self.join_timeout:g} s)"
                 )
+                # The job ends here: the asker furthest on (the lowest incarnation at the
+                # highest step) writes its checkpoint first, so that --resume goes on from it.
+                top = max(r.ask["step"] for r in asking)
+                saver = min(r.inc for r in asking if r.ask["step"] == top)
                 for r in asking:
-                    self._answer(r, {"error": error})
+                    self._answer(r, {"error": error, "save": r.inc == saver and top > 0})
                 self.log(error)
             return
         self.too_few_since = None
@@ -276,8 +281,8 @@ class QuorumClient:
             self._stop.wait(interval)
 
     def quorum(self, step: int, broken: bool = False, leave: bool = False, stop: str = "") -> dict:
-        """The quorum for the step after `step` completed ones (blocks until it forms);
-        `stop`: the signal that asks the job to stop, if any."""
+        """The quorum for the step after `step` completed ones (blocks until it forms), or
+        the coordinator's refusal; `stop`: the signal that asks the job to stop, if any."""
         ask = {"step": step, "broken": broken, "leave": leave, "stop": stop, "label": self.label}
         key = f"ft/ask/{self.inc}/{self.seq}"
         reply_key = f"ft/reply/{self.inc}/{self.seq}"
@@ -291,9 +296,7 @@ class QuorumClient:
                 f"no quorum within --quorum-timeout {self.quorum_timeout:g} s from the "
                 f"coordinator at {self.address} ({str(e).splitlines()[0]})"
             ) from None
-        if "error" in reply:
-            raise QuorumLost(reply["error"])
-        return reply
+        return reply  # {"error": ...} too: the caller may have to save before it stops
 
     def close(self) -> None:
         """Leave the job: the coordinator stops waiting for this replica at once."""
