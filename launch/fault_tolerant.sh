@@ -16,7 +16,8 @@
 # (default: cores / all ranks, at least 1), GLOO_SOCKET_IFNAME (default: the loopback interface).
 # Everything listens on loopback only. Exit status: the first failing replica's, else 0.
 #
-# SIGTERM, SIGINT (Ctrl-C) or SIGHUP stops the job cleanly, as run_agent.sh stops a ddp job:
+# SIGTERM, SIGINT (Ctrl-C) or SIGHUP stops the job cleanly, as run_agent.sh stops a ddp job
+# (and USR1 or USR2, train_ddp.py's --preempt-signal, passed on to the ranks alone):
 # the signal goes to every replica's ranks (SIGTERM for SIGHUP) and to the coordinator, not to
 # the torchrun agents (signalled themselves, they would print a SignalException traceback and
 # exit 1). The ranks finish their step, the coordinator's next quorum stops every replica at
@@ -89,6 +90,10 @@ stop() {
 trap 'trap "" TERM INT HUP; stop TERM TERM' TERM
 trap 'trap "" TERM INT HUP; stop INT INT' INT
 trap 'trap "" TERM INT HUP; stop TERM HUP' HUP
+# USR1, USR2 (--preempt-signal, SLURM's warning): torchrun and the coordinator do not handle
+# them (their default action would end them), so everything starts with them ignored, the
+# ranks until their handlers are installed; the script passes them on to the ranks.
+trap '' USR1 USR2
 
 set -m # the coordinator and each agent in a process group of their own: no Ctrl-C of theirs
 "$PYTHON" -m training.quorum --port-file "$tmp/port" --min-replicas "$min" \
@@ -119,6 +124,10 @@ for ((i = 0; i < replicas; i++)); do
   pids+=($!)
 done
 set +m
+for sig in USR1 USR2; do
+  # shellcheck disable=SC2064 # $sig is expanded now, on purpose
+  trap "for pid in \"\${pids[@]}\"; do pkill -$sig -P \$pid || true; done" "$sig"
+done
 status=0
 for pid in "${pids[@]}"; do
   # `wait` returns early when a trap runs; bash keeps the agent's status for the last one.
