@@ -385,7 +385,10 @@ def run_replica(args: argparse.Namespace) -> dict:
     }
     if stopped is not None:
         summary["stopped"] = {"after_step": stopped["stopped"], "why": stopped["why"]}
-    if env.is_main:
+    outsider = stopped is not None and "members" not in stopped  # it took no step: no files
+    if env.is_main and outsider:
+        say(f"the job stopped after step {stopped['stopped']} ({stopped['why']}) without it")
+    elif env.is_main:
         if not args.no_eval and stopped is None:  # a stop is quick: the deadline runs
             evaluation = eval_loader(data.eval, batch, rank=0, world_size=1, workers=0)
             summary["eval"] = evaluate(model, evaluation, env.device, dtype)
@@ -397,14 +400,12 @@ def run_replica(args: argparse.Namespace) -> dict:
         atomic_write(out / "summary.json", json.dumps(summary, indent=1).encode())
         if stopped is None:
             say(f"done: {replica.at.step} steps, loss {loss_value:.4f}")
-        elif "members" in stopped:
+        else:
             say(
                 f"stopped by {stopped['why']} after step {stopped['stopped']}, checkpoint saved "
                 f"in {args.out_dir} by replica {stopped['labels'][0]}; the same command with "
                 "--resume auto goes on from there"
             )
-        else:
-            say(f"the job stopped after step {stopped['stopped']} ({stopped['why']}) without it")
     if ranks > 1:
         dist.barrier()  # rank 0 has written: a clean exit for all
         dist.destroy_process_group()
