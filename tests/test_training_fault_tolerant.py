@@ -197,6 +197,50 @@ def test_a_ddp_checkpoint_and_a_fault_tolerant_one_are_each_refused_by_the_other
         check_resumable(ft, parse_args(["--batch-size", "4"]), 2, "ft.pt")
 
 
+@pytest.mark.oracle
+def test_a_run_resumed_from_its_checkpoint_ends_with_the_straight_runs_bits(tmp_path):
+    """One replica in this process, its coordinator on a thread: a run to step 4 (its
+    index-0 member saves at the end, as at a stop), resumed with --resume auto to step 9,
+    ends bit-identical to a straight run to step 9 in float32: the same membership sums
+    the same numbers in the same order, so the checkpoint (model, momentum, scheduler,
+    epoch, cursor) must carry everything. 6 steps an epoch: the resumed part crosses one."""
+    import threading
+
+    from train_ddp import parse_args
+    from training.fault_tolerant import run_replica
+    from training.quorum import Coordinator, serve
+
+    store = serve("127.0.0.1", 0)
+    store.set("ft/heartbeat_timeout", "5")
+    coordinator = Coordinator(store, 1, heartbeat_timeout=5.0, join_timeout=5.0, log=print)
+    done = threading.Event()
+
+    def serve_quorums() -> None:
+        while not done.is_set():
+            coordinator.poll(time.monotonic())
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=serve_quorums, daemon=True)
+    thread.start()
+    base = ["--fault-tolerance", "--coordinator", f"127.0.0.1:{store.port}", "--model", "mlp"]
+    base += ["--train-size", "24", "--batch-size", "4", "--epochs", "100", "--no-eval"]
+    run = lambda out, *flags: run_replica(parse_args([*base, "--out-dir", str(out), *flags]))
+    try:
+        straight = run(tmp_path / "straight", "--max-steps", "9")
+        first = run(tmp_path / "stopped", "--max-steps", "4")
+        resumed = run(tmp_path / "stopped", "--max-steps", "9", "--resume", "auto")
+    finally:
+        done.set()
+        thread.join(timeout=10)
+    assert (tmp_path / "stopped/checkpoint.pt").resolve().name == "step-00000009.pt"
+    assert [h[:4] for h in first["history"] + resumed["history"]] == [
+        h[:4] for h in straight["history"]
+    ]
+    assert resumed["history"][-1][1] == 1  # the resumed part crossed into epoch 1
+    assert resumed["param_checksum"] == straight["param_checksum"]
+    assert first["param_checksum"] != straight["param_checksum"]
+
+
 # ------------------------------------------------ torture (make torture-fault-tolerance)
 
 ROUNDS = int(os.environ.get("TORTURE_ROUNDS", "0"))
