@@ -15,9 +15,19 @@
 # replica, default 1; a rank that dies takes its replica with it), PYTHON, OMP_NUM_THREADS
 # (default: cores / all ranks, at least 1), GLOO_SOCKET_IFNAME (default: the loopback interface).
 # Everything listens on loopback only. Exit status: the first failing replica's, else 0.
-# SIGTERM, SIGINT or SIGHUP stops the job: each torchrun is sent SIGTERM and stops its replica
-# (torchrun prints its SignalException), then the coordinator; nothing is left running, and
-# nothing is saved (this mode writes no checkpoint); exit status 143.
+#
+# SIGTERM, SIGINT (Ctrl-C) or SIGHUP stops the job cleanly, as run_agent.sh stops a ddp job
+# (and USR1 or USR2, train_ddp.py's --preempt-signal, passed on to the ranks alone):
+# the signal goes to every replica's ranks (SIGTERM for SIGHUP) and to the coordinator, not to
+# the torchrun agents (signalled themselves, they would print a SignalException traceback and
+# exit 1). The ranks finish their step, the coordinator's next quorum stops every replica at
+# the same step, one of them writes the checkpoint, all exit 0, and so does this script; the
+# same command with --resume auto goes on from there. The coordinator and each agent run in a
+# process group of their own (job control), so a Ctrl-C in the terminal reaches this script
+# alone, which passes it on once.
+#
+#   launch/fault_tolerant.sh 3 --max-steps 200 --save-every 50 --out-dir runs/ft --resume auto
+#   (the same command for the first start and after every stop: Ctrl-C, again, it goes on)
 set -euo pipefail
 
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
@@ -67,16 +77,30 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT
-# A signal for the job: each torchrun stops its replica, then the coordinator is stopped.
-for sig in TERM INT HUP; do
-  # shellcheck disable=SC2064 # $sig is expanded now, on purpose
-  trap "trap - $sig; echo 'fault_tolerant.sh: stopping on SIG$sig' >&2; exit 143" "$sig"
-done
+# A signal for the job, passed on once: to the ranks (each agent's children) and to the
+# coordinator; the loops below go on waiting for them to save and leave.
+stop() {
+  local rank_signal=$1 pid
+  echo "fault_tolerant.sh: stopping on SIG$2: every replica finishes its step and one saves" >&2
+  for pid in "${pids[@]}"; do
+    pkill "-$rank_signal" -P "$pid" || true
+  done
+  [[ -z $coordinator ]] || kill -TERM "$coordinator" 2>/dev/null || true
+}
+trap 'trap "" TERM INT HUP; stop TERM TERM' TERM
+trap 'trap "" TERM INT HUP; stop INT INT' INT
+trap 'trap "" TERM INT HUP; stop TERM HUP' HUP
+# USR1, USR2 (--preempt-signal, SLURM's warning): torchrun and the coordinator do not handle
+# them (their default action would end them), so everything starts with them ignored, the
+# ranks until their handlers are installed; the script passes them on to the ranks.
+trap '' USR1 USR2
 
+set -m # the coordinator and each agent in a process group of their own: no Ctrl-C of theirs
 "$PYTHON" -m training.quorum --port-file "$tmp/port" --min-replicas "$min" \
   --expect-replicas "$replicas" --heartbeat-timeout "${HEARTBEAT_TIMEOUT:-2}" \
   --join-timeout "${JOIN_TIMEOUT:-30}" &
 coordinator=$!
+set +m
 for _ in $(seq 600); do # up to a minute for torch to load
   [[ -s $tmp/port ]] && break
   kill -0 "$coordinator" 2>/dev/null || {
@@ -91,6 +115,7 @@ done
 }
 port=$(<"$tmp/port")
 
+set -m
 for ((i = 0; i < replicas; i++)); do
   "$PYTHON" -m torch.distributed.run --nnodes 1 --nproc-per-node "$per_replica" \
     --max-restarts "${MAX_RESTARTS:-3}" --rdzv-backend c10d --rdzv-endpoint "$tmp/rdzv$i" \
@@ -98,8 +123,17 @@ for ((i = 0; i < replicas; i++)); do
     --fault-tolerance --coordinator "127.0.0.1:$port" --replica-id "$i" "$@" &
   pids+=($!)
 done
+set +m
+for sig in USR1 USR2; do
+  # shellcheck disable=SC2064 # $sig is expanded now, on purpose
+  trap "for pid in \"\${pids[@]}\"; do pkill -$sig -P \$pid || true; done" "$sig"
+done
 status=0
 for pid in "${pids[@]}"; do
+  # `wait` returns early when a trap runs; bash keeps the agent's status for the last one.
+  while kill -0 "$pid" 2>/dev/null; do
+    wait "$pid" || true
+  done
   code=0
   wait "$pid" || code=$?
   ((status != 0)) || status=$code

@@ -3,16 +3,22 @@ rank, then of two. A replica SIGKILLed after step 2 (every rank of it: a lost no
 restarted by its torchrun (--max-restarts), rejoins the survivor (which waits for it:
 --min-replicas 2), is healed from it over the groups, and the job ends with both replicas
 bit-identical and on the trajectory of one process taking all 2 x R x B samples of a step: no
-step lost, no sample skipped or repeated."""
+step lost, no sample skipped or repeated. A Ctrl-C stops the job cleanly at one step, where one
+replica saves, and the job resumed from that checkpoint (by fewer replicas) ends on the straight
+run."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import time
 
 import pytest
 import torch
 
-from tests.multiproc import ROOT, run_cmd
+from tests.multiproc import ROOT, Live, run_cmd
 from tests.test_training_fault_tolerant import BATCH, reference
 
 STEPS = 6
@@ -39,6 +45,58 @@ def test_a_killed_replica_restarts_rejoins_and_the_run_loses_no_step(tmp_path, r
     assert [h[3] for h in history] == [2] * STEPS
     expected, steps = reference([2 * ranks] * STEPS, flags)  # slices of B a step
     assert [[*h[:3], h[3] * ranks] for h in history] == steps
+    got = torch.load(tmp_path / "replica-0/model.pt", weights_only=True)
+    for key, value in expected.items():  # error model: tests/test_training_fault_tolerant.py
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.oracle
+def test_ctrl_c_stops_every_replica_at_one_step_and_the_resumed_job_ends_on_the_straight_run(
+    tmp_path,
+):
+    """Three replicas stopped by a Ctrl-C, resumed by two (the membership may change: the
+    checkpoint's cursor says where the epoch goes on)."""
+    steps = 12
+    flags = ["--model", "mlp", "--train-size", "96", "--batch-size", str(BATCH), "--epochs", "100"]
+    flags += ["--max-steps", str(steps), "--dtype", "float64", "--no-eval", "--log-every", "1"]
+    flags += ["--save-every", "5", "--out-dir", str(tmp_path)]
+    script = str(ROOT / "launch/fault_tolerant.sh")
+    env = {"HEARTBEAT_TIMEOUT": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    deadline = time.monotonic() + 300  # up to twelve torch imports in the two jobs
+    job = Live([script, "3", *flags], env={**env, "TRAIN_SLOW": "step:0.2"})  # stopped mid-run
+    try:
+        assert job.wait_for(r"replica \d: step 3 epoch", deadline), job.output()
+        # A terminal's Ctrl-C signals its foreground process group: the script alone here,
+        # which passes it on to the ranks and the coordinator (their groups are their own).
+        os.killpg(job.proc.pid, signal.SIGINT)
+        status = job.finish(deadline)
+    finally:
+        job.kill()
+    log = job.output()
+    assert status == 0 and "Traceback" not in log and "SignalException" not in log, log
+    # Not by line: two processes' lines can interleave (unbuffered, a line is two writes).
+    stops = re.findall(r"replica (\d): stopped by ([^,]+?) after step (\d+), checkpoint", log)
+    assert sorted(s[0] for s in stops) == ["0", "1", "2"], log
+    assert len({s[2] for s in stops}) == 1, log  # the same step for all
+    stopped_at = int(stops[0][2])
+    assert 3 <= stopped_at < 10, log
+    assert (tmp_path / "checkpoint.pt").resolve().name == f"step-{stopped_at:08d}.pt"
+    first = json.loads((tmp_path / "replica-0/summary.json").read_text())["history"]
+
+    done = run_cmd([script, "2", *flags, "--resume", "auto"], timeout=300, env=env)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert log.count(f"at step {stopped_at} (epoch") == 2, log  # both replicas resumed
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*.pt"))
+    assert saved[-2:] == ["step-00000010.pt", "step-00000012.pt"], saved  # --save-every, end
+    summaries = [json.loads((tmp_path / f"replica-{i}/summary.json").read_text()) for i in (0, 1)]
+    assert summaries[0]["param_checksum"] == summaries[1]["param_checksum"]
+    history = first + summaries[0]["history"]  # [step, epoch, cursor, replicas, quorum id]
+    schedule = [h[3] for h in history]
+    assert schedule == [3] * stopped_at + [2] * (steps - stopped_at), history
+    expected, reference_steps = reference(schedule, flags)
+    assert [h[:4] for h in history] == reference_steps  # every step once, on its samples
     got = torch.load(tmp_path / "replica-0/model.pt", weights_only=True)
     for key, value in expected.items():  # error model: tests/test_training_fault_tolerant.py
         torch.testing.assert_close(got[key], value, rtol=0, atol=1e-10)

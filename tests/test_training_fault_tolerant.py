@@ -149,12 +149,12 @@ def test_flags_that_the_replica_loop_does_not_run_are_refused_in_one_line():
     from training.quorum import QuorumClient, QuorumLost
 
     base = ["--fault-tolerance", "--coordinator", "127.0.0.1:29400"]
-    check_flags(parse_args(base))  # accepted
+    check_flags(parse_args([*base, "--resume", "auto", "--save-every", "5"]))  # accepted
     refused = {
         "needs --coordinator HOST:PORT": ["--fault-tolerance"],
         "--grad-accum does not combine": [*base, "--grad-accum", "2"],
         "--sync does not combine": [*base, "--sync", "zero1"],
-        "--resume does not combine": [*base, "--resume", "auto"],
+        "--async-save does not combine": [*base, "--async-save"],
         "cosine with --fault-tolerance needs --max-steps": [*base, "--lr-schedule", "cosine"],
     }
     for message, argv in refused.items():
@@ -165,6 +165,80 @@ def test_flags_that_the_replica_loop_does_not_run_are_refused_in_one_line():
     # Nothing listens on port 1: one line after the connect timeout, no traceback.
     with pytest.raises(QuorumLost, match="cannot reach the coordinator at 127.0.0.1:1"):
         QuorumClient("127.0.0.1:1", "0", quorum_timeout=0.2)
+
+
+def test_a_ddp_checkpoint_and_a_fault_tolerant_one_are_each_refused_by_the_other_mode():
+    """Their positions mean different things: a ddp step took a fixed number of samples, a
+    fault-tolerant step as many as its membership had (the cursor says where the epoch is).
+    Each mode refuses the other's file in one line, before anything is restored."""
+    from train_ddp import parse_args
+    from training.checkpoint import CheckpointError, check_resumable
+    from training.fault_tolerant import check_fault_tolerant
+
+    base = ["--fault-tolerance", "--coordinator", "127.0.0.1:29400", "--batch-size", "4"]
+    args = parse_args(base)
+    ft = {"epoch": 1, "step": 9, "step_in_epoch": 0, "world_size": 1, "scheduler": {}}
+    ft |= {"args": dict(vars(args)), "fault_tolerant": {"cursor": 8, "replicas": 2}}
+    check_fault_tolerant(ft, args, "ft.pt", n=96)  # this job's own: accepted
+    ddp = {k: v for k, v in ft.items() if k != "fault_tolerant"}
+    other = lambda *flags: parse_args([*base, *flags])
+    refused = {
+        "ddp.pt: written without --fault-tolerance": (ddp, args),
+        "ft.pt: written with --batch-size 4 (this run: 8)": (ft, other("--batch-size", "8")),
+        "ft.pt: written with --lr 0.015 (this run: 0.1)": (ft, other("--lr", "0.1")),
+        "ft.pt: fault_tolerant cursor is 97, not a sample count from 0 to 96": (
+            {**ft, "fault_tolerant": {"cursor": 97}}, args
+        ),
+    }  # fmt: skip
+    for message, (state, live) in refused.items():
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            check_fault_tolerant(state, live, message.split(":")[0], n=96)
+    with pytest.raises(CheckpointError, match="ft.pt: written by a --fault-tolerance job"):
+        check_resumable(ft, parse_args(["--batch-size", "4"]), 2, "ft.pt")
+
+
+@pytest.mark.oracle
+def test_a_run_resumed_from_its_checkpoint_ends_with_the_straight_runs_bits(tmp_path):
+    """One replica in this process, its coordinator on a thread: a run to step 4 (its
+    index-0 member saves at the end, as at a stop), resumed with --resume auto to step 9,
+    ends bit-identical to a straight run to step 9 in float32: the same membership sums
+    the same numbers in the same order, so the checkpoint (model, momentum, scheduler,
+    epoch, cursor) must carry everything. 6 steps an epoch: the resumed part crosses one."""
+    import threading
+
+    from train_ddp import parse_args
+    from training.fault_tolerant import run_replica
+    from training.quorum import Coordinator, serve
+
+    store = serve("127.0.0.1", 0)
+    store.set("ft/heartbeat_timeout", "5")
+    coordinator = Coordinator(store, 1, heartbeat_timeout=5.0, join_timeout=5.0, log=print)
+    done = threading.Event()
+
+    def serve_quorums() -> None:
+        while not done.is_set():
+            coordinator.poll(time.monotonic())
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=serve_quorums, daemon=True)
+    thread.start()
+    base = ["--fault-tolerance", "--coordinator", f"127.0.0.1:{store.port}", "--model", "mlp"]
+    base += ["--train-size", "24", "--batch-size", "4", "--epochs", "100", "--no-eval"]
+    run = lambda out, *flags: run_replica(parse_args([*base, "--out-dir", str(out), *flags]))
+    try:
+        straight = run(tmp_path / "straight", "--max-steps", "9")
+        first = run(tmp_path / "stopped", "--max-steps", "4")
+        resumed = run(tmp_path / "stopped", "--max-steps", "9", "--resume", "auto")
+    finally:
+        done.set()
+        thread.join(timeout=10)
+    assert (tmp_path / "stopped/checkpoint.pt").resolve().name == "step-00000009.pt"
+    assert [h[:4] for h in first["history"] + resumed["history"]] == [
+        h[:4] for h in straight["history"]
+    ]
+    assert resumed["history"][-1][1] == 1  # the resumed part crossed into epoch 1
+    assert resumed["param_checksum"] == straight["param_checksum"]
+    assert first["param_checksum"] != straight["param_checksum"]
 
 
 # ------------------------------------------------ torture (make torture-fault-tolerance)
@@ -288,7 +362,10 @@ def two_lost_at_once(tmp: Path, rng: random.Random) -> str:
     assert errors == [
         "error: no quorum: 1 replica(s) alive, --min-replicas 2 (none joined for 3 s)"
     ], out
-    return f"after step {at}"
+    # The survivor saved the job's checkpoint first: --resume auto goes on from its step.
+    saved = re.findall(r"replica 0: checkpoint .*step-(\d+)\.pt", out)
+    assert saved and (tmp / "checkpoint.pt").resolve().name == f"step-{saved[-1]}.pt", out
+    return f"after step {at}, saved at step {int(saved[-1])}"
 
 
 @pytest.mark.slow

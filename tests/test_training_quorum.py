@@ -8,6 +8,7 @@ import json
 
 import torch.distributed as dist
 
+from tests.multiproc import PYTHON, run_cmd
 from training.quorum import Coordinator
 
 
@@ -29,8 +30,10 @@ class Replicas:
         for inc in incs:
             self.store.add(f"ft/hb/{inc}", 1)
 
-    def ask(self, inc: int, step: int, broken: bool = False, leave: bool = False) -> None:
-        ask = {"step": step, "broken": broken, "leave": leave, "label": str(inc)}
+    def ask(
+        self, inc: int, step: int, broken: bool = False, leave: bool = False, stop: str = ""
+    ) -> None:
+        ask = {"step": step, "broken": broken, "leave": leave, "stop": stop, "label": str(inc)}
         self.store.set(f"ft/ask/{inc}/{self.seq[inc]}", json.dumps(ask))
 
     def reply(self, inc: int) -> dict | None:
@@ -110,8 +113,9 @@ def test_quorums_follow_membership_heal_newcomers_and_stop_below_the_floor():
     assert r.reply(a) is None
     r.beat(a)
     r.c.poll(9.0)
-    assert r.reply(a) == {
-        "error": "no quorum: 1 replica(s) alive, --min-replicas 2 (none joined for 5 s)"
+    assert r.reply(a) == {  # the last asker saves the job's checkpoint, then stops
+        "error": "no quorum: 1 replica(s) alive, --min-replicas 2 (none joined for 5 s)",
+        "save": True,
     }
 
 
@@ -128,3 +132,53 @@ def test_a_replica_left_behind_is_dropped_after_the_join_timeout_and_leaving_is_
     r.c.poll(2.6)
     assert r.reply(b) == {"left": True}
     assert r.reply(a)["members"] == [a]
+
+
+def test_a_stop_asked_by_one_replica_ends_the_next_quorum_for_all_and_refuses_latecomers():
+    r = Replicas(min_replicas=1, heartbeat_timeout=100.0, join_timeout=5.0)
+    a, b = r.register(), r.register()
+    r.ask(a, 4, stop="SIGTERM")  # a's ranks got the signal; b is still in its step
+    r.c.poll(0.0)
+    assert r.reply(a) is None  # the stop waits for every live replica, as any quorum does
+    r.ask(b, 3)  # behind: healed by the stop quorum, then it stops too
+    r.c.poll(0.1)
+    q = r.reply(a)
+    assert q == r.reply(b) and q["stop"] == "SIGTERM at replica 1"
+    assert q["members"] == [a, b] and q["step"] == 4 and q["source"] == a
+    # A replica that asks after the stop (a restart that was under way) is told so; it is
+    # not a member, so it does not write the checkpoint over the members' one.
+    c = r.register()
+    r.c.poll(0.2)
+    r.ask(c, 0)
+    r.c.poll(0.3)
+    assert r.reply(c) == {"stopped": 4, "why": "SIGTERM at replica 1"}
+    for inc in (a, b, c):
+        r.ask(inc, -1, leave=True)
+    r.c.poll(0.4)
+    assert [r.reply(i) for i in (a, b, c)] == [{"left": True}] * 3 and not r.c.live
+
+    # The coordinator's own signal (request_stop) stops the next quorum the same way.
+    r = Replicas(min_replicas=1, heartbeat_timeout=100.0, join_timeout=5.0)
+    a = r.register()
+    r.c.request_stop("SIGTERM at the coordinator")
+    r.ask(a, 0)
+    r.c.poll(0.0)
+    assert r.reply(a)["stop"] == "SIGTERM at the coordinator"
+
+
+def test_a_bad_flag_is_one_line_before_torch_loads():
+    """python -m training.quorum parses its flags before `import torch` (core/cli.py,
+    parse_or_exit): the error comes at once, and torch is never loaded."""
+    probe = (
+        "import runpy, sys\n"
+        "try:\n"
+        "    runpy.run_module('training.quorum', run_name='__main__', alter_sys=True)\n"
+        "finally:\n"
+        "    print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy'}))\n"
+    )
+    done = run_cmd([PYTHON, "-c", probe, "--min-replicas", "0"], timeout=60)
+    assert done.returncode == 2, done
+    assert done.stdout == "[]\n", done.stdout  # neither torch nor numpy was imported
+    assert done.stderr == (
+        "error: argument --min-replicas: must be a positive integer, got 0 (see --help)\n"
+    ), done.stderr

@@ -35,6 +35,19 @@ the step commits; a failed step is redone from the same cursor by the new quorum
 an epoch no sample is skipped or seen twice. The epoch ends when fewer than a step's samples
 are left (they are dropped, as with drop_last). --max-steps counts optimizer steps whatever
 their m; --epochs counts passes over the permutation.
+
+Stops and checkpoints. SIGTERM or SIGINT to any rank (launch/fault_tolerant.sh passes its own
+on to every rank) stops the whole job as training/preempt.py stops a ddp run: the replica's
+ranks agree on it after their step, rank 0 puts it in its next quorum request, and the
+coordinator makes that quorum the last for all its members (training/quorum.py). At that
+boundary, after healing, the quorum's index-0 member writes the job's checkpoint (its rank 0,
+through training/checkpoint: atomic, --out-dir/checkpoints/step-N.pt and checkpoint.pt) and
+every replica exits 0. The same member also writes one every --save-every steps, after the
+step commits, and at the end of the run. The file is a ddp checkpoint (model, optimizer,
+scheduler, RNG states, epoch, step) whose position is also `fault_tolerant`: {"cursor",
+"replicas"}; --resume auto|PATH starts every replica of a fresh job from it (with any
+membership: the cursor says where the epoch's permutation goes on). A ddp checkpoint is
+refused in FT mode and an FT one by a ddp run (their positions mean different things).
 """
 
 from __future__ import annotations
@@ -50,16 +63,26 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import default_collate
 
-from core.dist import rendezvous, resolve
+from core.dist import DistEnv, rendezvous, resolve
 from core.errors import UsageError
 from data.datasets import build_datasets
 from data.sampling import eval_loader
-from training.checkpoint import param_checksum
+from training.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    load_checkpoint,
+    param_checksum,
+    restore_training_state,
+    training_state,
+)
 from training.checkpoint.files import atomic_write
+from training.checkpoint.resume import TRAJECTORY_FLAGS, check_same_flags
+from training.checkpoint.schema import check_counters
 from training.faults import fault_hook, heal_fault, hold_until_released, slow_down
 from training.metrics import evaluate, loss_fn
 from training.models import model_from_args, model_input
 from training.optim import make_optimizer, make_scheduler
+from training.preempt import Preemption
 from training.quorum import QuorumClient, QuorumLost, connect
 
 # Failed steps in a row (each under a new quorum) before a replica gives up: a collective
@@ -68,8 +91,7 @@ MAX_FAILED_IN_A_ROW = 20
 
 # Flags whose machinery the fault-tolerant loop does not run: refused in one line, not ignored.
 UNSUPPORTED = {
-    "resume": None,
-    "save_every": 0,
+    "async_save": False,  # the index-0 member writes synchronously, at a step boundary
     "grad_accum": 1,
     "sync": "ddp",
     "amp": "none",
@@ -237,79 +259,116 @@ def run_replica(args: argparse.Namespace) -> dict:
     fault = fault_hook(args.replica_id)  # TRAIN_FAULT=kill:<replica id>:<step>, tests only
     n, batch = len(data.train), args.batch_size
 
-    hold_until_released()  # TRAIN_JOIN_AFTER: a test makes this replica join later
-    # Rank 0 registers and heartbeats for the replica; every rank uses the store for its group.
-    client = QuorumClient(args.coordinator, label, args.quorum_timeout) if env.is_main else None
-    store = client.store if client else connect(args.coordinator, args.quorum_timeout)
-    group, group_id, broken, failed = None, None, False, 0
-    history, loss_value, perm, perm_epoch = [], float("nan"), None, None
-    if client:
-        say(f"incarnation #{client.inc}, coordinator {args.coordinator}, {ranks} rank(s)")
-    while True:
-        quorum = agree_on_quorum(client, replica.at.step, not everywhere(not broken, ranks), ranks)
-        members, me = quorum["members"], quorum["members"].index(quorum["self"])
-        source = members.index(quorum["source"])
-        behind = replica.at.step < quorum["step"]
-        broken, received = False, None
-        try:
-            if quorum["quorum"] != group_id:
-                group, group_id = None, None  # the old group's sockets close with it
-                group = new_group(store, quorum, me, env.rank, args.ft_timeout)
-                group_id = quorum["quorum"]
-                say(f"quorum {group_id}: replicas {quorum['labels']} from step {quorum['step']}")
-            if any(s < quorum["step"] for s in quorum["steps"]):
-                received = heal(group, replica, me, source, args.replica_id)
-            error = None
-        except RuntimeError as e:  # a member died or hung while the group formed or healed
-            error = str(e).splitlines()[0]
-        if not everywhere(error is None, ranks):
-            group_id, broken, failed = None, True, failed + 1
-            say(f"quorum {quorum['quorum']} failed ({error or 'on another rank'}); asking again")
-            check_failures(failed)
-            continue
-        if behind:
-            replica.load_bytes(received)
-            say(f"healed from replica {quorum['labels'][source]} at step {replica.at.step}")
+    checkpoints = CheckpointManager(Path(args.out_dir), args.keep, env, devices=[env.device])
+    resumed = resume(checkpoints, args, replica, env, n)
+    if resumed:
         at = replica.at
-        if (args.max_steps and at.step >= args.max_steps) or at.epoch >= args.epochs:
-            break  # every member decides this from the same position, after healing
-        m = len(members)
-        if at.cursor + m * ranks * batch > n:  # the epoch's rest is smaller than a step: dropped
-            at.epoch, at.cursor = at.epoch + 1, 0
-            continue
-        if perm_epoch != at.epoch:
-            generator = torch.Generator().manual_seed(args.seed + at.epoch)
-            perm, perm_epoch = torch.randperm(n, generator=generator), at.epoch
-        start = at.cursor + (me * ranks + env.rank) * batch
-        images, labels = default_collate([data.train[int(i)] for i in perm[start : start + batch]])
-        images = model_input(images, env.device, dtype)
-        model.train()
-        loss = loss_fn(model(images).to(dtype), labels.to(env.device))
-        loss.backward()
-        flat = pack(params, loss)
-        if ranks > 1:  # the replica's sum first; a sibling's death ends the replica here
-            dist.all_reduce(flat)
-        slow_down("reduce")  # TRAIN_SLOW=reduce:S, tests only: a kill in the middle of a step
-        try:
-            group.allreduce([flat]).wait()
-            error = None
-        except RuntimeError as e:  # a peer died mid-step
-            error = str(e).splitlines()[0]
-        if not everywhere(error is None, ranks):  # discard, ask for a new quorum
+        say(f"resumed from {resumed} at step {at.step} (epoch {at.epoch}, cursor {at.cursor})")
+    saved_at, stopped = None, None  # the step of this replica's last save; the stop's reply
+
+    def save(m: int) -> None:
+        nonlocal saved_at
+        if saved_at != replica.at.step:
+            path = save_checkpoint(checkpoints, args, replica, m, ranks)
+            saved_at = replica.at.step
+            say(f"checkpoint {path}")
+
+    # SIGTERM, SIGINT, --preempt-signal: this replica's ranks agree after their step, and the
+    # next quorum stops every member (training/preempt.py does the same for a ddp run).
+    preempt = Preemption(args.preempt_signal, env)
+    with preempt:
+        hold_until_released()  # TRAIN_JOIN_AFTER: a test makes this replica join later
+        # Rank 0 registers and heartbeats for the replica; every rank uses the store for its
+        # group.
+        client = QuorumClient(args.coordinator, label, args.quorum_timeout) if env.is_main else None
+        store = client.store if client else connect(args.coordinator, args.quorum_timeout)
+        group, group_id, broken, failed = None, None, False, 0
+        history, loss_value, perm, perm_epoch = [], float("nan"), None, None
+        m = 0  # the members of the last quorum
+        if client:
+            say(f"incarnation #{client.inc}, coordinator {args.coordinator}, {ranks} rank(s)")
+        while True:
+            signal_name = preempt.agreed.name if preempt.requested() else ""  # a collective
+            broken = not everywhere(not broken, ranks)
+            quorum = agree_on_quorum(client, replica.at.step, broken, ranks, signal_name)
+            if "error" in quorum:  # too few replicas, or no coordinator: the job ends
+                if quorum.get("save"):  # the one the coordinator picked saves first
+                    save(m)
+                raise QuorumLost(quorum["error"])
+            if "stopped" in quorum:  # the job stopped at a quorum without this replica
+                stopped = quorum
+                break
+            members, me = quorum["members"], quorum["members"].index(quorum["self"])
+            source = members.index(quorum["source"])
+            behind = replica.at.step < quorum["step"]
+            broken, received = False, None
+            try:
+                if quorum["quorum"] != group_id:
+                    group, group_id = None, None  # the old group's sockets close with it
+                    group = new_group(store, quorum, me, env.rank, args.ft_timeout)
+                    group_id = quorum["quorum"]
+                    labels, step = quorum["labels"], quorum["step"]
+                    say(f"quorum {group_id}: replicas {labels} from step {step}")
+                if any(s < quorum["step"] for s in quorum["steps"]):
+                    received = heal(group, replica, me, source, args.replica_id)
+                error = None
+            except RuntimeError as e:  # a member died or hung while the group formed or healed
+                error = str(e).splitlines()[0]
+            if not everywhere(error is None, ranks):
+                group_id, broken, failed = None, True, failed + 1
+                why = error or "on another rank"
+                say(f"quorum {quorum['quorum']} failed ({why}); asking again")
+                check_failures(failed)
+                continue
+            if behind:
+                replica.load_bytes(received)
+                say(f"healed from replica {quorum['labels'][source]} at step {replica.at.step}")
+            at, m = replica.at, len(members)
+            done = (args.max_steps and at.step >= args.max_steps) or at.epoch >= args.epochs
+            if done or "stop" in quorum:  # every member decides it at the same step
+                if me == 0:  # the job's checkpoint: one member writes it
+                    save(m)
+                stopped = None if done else {**quorum, "stopped": at.step, "why": quorum["stop"]}
+                break
+            if at.cursor + m * ranks * batch > n:  # the epoch's rest is smaller than a step
+                at.epoch, at.cursor = at.epoch + 1, 0
+                continue
+            if perm_epoch != at.epoch:
+                generator = torch.Generator().manual_seed(args.seed + at.epoch)
+                perm, perm_epoch = torch.randperm(n, generator=generator), at.epoch
+            start = at.cursor + (me * ranks + env.rank) * batch
+            batch_indices = perm[start : start + batch]
+            images, labels = default_collate([data.train[int(i)] for i in batch_indices])
+            images = model_input(images, env.device, dtype)
+            model.train()
+            loss = loss_fn(model(images).to(dtype), labels.to(env.device))
+            loss.backward()
+            flat = pack(params, loss)
+            if ranks > 1:  # the replica's sum first; a sibling's death ends the replica here
+                dist.all_reduce(flat)
+            slow_down("reduce")  # TRAIN_SLOW=reduce:S, tests only: a kill in mid-step
+            try:
+                group.allreduce([flat]).wait()
+                error = None
+            except RuntimeError as e:  # a peer died mid-step
+                error = str(e).splitlines()[0]
+            if not everywhere(error is None, ranks):  # discard, ask for a new quorum
+                optimizer.zero_grad(set_to_none=True)
+                group_id, broken, failed = None, True, failed + 1
+                say(f"step {at.step + 1} discarded ({error or 'on another rank'}); redoing it")
+                check_failures(failed)
+                continue
+            loss_value = unpack(flat, params, m * ranks)
+            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            group_id, broken, failed = None, True, failed + 1
-            say(f"step {at.step + 1} discarded ({error or 'on another rank'}); redoing it")
-            check_failures(failed)
-            continue
-        loss_value = unpack(flat, params, m * ranks)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        history.append([at.step + 1, at.epoch, at.cursor, m, group_id])
-        at.step, at.cursor, failed = at.step + 1, at.cursor + m * ranks * batch, 0
-        if at.step % args.log_every == 0:
-            say(f"step {at.step} epoch {at.epoch} loss {loss_value:.4f} replicas {m}")
-        fault(at.step)
+            scheduler.step()
+            history.append([at.step + 1, at.epoch, at.cursor, m, group_id])
+            at.step, at.cursor, failed = at.step + 1, at.cursor + m * ranks * batch, 0
+            if at.step % args.log_every == 0:
+                say(f"step {at.step} epoch {at.epoch} loss {loss_value:.4f} replicas {m}")
+            if args.save_every and at.step % args.save_every == 0 and me == 0:
+                save(m)  # the others wait in their next quorum request meanwhile
+            fault(at.step)
 
     group = None
     if client:
@@ -324,8 +383,13 @@ def run_replica(args: argparse.Namespace) -> dict:
         "history": history,  # [step, epoch, cursor, replicas, quorum id] of each step it took
         "dtype": args.dtype,
     }
-    if env.is_main:
-        if not args.no_eval:
+    if stopped is not None:
+        summary["stopped"] = {"after_step": stopped["stopped"], "why": stopped["why"]}
+    outsider = stopped is not None and "members" not in stopped  # it took no step: no files
+    if env.is_main and outsider:
+        say(f"the job stopped after step {stopped['stopped']} ({stopped['why']}) without it")
+    elif env.is_main:
+        if not args.no_eval and stopped is None:  # a stop is quick: the deadline runs
             evaluation = eval_loader(data.eval, batch, rank=0, world_size=1, workers=0)
             summary["eval"] = evaluate(model, evaluation, env.device, dtype)
         out = Path(args.out_dir) / f"replica-{label}"
@@ -334,28 +398,109 @@ def run_replica(args: argparse.Namespace) -> dict:
         torch.save(model.state_dict(), buf)
         atomic_write(out / "model.pt", buf.getvalue())  # for the tests' oracle
         atomic_write(out / "summary.json", json.dumps(summary, indent=1).encode())
-        say(f"done: {replica.at.step} steps, loss {loss_value:.4f}")
+        if stopped is None:
+            say(f"done: {replica.at.step} steps, loss {loss_value:.4f}")
+        else:
+            say(
+                f"stopped by {stopped['why']} after step {stopped['stopped']}, checkpoint saved "
+                f"in {args.out_dir} by replica {stopped['labels'][0]}; the same command with "
+                "--resume auto goes on from there"
+            )
     if ranks > 1:
         dist.barrier()  # rank 0 has written: a clean exit for all
         dist.destroy_process_group()
     return summary
 
 
-def agree_on_quorum(client: QuorumClient | None, step: int, broken: bool, ranks: int) -> dict:
+def save_checkpoint(
+    checkpoints: CheckpointManager, args: argparse.Namespace, replica: Replica, m: int, ranks: int
+) -> Path:
+    """The job's checkpoint, written by every rank of one member (a gather of their RNG
+    states, then rank 0 writes): a ddp checkpoint of this replica's R ranks, whose position
+    is also the cursor (step_in_epoch means nothing when an epoch's steps depend on who was
+    alive)."""
+    at = replica.at
+    state = training_state(
+        replica.model,
+        replica.optimizer,
+        replica.scheduler,
+        None,
+        epoch=at.epoch,
+        step=at.step,
+        step_in_epoch=0,
+        world_size=ranks,
+        args=args,
+        devices=checkpoints.devices,
+    )
+    state["fault_tolerant"] = {"cursor": at.cursor, "replicas": m}
+    return checkpoints.save(state)
+
+
+def resume(
+    checkpoints: CheckpointManager, args: argparse.Namespace, replica: Replica, env: DistEnv, n: int
+) -> Path | None:
+    """--resume: the checkpoint's state and position, on every rank of this replica (they
+    agree before anything changes). Every replica of the job resumes the same file, so the
+    first quorum finds them at the same step; one that found no file is healed by the others."""
+    error, path, state = None, None, None
+    try:
+        path = checkpoints.find(args.resume)
+        if path is not None:
+            state = load_checkpoint(path)
+            check_fault_tolerant(state, args, path, n)
+    except CheckpointError as e:
+        error = str(e)
+    if env.world_size > 1:
+        views: list[str | None] = [None] * env.world_size
+        dist.all_gather_object(views, error)
+        error = next((e for e in views if e is not None), None)
+    if error is not None:
+        raise CheckpointError(error)
+    if path is None:
+        return None
+    restore_training_state(
+        state, replica.model, replica.optimizer, replica.scheduler, None, path,
+        env.rank, env.world_size, checkpoints.devices,
+    )  # fmt: skip
+    replica.at = Position(state["step"], state["epoch"], state["fault_tolerant"]["cursor"])
+    return path
+
+
+def check_fault_tolerant(state: dict, args: argparse.Namespace, path: Path, n: int) -> None:
+    """Refuse a checkpoint that is not this job's: written without --fault-tolerance, with
+    other flags, or with a position outside the training set."""
+    position = state.get("fault_tolerant")
+    if not isinstance(position, dict):
+        raise CheckpointError(
+            f"{path}: written without --fault-tolerance (its position is a step of a fixed "
+            "world size, not the job's data cursor); resume it without --fault-tolerance"
+        )
+    check_counters(state, path)
+    # The step's slices are --batch-size samples each, whatever the membership.
+    check_same_flags(state["args"], vars(args), path, (*TRAJECTORY_FLAGS, "batch_size"))
+    cursor = position.get("cursor")
+    if type(cursor) is not int or not 0 <= cursor <= n:
+        raise CheckpointError(
+            f"{path}: fault_tolerant cursor is {cursor!r}, not a sample count from 0 to {n}"
+        )
+
+
+def agree_on_quorum(
+    client: QuorumClient | None, step: int, broken: bool, ranks: int, stop: str = ""
+) -> dict:
     """Rank 0 asks the coordinator; the replica's other ranks get the answer from it. The
-    reply carries the replica's incarnation as "self"; a refusal reaches every rank."""
+    reply carries the replica's incarnation as "self"; a refusal ("error") reaches every
+    rank. `stop`: the signal this replica's ranks agreed on, which stops the whole job."""
     quorum: dict | None = None
     if client:
         try:
-            quorum = {**client.quorum(step, broken=broken), "self": client.inc}
+            quorum = {**client.quorum(step, broken=broken, stop=stop), "self": client.inc}
         except QuorumLost as e:
             quorum = {"error": str(e)}
     if ranks > 1:
         box = [quorum]
         dist.broadcast_object_list(box, src=0)
         quorum = box[0]
-    if "error" in quorum:
-        raise QuorumLost(quorum["error"])
     return quorum
 
 

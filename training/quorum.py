@@ -15,8 +15,11 @@ key in that store, so there is no other service and no other wire format:
                            --heartbeat-timeout / 5 s; unchanged for --heartbeat-timeout s, the
                            replica is dead and is never taken into a quorum again
     ft/ask/<inc>/<seq>     the replica's seq-th request: {"step": its completed steps,
-                           "broken": its last group failed, "leave": it is done, "label": ...}
-    ft/reply/<inc>/<seq>   the answer: the quorum, or {"error": why the job cannot go on}
+                           "broken": its last group failed, "leave": it is done, "stop": the
+                           signal one of its ranks got (else ""), "label": ...}
+    ft/reply/<inc>/<seq>   the answer: the quorum, or {"error": why the job cannot go on, "save":
+                           whether this replica writes the job's last checkpoint}, or
+                           {"stopped": step} to a replica that asks after the job stopped
 
 A quorum forms once every live replica has asked (a replica that asked and another that is
 still computing its step must not split), or once --join-timeout has passed since the first
@@ -26,11 +29,66 @@ whenever the membership changes or a member reports a broken group, so that each
 group is built on a fresh PrefixStore(f"quorum{id}") and never meets a dead group's keys.
 The quorum's step is the highest step among its members; the lowest incarnation holding it is
 the source that the others heal from (training/fault_tolerant.py).
+
+A graceful stop is a quorum too: once any asker reports a signal (its ranks got SIGTERM or
+SIGINT), or this process gets one itself, the next quorum carries "stop" to all its members,
+so every live replica stops after the same step, where its index-0 member writes the job's
+checkpoint; a replica that asks later is told the job has stopped. A signalled coordinator
+goes on serving until every replica has left (or --join-timeout + STOP_GRACE_S has passed).
 """
 
 from __future__ import annotations
 
 import argparse
+
+from core.cli import Parser, bounded_int, parse_or_exit, positive, positive_float
+from core.errors import UsageError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = Parser(description=__doc__)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback: one node)")
+    p.add_argument("--port", type=bounded_int(0, 65535, "a port"), default=0, help="0: a free one")
+    p.add_argument(
+        "--port-file", default=None, help="write the port chosen here, for a launch script"
+    )
+    p.add_argument(
+        "--min-replicas",
+        type=positive,
+        default=1,
+        help="the smallest quorum; with fewer replicas alive the job stops with an error",
+    )
+    p.add_argument(
+        "--expect-replicas",
+        type=positive,
+        default=1,
+        help="the first quorum waits for this many replicas (or --join-timeout)",
+    )
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=positive_float,
+        default=2.0,
+        help="seconds without a heartbeat after which a replica is dead",
+    )
+    p.add_argument(
+        "--join-timeout",
+        type=positive_float,
+        default=30.0,
+        help="seconds a quorum waits for live replicas that have not asked yet; also how "
+        "long too few replicas may be alive before the job stops",
+    )
+    args = p.parse_args(argv)
+    if args.expect_replicas < args.min_replicas:
+        raise UsageError(
+            f"--expect-replicas {args.expect_replicas} is below --min-replicas "
+            f"{args.min_replicas}: the first quorum could never form"
+        )
+    return args
+
+
+if __name__ == "__main__":  # a bad flag: one line at once, before torch's seconds of loading
+    parse_or_exit(parse_args)
+
 import json
 import os
 import signal
@@ -44,10 +102,12 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from core.cli import Parser, bounded_int, positive, positive_float
-from core.errors import UsageError, run_cli
+from core.errors import run_cli
 
 POLL_S = 0.01  # the coordinator's loop: a quorum is answered within about this long
+# After its own stop signal, how long the coordinator waits beyond --join-timeout for the
+# replicas to finish their step, write the checkpoint and leave.
+STOP_GRACE_S = 30.0
 
 
 @dataclass
@@ -79,6 +139,14 @@ class Coordinator:
     registered: int = 0
     too_few_since: float | None = None
     logged: int = 0  # the last quorum id logged: a line per change, not per step
+    stop: str = ""  # why the job stops (a signal, and who got it); "" while it goes on
+    stopped: tuple[int, set[int]] | None = None  # the stop quorum answered: step, members
+
+    def request_stop(self, why: str) -> None:
+        """Stop the job at the next quorum (the first request's reason is kept)."""
+        if not self.stop:
+            self.stop = why
+            self.log(f"stopping ({why}): the next quorum is the last")
 
     def poll(self, now: float) -> None:
         """Read new replicas, heartbeats and requests from the store; answer when due."""
@@ -102,6 +170,11 @@ class Coordinator:
                     self._answer(r, {"left": True})
                     del self.live[inc]
                     self.log(f"replica #{inc} has finished")
+                    continue
+                if r.ask.get("stop"):
+                    self.request_stop(f"{r.ask['stop']} at replica {r.ask.get('label', inc)}")
+                if self.stopped is not None and inc not in self.stopped[1]:
+                    self._answer(r, {"stopped": self.stopped[0], "why": self.stop})
         self._decide(now)
 
     def _decide(self, now: float) -> None:
@@ -119,8 +192,12 @@ class Coordinator:
                     f"no quorum: {len(self.live)} replica(s) alive, --min-replicas "
                     f"{self.min_replicas} (none joined for {self.join_timeout:g} s)"
                 )
+                # The job ends here: the asker furthest on (the lowest incarnation at the
+                # highest step) writes its checkpoint first, so that --resume goes on from it.
+                top = max(r.ask["step"] for r in asking)
+                saver = min(r.inc for r in asking if r.ask["step"] == top)
                 for r in asking:
-                    self._answer(r, {"error": error})
+                    self._answer(r, {"error": error, "save": r.inc == saver and top > 0})
                 self.log(error)
             return
         self.too_few_since = None
@@ -141,6 +218,9 @@ class Coordinator:
             "step": step,
             "source": min(r.inc for r in asking if r.ask["step"] == step),
         }
+        if self.stop:  # the members heal, then stop together; its index 0 saves
+            quorum["stop"] = self.stop
+            self.stopped = (step, set(members))
         for r in asking:
             self._answer(r, quorum)
         if self.quorum_id != self.logged:
@@ -200,9 +280,10 @@ class QuorumClient:
                 return
             self._stop.wait(interval)
 
-    def quorum(self, step: int, broken: bool = False, leave: bool = False) -> dict:
-        """The quorum for the step after `step` completed ones (blocks until it forms)."""
-        ask = {"step": step, "broken": broken, "leave": leave, "label": self.label}
+    def quorum(self, step: int, broken: bool = False, leave: bool = False, stop: str = "") -> dict:
+        """The quorum for the step after `step` completed ones (blocks until it forms), or
+        the coordinator's refusal; `stop`: the signal that asks the job to stop, if any."""
+        ask = {"step": step, "broken": broken, "leave": leave, "stop": stop, "label": self.label}
         key = f"ft/ask/{self.inc}/{self.seq}"
         reply_key = f"ft/reply/{self.inc}/{self.seq}"
         self.seq += 1
@@ -215,9 +296,7 @@ class QuorumClient:
                 f"no quorum within --quorum-timeout {self.quorum_timeout:g} s from the "
                 f"coordinator at {self.address} ({str(e).splitlines()[0]})"
             ) from None
-        if "error" in reply:
-            raise QuorumLost(reply["error"])
-        return reply
+        return reply  # {"error": ...} too: the caller may have to save before it stops
 
     def close(self) -> None:
         """Leave the job: the coordinator stops waiting for this replica at once."""
@@ -250,47 +329,6 @@ def serve(host: str, port: int) -> dist.TCPStore:
     )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = Parser(description=__doc__)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback: one node)")
-    p.add_argument("--port", type=bounded_int(0, 65535, "a port"), default=0, help="0: a free one")
-    p.add_argument(
-        "--port-file", default=None, help="write the port chosen here, for a launch script"
-    )
-    p.add_argument(
-        "--min-replicas",
-        type=positive,
-        default=1,
-        help="the smallest quorum; with fewer replicas alive the job stops with an error",
-    )
-    p.add_argument(
-        "--expect-replicas",
-        type=positive,
-        default=1,
-        help="the first quorum waits for this many replicas (or --join-timeout)",
-    )
-    p.add_argument(
-        "--heartbeat-timeout",
-        type=positive_float,
-        default=2.0,
-        help="seconds without a heartbeat after which a replica is dead",
-    )
-    p.add_argument(
-        "--join-timeout",
-        type=positive_float,
-        default=30.0,
-        help="seconds a quorum waits for live replicas that have not asked yet; also how "
-        "long too few replicas may be alive before the job stops",
-    )
-    args = p.parse_args(argv)
-    if args.expect_replicas < args.min_replicas:
-        raise UsageError(
-            f"--expect-replicas {args.expect_replicas} is below --min-replicas "
-            f"{args.min_replicas}: the first quorum could never form"
-        )
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     store = serve(args.host, args.port)
@@ -309,12 +347,17 @@ def main(argv: list[str] | None = None) -> int:
         log=lambda line: print(f"coordinator: {line}", flush=True),
     )
     coordinator.log(f"listening on {args.host}:{store.port}, --min-replicas {args.min_replicas}")
-    stop = threading.Event()
+    signalled: list[str] = []  # the handler only records; the loop acts on it
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.is_set():
+        signal.signal(sig, lambda signum, _: signalled.append(signal.Signals(signum).name))
+    deadline = None
+    while deadline is None or (coordinator.live and time.monotonic() < deadline):
+        if signalled and deadline is None:  # the job stops: the replicas save, then leave
+            if coordinator.live:  # else there is nothing to stop: the loop ends now
+                coordinator.request_stop(f"{signalled[0]} at the coordinator")
+            deadline = time.monotonic() + args.join_timeout + STOP_GRACE_S
         coordinator.poll(time.monotonic())
-        stop.wait(POLL_S)
+        time.sleep(POLL_S)
     return 0
 
 

@@ -96,6 +96,11 @@ def check_resumable(
     `steps_per_epoch`, also one whose counters name no place in this run); return notes on
     changes that are allowed but make the rest of the run differ from the original's (to
     float tolerance, or in its schedule)."""
+    if "fault_tolerant" in state:  # its position is a cursor, not a step of this world
+        raise CheckpointError(
+            f"{source}: written by a --fault-tolerance job, whose steps took a number of "
+            "samples that changed with its membership; resume it with --fault-tolerance"
+        )
     check_counters(state, source)
     check_same_batches(state, args.batch_size * world_size * args.grad_accum, source)
     saved, live = state["args"], vars(args)
@@ -113,18 +118,7 @@ def check_resumable(
             f"{source} was written with --topology {saved.get('topology')}, this job has "
             f"{live.get('topology')}: the same run to float tolerance, but not bit for bit"
         )
-    differ = [
-        f"--{k.replace('_', '-')} {saved[k]} (this run: {live[k]})"
-        for k in TRAJECTORY_FLAGS
-        if k in saved and k in live and saved[k] != live[k]
-    ]
-    if _sync_mode(saved) != _sync_mode(live):
-        differ.append(f"--sync {_sync_mode(saved)} (this run: {_sync_mode(live)})")
-    if differ:
-        raise CheckpointError(
-            f"{source}: written with {', '.join(differ)}; resume with the same flags or "
-            "start a fresh --out-dir"
-        )
+    check_same_flags(saved, live, source)
     if steps_per_epoch is not None:
         check_position(state, steps_per_epoch, source)
     horizon = [k for k in ("epochs", "max_steps") if k in saved and saved[k] != live.get(k)]
@@ -135,6 +129,25 @@ def check_resumable(
             "another step, so the learning rate from here on differs from the original run's"
         )
     return notes
+
+
+def check_same_flags(
+    saved: dict, live: dict, source: Path, flags: Sequence[str] = TRAJECTORY_FLAGS
+) -> None:
+    """Refuse a checkpoint written with other values of the flags that decide what every
+    step computes (`flags`), or with another --sync mode."""
+    differ = [
+        f"--{k.replace('_', '-')} {saved[k]} (this run: {live[k]})"
+        for k in flags
+        if k in saved and k in live and saved[k] != live[k]
+    ]
+    if _sync_mode(saved) != _sync_mode(live):
+        differ.append(f"--sync {_sync_mode(saved)} (this run: {_sync_mode(live)})")
+    if differ:
+        raise CheckpointError(
+            f"{source}: written with {', '.join(differ)}; resume with the same flags or "
+            "start a fresh --out-dir"
+        )
 
 
 # ------------------------------------------------------- rotation and resume
