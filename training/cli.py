@@ -318,7 +318,7 @@ def make_parser(
         type=non_negative,
         default=0,
         help="also save a checkpoint every N optimizer steps (0: only at the end of each "
-        "epoch and of the run)",
+        "epoch and of the run; with --fault-tolerance, at a stop and at the run's end)",
     )
     r.add_argument(
         "--async-save",
