@@ -156,6 +156,15 @@ def test_flags_that_the_replica_loop_does_not_run_are_refused_in_one_line():
         "--sync does not combine": [*base, "--sync", "zero1"],
         "--resume does not combine": [*base, "--resume", "auto"],
         "cosine with --fault-tolerance needs --max-steps": [*base, "--lr-schedule", "cosine"],
+        # The replica's loop writes no checkpoint and all-reduces plainly over gloo: these
+        # would be ignored.
+        "--async-save does not combine": [*base, "--async-save"],
+        "--comm-hook does not combine": [*base, "--comm-hook", "fp16"],
+        "--find-unused-parameters does not combine": [*base, "--find-unused-parameters"],
+        "--backend does not combine": [*base, "--backend", "nccl"],
+        # validate()'s model/data pairing, which the replica skips: not a traceback at the
+        # first forward.
+        "--model gpt reads text": [*base, "--model", "gpt"],
     }
     for message, argv in refused.items():
         with pytest.raises(UsageError, match=re.escape(message)):

@@ -56,6 +56,7 @@ from data.datasets import build_datasets
 from data.sampling import eval_loader
 from training.checkpoint import param_checksum
 from training.checkpoint.files import atomic_write
+from training.cli import check_model_data
 from training.faults import fault_hook, heal_fault, hold_until_released, slow_down
 from training.metrics import evaluate, loss_fn
 from training.models import model_from_args, model_input
@@ -81,6 +82,20 @@ UNSUPPORTED = {
     "clip_grad_norm": 0.0,
     "workers": 0,
     "download": False,
+    # Flags the replica's own loop would ignore: it writes no checkpoint and no sample, and
+    # its all-reduce among replicas is gloo's, uncompressed, over every parameter.
+    "async_save": False,
+    "sample": 0,
+    "backend": None,
+    "sync_every": None,
+    "find_unused_parameters": False,
+    "transport": "gloo",
+    "param_dtype": None,
+    "reduce_dtype": None,
+    "topology": None,
+    "inter_node_gbps": None,
+    "comm_hook": "none",
+    "compress": "none",
 }
 
 
@@ -93,6 +108,7 @@ def check_flags(args: argparse.Namespace) -> None:
         if getattr(args, name, default) != default:
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} does not combine with --fault-tolerance")
+    check_model_data(args)  # the replica skips validate(): --model gpt on images, ...
     if args.lr_schedule == "cosine" and not args.max_steps:
         raise UsageError(
             "--lr-schedule cosine with --fault-tolerance needs --max-steps: the number of "
