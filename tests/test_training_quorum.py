@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch.distributed as dist
 
-from training.quorum import Coordinator
+from core.errors import UsageError
+from training.quorum import Coordinator, main
 
 
 class Replicas:
@@ -128,3 +130,11 @@ def test_a_replica_left_behind_is_dropped_after_the_join_timeout_and_leaving_is_
     r.c.poll(2.6)
     assert r.reply(b) == {"left": True}
     assert r.reply(a)["members"] == [a]
+
+
+def test_a_port_file_that_cannot_be_written_is_one_line(tmp_path):
+    """The coordinator's --port-file in a folder that does not exist: one line naming it, no
+    traceback (run_cli prints a UsageError as `error: ...`), and no file left anywhere."""
+    with pytest.raises(UsageError, match=r"^cannot write .*no-such-folder/port.*: No such file"):
+        main(["--port-file", str(tmp_path / "no-such-folder" / "port")])
+    assert list(tmp_path.iterdir()) == []
