@@ -62,6 +62,7 @@ from training.metrics import evaluate, loss_fn
 from training.models import model_from_args, model_input
 from training.optim import make_optimizer, make_scheduler
 from training.quorum import QuorumClient, QuorumLost, connect
+from training.runlog import check_writable
 
 # Failed steps in a row (each under a new quorum) before a replica gives up: a collective
 # that fails again and again with the same peers is a bug, not a lost replica.
@@ -113,6 +114,21 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UsageError(
             "--lr-schedule cosine with --fault-tolerance needs --max-steps: the number of "
             "steps an epoch takes depends on how many replicas are alive"
+        )
+
+
+def check_out_dir(args: argparse.Namespace) -> None:
+    """This replica's folder, --out-dir/replica-<id>/, at the start rather than after the run:
+    a place that cannot be written, or a previous run's results there (this mode cannot
+    resume one), is one line; --overwrite replaces them at the end."""
+    out_dir = Path(args.out_dir)
+    check_writable(out_dir)
+    previous = out_dir / f"replica-{args.replica_id}" / "summary.json"
+    if previous.exists() and not args.overwrite:
+        raise UsageError(
+            f"--out-dir {out_dir} holds a previous run of replica {args.replica_id} "
+            f"({previous}): --overwrite to replace it, or choose another --out-dir "
+            "(--fault-tolerance does not resume)"
         )
 
 
@@ -226,6 +242,8 @@ def run_replica(args: argparse.Namespace) -> dict:
     --out-dir/replica-<id>/summary.json)."""
     env = resolve("gloo")
     check_flags(args)
+    if env.is_main:  # the replica's rank 0 writes its results
+        check_out_dir(args)
     ranks = env.world_size  # the replica's own processes: torchrun --nproc-per-node
     if ranks > 1:  # the replica's own group: a rank that dies takes its replica with it
         # Its ranks wait in it while rank 0 waits for a quorum: as long as that may take.
