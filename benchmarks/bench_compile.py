@@ -42,7 +42,7 @@ from core.cli import Parser, positive, positive_float
 from core.dist import DistEnv, distributed, rank0_logger
 from core.errors import run_cli
 from parallel.ddp import choose_reducer
-from parallel.factory import SYNC_MODES, make_sync
+from parallel.factory import HSDP_MODES, SYNC_MODES, make_sync
 from study.bench import add_world_flags, launch_unless_ranked, rank_backend
 from training.compiled import compiled_autograd, maybe_compile
 
@@ -51,8 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n")[0])
     add_model_flags(p)
     p.add_argument(
-        "--modes", nargs="+", default=["ddp", "overlap", "zero1"], choices=SYNC_MODES,
-        help="--sync modes to compare",
+        "--modes", nargs="+", default=["ddp", "overlap", "zero1"],
+        choices=[m for m in SYNC_MODES if m not in HSDP_MODES],
+        help="--sync modes to compare (not hsdp's: they shard by a --topology, which this "
+        "benchmark does not take)",
     )  # fmt: skip
     p.add_argument("--batch-size", type=positive, default=32, help="samples per rank per step")
     p.add_argument("--steps", type=positive, default=5, help="timed steps per round")

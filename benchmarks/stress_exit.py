@@ -34,7 +34,7 @@ from pathlib import Path
 from core.cli import Parser, positive
 from core.errors import UsageError, run_cli
 from core.processes import run_with_deadline
-from parallel.factory import SYNC_MODES
+from parallel.factory import HSDP_MODES, SYNC_MODES
 from pitfalls import FAILS_WHEN_WRONG, SCRIPTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +70,11 @@ def jobs() -> list[Job]:
             out.append(Job(f"{script} --{mode}", (f"pitfalls/{script}.py", f"--{mode}"), status))
     steps = ("--epochs", "1", "--max-steps", "3", "--no-eval", "--batch-size", "8")
     for mode in SYNC_MODES:
-        out.append(Job(f"train_ddp --sync {mode}", ("train_ddp.py", "--sync", mode, *steps), 0))
+        # hsdp's modes need the nodes they shard inside: 2 of 1 rank, so that the all-reduce
+        # across nodes, what they add to zero3 and fsdp2, runs too.
+        layout = ("--topology", "2x1") if mode in HSDP_MODES else ()
+        argv = ("train_ddp.py", "--sync", mode, *layout, *steps)
+        out.append(Job(f"train_ddp --sync {mode}", argv, 0))
     return out
 
 

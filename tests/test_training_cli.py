@@ -98,3 +98,17 @@ def test_hsdp_needs_a_topology_and_its_hooks_refuse_activation_checkpointing():
     args = ["--sync", "hsdp", "--topology", "2x2", "--activation-checkpointing"]
     with pytest.raises(UsageError, match="--activation-checkpointing does not combine with"):
         validate(train_ddp.parse_args(args), cpu)
+
+
+def test_fault_tolerance_settings_without_it_are_refused():
+    """--coordinator, --replica-id, --quorum-timeout and --ft-timeout set up a replica: given
+    to a plain train_ddp.py run they would be ignored, so the run is refused in one line."""
+    cpu = DistEnv(0, 0, 2, 2, "gloo", torch.device("cpu"))
+    validate(train_ddp.parse_args([]), cpu)  # the defaults pass
+    for argv, flags in [
+        (["--coordinator", "127.0.0.1:29400"], "--coordinator"),
+        (["--replica-id", "2", "--ft-timeout", "3"], "--replica-id, --ft-timeout"),
+        (["--quorum-timeout", "5"], "--quorum-timeout"),
+    ]:
+        with pytest.raises(UsageError, match=f"^{flags}: only with --fault-tolerance"):
+            validate(train_ddp.parse_args(argv), cpu)

@@ -156,6 +156,13 @@ def test_flags_that_the_replica_loop_does_not_run_are_refused_in_one_line():
         "--sync does not combine": [*base, "--sync", "zero1"],
         "--async-save does not combine": [*base, "--async-save"],
         "cosine with --fault-tolerance needs --max-steps": [*base, "--lr-schedule", "cosine"],
+        # The replica's loop all-reduces plainly over gloo: these would be ignored.
+        "--comm-hook does not combine": [*base, "--comm-hook", "fp16"],
+        "--find-unused-parameters does not combine": [*base, "--find-unused-parameters"],
+        "--backend does not combine": [*base, "--backend", "nccl"],
+        # validate()'s model/data pairing, which the replica skips: not a traceback at the
+        # first forward.
+        "--model gpt reads text": [*base, "--model", "gpt"],
     }
     for message, argv in refused.items():
         with pytest.raises(UsageError, match=re.escape(message)):
@@ -239,6 +246,27 @@ def test_a_run_resumed_from_its_checkpoint_ends_with_the_straight_runs_bits(tmp_
     assert resumed["history"][-1][1] == 1  # the resumed part crossed into epoch 1
     assert resumed["param_checksum"] == straight["param_checksum"]
     assert first["param_checksum"] != straight["param_checksum"]
+
+
+def test_a_previous_run_or_an_unwritable_out_dir_is_refused_before_training(tmp_path):
+    """The replica writes its results only at the end: what would fail or silently replace
+    another run's results then is refused at the start, in one line."""
+    from core.errors import UsageError
+    from train_ddp import parse_args
+    from training.fault_tolerant import check_out_dir
+
+    base = ["--fault-tolerance", "--coordinator", "127.0.0.1:29400", "--out-dir", str(tmp_path)]
+    check_out_dir(parse_args(base))  # an empty folder
+    (tmp_path / "replica-0").mkdir()
+    (tmp_path / "replica-0" / "summary.json").write_text("{}")
+    with pytest.raises(UsageError, match="holds a previous run of replica 0 .*--overwrite"):
+        check_out_dir(parse_args(base))
+    check_out_dir(parse_args([*base, "--overwrite"]))
+    check_out_dir(parse_args([*base, "--replica-id", "1"]))  # another replica's folder
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="is not a folder"):
+        check_out_dir(parse_args([*base[:3], "--out-dir", str(tmp_path / "file")]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "replica-0"]  # nothing made
 
 
 # ------------------------------------------------ torture (make torture-fault-tolerance)

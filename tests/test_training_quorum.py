@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch.distributed as dist
 
+from core.errors import UsageError
 from tests.multiproc import PYTHON, run_cmd
-from training.quorum import Coordinator
+from training.quorum import Coordinator, main
 
 
 class Replicas:
@@ -182,3 +184,11 @@ def test_a_bad_flag_is_one_line_before_torch_loads():
     assert done.stderr == (
         "error: argument --min-replicas: must be a positive integer, got 0 (see --help)\n"
     ), done.stderr
+
+
+def test_a_port_file_that_cannot_be_written_is_one_line(tmp_path):
+    """The coordinator's --port-file in a folder that does not exist: one line naming it, no
+    traceback (run_cli prints a UsageError as `error: ...`), and no file left anywhere."""
+    with pytest.raises(UsageError, match=r"^cannot write .*no-such-folder/port.*: No such file"):
+        main(["--port-file", str(tmp_path / "no-such-folder" / "port")])
+    assert list(tmp_path.iterdir()) == []

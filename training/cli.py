@@ -419,6 +419,7 @@ def validate(args: argparse.Namespace, env: DistEnv) -> None:
     from training.guard import check_same_flags  # torch, and a collective
 
     check_same_flags(args, env)
+    check_fault_tolerance_settings(args)
     cuda = env.device.type == "cuda"
     if args.trace_comm and env.backend == "none":
         raise UsageError(
@@ -513,6 +514,27 @@ def coordinator_address(value: str) -> str:
     return value
 
 
+# --fault-tolerance's settings and their defaults (a setting away from its default is one the
+# user gave).
+FAULT_TOLERANCE_SETTINGS = {
+    "coordinator": None,
+    "replica_id": 0,
+    "quorum_timeout": 120.0,
+    "ft_timeout": 10.0,
+}
+
+
+def check_fault_tolerance_settings(args: argparse.Namespace) -> None:
+    """--fault-tolerance's settings without it would be ignored: refused, as --sync-every is
+    without its modes (with it, training/fault_tolerant.py checks the rest)."""
+    if getattr(args, "fault_tolerance", True):  # train_dp.py has none of these flags
+        return
+    given = [k for k, default in FAULT_TOLERANCE_SETTINGS.items() if getattr(args, k) != default]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise UsageError(f"{flags}: only with --fault-tolerance (launch/fault_tolerant.sh)")
+
+
 def add_fault_tolerance_flags(group: argparse._ArgumentGroup) -> None:
     """--fault-tolerance and its settings: training/fault_tolerant.py, docs/fault-tolerance.md."""
     group.add_argument(
@@ -525,25 +547,25 @@ def add_fault_tolerance_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--coordinator",
         type=coordinator_address,
-        default=None,
+        default=FAULT_TOLERANCE_SETTINGS["coordinator"],
         help="--fault-tolerance: HOST:PORT of the coordinator (python -m training.quorum)",
     )
     group.add_argument(
         "--replica-id",
         type=non_negative,
-        default=0,
+        default=FAULT_TOLERANCE_SETTINGS["replica_id"],
         help="--fault-tolerance: this replica's name in logs and in --out-dir/replica-<id>/",
     )
     group.add_argument(
         "--quorum-timeout",
         type=positive_float,
-        default=120.0,
+        default=FAULT_TOLERANCE_SETTINGS["quorum_timeout"],
         help="--fault-tolerance: seconds to wait for a quorum before the replica stops",
     )
     group.add_argument(
         "--ft-timeout",
         type=positive_float,
-        default=10.0,
+        default=FAULT_TOLERANCE_SETTINGS["ft_timeout"],
         help="--fault-tolerance: seconds a collective among replicas may wait before its "
         "step is redone without the replicas that did not answer",
     )

@@ -78,12 +78,14 @@ from training.checkpoint import (
 from training.checkpoint.files import atomic_write
 from training.checkpoint.resume import TRAJECTORY_FLAGS, check_same_flags
 from training.checkpoint.schema import check_counters
+from training.cli import check_model_data
 from training.faults import fault_hook, heal_fault, hold_until_released, slow_down
 from training.metrics import evaluate, loss_fn
 from training.models import model_from_args, model_input
 from training.optim import make_optimizer, make_scheduler
 from training.preempt import Preemption
 from training.quorum import QuorumClient, QuorumLost, connect
+from training.runlog import check_writable
 
 # Failed steps in a row (each under a new quorum) before a replica gives up: a collective
 # that fails again and again with the same peers is a bug, not a lost replica.
@@ -103,6 +105,19 @@ UNSUPPORTED = {
     "clip_grad_norm": 0.0,
     "workers": 0,
     "download": False,
+    # Flags the replica's own loop would ignore: it writes no sample, and its all-reduce
+    # among replicas is gloo's, uncompressed, over every parameter.
+    "sample": 0,
+    "backend": None,
+    "sync_every": None,
+    "find_unused_parameters": False,
+    "transport": "gloo",
+    "param_dtype": None,
+    "reduce_dtype": None,
+    "topology": None,
+    "inter_node_gbps": None,
+    "comm_hook": "none",
+    "compress": "none",
 }
 
 
@@ -115,10 +130,27 @@ def check_flags(args: argparse.Namespace) -> None:
         if getattr(args, name, default) != default:
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} does not combine with --fault-tolerance")
+    check_model_data(args)  # the replica skips validate(): --model gpt on images, ...
     if args.lr_schedule == "cosine" and not args.max_steps:
         raise UsageError(
             "--lr-schedule cosine with --fault-tolerance needs --max-steps: the number of "
             "steps an epoch takes depends on how many replicas are alive"
+        )
+
+
+def check_out_dir(args: argparse.Namespace) -> None:
+    """This replica's folder, --out-dir/replica-<id>/, at the start rather than after the run:
+    a place that cannot be written, or a previous run's results there without --resume (which
+    goes on from the folder's checkpoint) or --overwrite (which replaces them at the end), is
+    one line."""
+    out_dir = Path(args.out_dir)
+    check_writable(out_dir)
+    previous = out_dir / f"replica-{args.replica_id}" / "summary.json"
+    if previous.exists() and not (args.overwrite or args.resume):
+        raise UsageError(
+            f"--out-dir {out_dir} holds a previous run of replica {args.replica_id} "
+            f"({previous}): --resume auto to go on from its checkpoint, --overwrite to "
+            "replace it, or choose another --out-dir"
         )
 
 
@@ -232,6 +264,8 @@ def run_replica(args: argparse.Namespace) -> dict:
     --out-dir/replica-<id>/summary.json)."""
     env = resolve("gloo")
     check_flags(args)
+    if env.is_main:  # the replica's rank 0 writes its results
+        check_out_dir(args)
     ranks = env.world_size  # the replica's own processes: torchrun --nproc-per-node
     if ranks > 1:  # the replica's own group: a rank that dies takes its replica with it
         # Its ranks wait in it while rank 0 waits for a quorum: as long as that may take.

@@ -99,10 +99,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 import torch.distributed as dist
 
 from core.errors import run_cli
+from core.files import writing
 
 POLL_S = 0.01  # the coordinator's loop: a quorum is answered within about this long
 # After its own stop signal, how long the coordinator waits beyond --join-timeout for the
@@ -335,9 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     store.set("ft/heartbeat_timeout", str(args.heartbeat_timeout))
     if args.port_file:  # whole or absent: written aside, then renamed
         tmp = f"{args.port_file}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(f"{store.port}\n")
-        os.replace(tmp, args.port_file)
+        with writing(Path(args.port_file)):  # a folder that is not there: one line
+            with open(tmp, "w") as f:
+                f.write(f"{store.port}\n")
+            os.replace(tmp, args.port_file)
     coordinator = Coordinator(
         store,
         args.min_replicas,
