@@ -5,6 +5,7 @@ and dcp.async_save in training/sharded.py).
   tensors are changed in place before it reads a byte, and the file still holds the values of
   the step, tied weights still tied.
 - A write that fails is one `error:` line and a non-zero exit.
+- A wait for the write in flight is logged when it reads as one at the line's precision.
 - Oracle (slow): float32, ddp and zero2, at 2 and 3 ranks: the async-written checkpoints equal
   the synchronous run's bit for bit, and a run resumed from one ends bit-identical to the
   straight run, while the writer was held back long enough that training had gone on.
@@ -148,6 +149,31 @@ def test_preemption_leaves_only_once_the_async_save_is_on_disk(tmp_path, monkeyp
     assert result == {"preempted": "SIGUSR1", "steps": 2, "total_steps": 4}
     assert os.readlink(out / "checkpoint.pt") == "checkpoints/step-00000002.pt"
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
+
+
+@pytest.mark.parametrize(("seconds", "line"), [(0.004, None), (0.006, "0.01"), (0.59, "0.59")])
+def test_a_wait_for_the_write_is_logged_only_when_it_reads_as_one(monkeypatch, seconds, line):
+    """The line prints the wait with two decimals: a wait that would read "0.00 s" (the
+    write ended as the wait began) is not logged. The clock is the test's: the write in
+    flight ends only once the wait has read it, so the writer is always still busy."""
+    released = threading.Event()
+    readings = iter([100.0, 100.0 + seconds])
+
+    def perf_counter() -> float:
+        released.set()
+        return next(readings)
+
+    monkeypatch.delenv("TRAIN_SLOW", raising=False)
+    logged: list[str] = []
+    writer = background_module.BackgroundWriter(ONE, lambda fmt, *a: logged.append(fmt % a))
+    writer.start("step 6", released.wait)
+    monkeypatch.setattr(background_module, "time", Namespace(perf_counter=perf_counter))
+    writer.wait("the end of the run")
+    expected = (
+        f"the end of the run waited {line} s for the checkpoint of step 6, still being written"
+    )
+    assert logged == ([] if line is None else [expected])
+    assert not writer.busy()
 
 
 # ------------------------------------------------------------- oracle, at 2 and 3 ranks

@@ -188,12 +188,15 @@ class BackgroundWriter:
         if thread.is_alive():
             tic = time.perf_counter()
             thread.join()
-            self.log(
-                "%s waited %.2f s for the checkpoint of %s, still being written",
-                before,
-                time.perf_counter() - tic,
-                self._what,
-            )
+            waited = time.perf_counter() - tic
+            # A write that ends as the wait begins: a line saying "waited 0.00 s" is no news.
+            if round(waited, 2) > 0:  # the threshold is the line's own precision, %.2f
+                self.log(
+                    "%s waited %.2f s for the checkpoint of %s, still being written",
+                    before,
+                    waited,
+                    self._what,
+                )
         self._thread = None
 
     def settle(self, before: str) -> None:
