@@ -14,7 +14,8 @@
 # MAX_RESTARTS (torchrun restarts per replica, default 3), NPROC_PER_REPLICA (ranks of each
 # replica, default 1; a rank that dies takes its replica with it), PYTHON, OMP_NUM_THREADS
 # (default: cores / all ranks, at least 1), GLOO_SOCKET_IFNAME (default: the loopback interface).
-# Everything listens on loopback only. Exit status: the first failing replica's, else 0.
+# Everything listens on loopback only. Exit status: the first failing replica's, else 0; a
+# flag the replicas refuse is one `error:` line and status 2 before anything starts.
 #
 # SIGTERM, SIGINT (Ctrl-C) or SIGHUP stops the job cleanly, as run_agent.sh stops a ddp job
 # (and USR1 or USR2, train_ddp.py's --preempt-signal, passed on to the ranks alone):
@@ -62,8 +63,22 @@ if [[ -z ${GLOO_SOCKET_IFNAME:-} ]]; then
     *) export GLOO_SOCKET_IFNAME=lo ;;
   esac
 fi
+# This checkout's code for `python -m training.quorum` and the flags' check, from any folder
+# (a relative --out-dir stays the caller's).
+export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 # Each torchrun meets its one worker through a file (as in cpu_sim.sh) and serves no store.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+
+# The replicas' flags, checked once here as every replica checks them at its start (and at
+# each torchrun restart): a refused one is one `error:` line and exit status 2, before the
+# coordinator or any torchrun starts.
+"$PYTHON" -c '
+import sys
+from core.errors import run_cli
+from train_ddp import parse_args
+from training.fault_tolerant import check_replicas
+sys.exit(run_cli(lambda _: check_replicas(parse_args, int(sys.argv[1]), sys.argv[2:])))
+' "$replicas" "$@" || exit
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/fault_tolerant.XXXXXX")
 pids=()

@@ -5,7 +5,7 @@ restarted by its torchrun (--max-restarts), rejoins the survivor (which waits fo
 bit-identical and on the trajectory of one process taking all 2 x R x B samples of a step: no
 step lost, no sample skipped or repeated. A Ctrl-C stops the job cleanly at one step, where one
 replica saves, and the job resumed from that checkpoint (by fewer replicas) ends on the straight
-run."""
+run. A flag that every replica would refuse is one line from the script, before anything starts."""
 
 from __future__ import annotations
 
@@ -22,6 +22,26 @@ from tests.multiproc import ROOT, Live, run_cmd
 from tests.test_training_fault_tolerant import BATCH, reference
 
 STEPS = 6
+
+
+def test_a_refused_flag_is_one_line_before_the_coordinator_or_a_replica_starts(tmp_path):
+    """--sync zero1, which a replica refuses (training/fault_tolerant.py check_flags): the
+    script's own check of the replicas' flags says so once, with status 2, rather than every
+    replica once per torchrun restart after the coordinator started. Nothing was started: no
+    temporary folder (the coordinator's port file, the replicas' rendezvous files), no
+    --out-dir. Run from another folder: the check finds this checkout's code from there."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    result = run_cmd(
+        [str(ROOT / "launch/fault_tolerant.sh"), "2", "--sync", "zero1", "--out-dir", "run"],
+        timeout=120,  # one torch import, on a loaded machine
+        env={"TMPDIR": str(scratch)},
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result
+    assert result.stderr.splitlines() == ["error: --sync does not combine with --fault-tolerance"]
+    assert result.stdout == ""
+    assert not any(scratch.iterdir()) and not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

@@ -269,6 +269,24 @@ def test_a_previous_run_or_an_unwritable_out_dir_is_refused_before_training(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "replica-0"]  # nothing made
 
 
+def test_the_launchers_check_is_each_replicas_own(tmp_path):
+    """check_replicas (launch/fault_tolerant.sh, before it starts anything) refuses what
+    replica i would: its flags, and --out-dir/replica-<i>/ for each i of the job."""
+    from core.errors import UsageError
+    from train_ddp import parse_args
+    from training.fault_tolerant import check_replicas
+
+    flags = ["--out-dir", str(tmp_path)]
+    (tmp_path / "replica-2").mkdir()
+    (tmp_path / "replica-2" / "summary.json").write_text("{}")
+    check_replicas(parse_args, 2, flags)  # replicas 0 and 1: replica-2/ is not theirs
+    with pytest.raises(UsageError, match="holds a previous run of replica 2 "):
+        check_replicas(parse_args, 3, flags)
+    check_replicas(parse_args, 3, [*flags, "--resume", "auto"])
+    with pytest.raises(UsageError, match="--sync does not combine with --fault-tolerance"):
+        check_replicas(parse_args, 1, [*flags, "--sync", "zero1"])
+
+
 # ------------------------------------------------ torture (make torture-fault-tolerance)
 
 ROUNDS = int(os.environ.get("TORTURE_ROUNDS", "0"))

@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -152,6 +153,23 @@ def check_out_dir(args: argparse.Namespace) -> None:
             f"({previous}): --resume auto to go on from its checkpoint, --overwrite to "
             "replace it, or choose another --out-dir"
         )
+
+
+def check_replicas(
+    parse: Callable[[list[str]], argparse.Namespace], replicas: int, flags: list[str]
+) -> None:
+    """What each of a job's replicas checks at its start (check_flags, then its rank 0's
+    check_out_dir), for all of them at once: launch/fault_tolerant.sh runs it before it starts
+    the coordinator, so that a refused flag is one line and exit status 2 rather than one line
+    from every replica at each of its torchrun's restarts. `parse` is train_ddp.py's
+    parse_args; `flags` what the script passes on to the replicas, after the same
+    --fault-tolerance --coordinator --replica-id (the coordinator's address a placeholder: it
+    does not listen yet)."""
+    for i in range(replicas):
+        argv = ["--fault-tolerance", "--coordinator", "127.0.0.1:1", "--replica-id", str(i)]
+        args = parse([*argv, *flags])
+        check_flags(args)
+        check_out_dir(args)
 
 
 @dataclass
