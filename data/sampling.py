@@ -14,6 +14,8 @@ ranks uneven shards instead, and the metrics are summed across ranks with all_re
 
 from __future__ import annotations
 
+import gc
+import multiprocessing.context
 import os
 import signal
 import threading
@@ -99,6 +101,32 @@ def outlive_stop_signals(worker_id: int) -> None:
     threading.Thread(target=take_sigterm, name="sigterm-from-rank", daemon=True).start()
 
 
+class _ForkWithoutGarbage(multiprocessing.context.ForkProcess):
+    """A forked loader worker that cannot run a destructor of its rank's garbage.
+
+    A forked child inherits every Python object of the rank but none of its threads. A
+    process group that is no longer used but still held in a reference cycle (a quorum's
+    old group, a run that ended in the same process) is freed by the first garbage
+    collection that finds it, and in the child that collection runs its C++ destructor:
+    ProcessGroupGloo's wakes worker threads that do not exist there, and the worker hangs
+    (the loader, and the rank, wait on it forever) or aborts. So the rank collects its
+    garbage first, while its threads are alive, and the worker is forked with every object
+    in the collector's permanent generation (`gc.freeze`), which no collection in the child
+    visits; the rank then takes its objects back (`gc.unfreeze`)."""
+
+    def start(self) -> None:
+        gc.collect()
+        gc.freeze()
+        try:
+            super().start()
+        finally:
+            gc.unfreeze()
+
+
+class _ForkWithoutGarbageContext(multiprocessing.context.ForkContext):
+    Process = _ForkWithoutGarbage
+
+
 def _loader_kwargs(workers: int, pin_memory: bool) -> dict:
     kwargs: dict = {"num_workers": workers, "pin_memory": pin_memory}
     if workers > 0:
@@ -106,6 +134,8 @@ def _loader_kwargs(workers: int, pin_memory: bool) -> dict:
         # so this also works under the spawn start method (macOS, Windows).
         kwargs["persistent_workers"] = True
         kwargs["worker_init_fn"] = outlive_stop_signals
+        if torch.multiprocessing.get_start_method() == "fork":  # Linux before Python 3.14
+            kwargs["multiprocessing_context"] = _ForkWithoutGarbageContext()
     return kwargs
 
 
