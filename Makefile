@@ -17,7 +17,7 @@ TORCH_INDEX ?=
 NPROC      ?= 2
 STAMP      := $(VENV)/.installed
 
-.PHONY: demo gpt test test-slow test-all test-oracles test-fakegpu bench model bench-topology \
+.PHONY: demo gpt test test-slow test-long test-all test-oracles test-fakegpu bench model bench-topology \
   bench-compress bench-compress-gpt bench-diloco bench-fault-tolerance torture-fault-tolerance \
   stress-exit torture-async bench-async-save lint docs clean
 
@@ -46,8 +46,14 @@ gpt: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
+# CI's: the slow tests but the long ones. `make test-long`: those, by hand (about 16 minutes on
+# the 2-core box): sweeps, repeated trials, and the docs walk's commands whose program an
+# earlier command of the walk already ran (tests/test_docs_commands.py, in_ci).
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m slow || [ $$? -eq 5 ]  # 5: nothing marked slow
+	$(BIN)/python -m pytest -m "slow and not long" || [ $$? -eq 5 ]  # 5: nothing selected
+
+test-long: $(STAMP)
+	$(BIN)/python -m pytest -m long || [ $$? -eq 5 ]
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest

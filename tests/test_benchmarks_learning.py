@@ -18,6 +18,7 @@ SEEDS, WORLDS, EPOCHS = range(5), (1, 2, 4), 2
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 15 runs, 4 minutes: CI runs learning_check once, in the docs walk
 def test_default_recipe_learns_for_every_seed_and_world(tmp_path):
     out = tmp_path / "learning.csv"
     argv = [PYTHON, "-m", "benchmarks.learning_check", "--epochs", str(EPOCHS), "--out", str(out)]

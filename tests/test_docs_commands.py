@@ -275,6 +275,43 @@ def _bring_your_own(box: Path) -> None:
 RUNNABLE = [(p, c) for p, c in CASES if c not in NOT_RUN]
 
 
+def program(cmd: str) -> str:
+    """What a command runs: its `-m` module, its script, or its make target."""
+    words = [w for w in shlex.split(cmd) if not re.match(r"^[A-Z][A-Z0-9_]*=", w)]
+    for i, word in enumerate(words):
+        if word == "-m" and i + 1 < len(words):
+            return words[i + 1]
+        if word.endswith((".py", ".sh", ".sbatch")) or word in ("diff", "tensorboard", "source"):
+            return word
+        if word == "make" and i + 1 < len(words):
+            return f"make {words[i + 1]}"
+    return words[0]
+
+
+def in_ci(runnable: list[tuple[str, str]]) -> set[int]:
+    """The commands CI runs: the first one of each program in page order (every program the
+    pages show runs once, as a reader first meets it), every one that prints a figure a page
+    quotes, and the run a `study.timeline` after it reads. The rest, variants of a program
+    already run (about 10 of the walk's 15 minutes), run with `make test-long`."""
+    seen: set[str] = set()
+    chosen: set[int] = set()
+    for i, (_, cmd) in enumerate(runnable):
+        if program(cmd) not in seen or any(re.search(p, cmd) for p in PRINTED_BY.values()):
+            chosen.add(i)
+        seen.add(program(cmd))
+    for i, (_, cmd) in enumerate(runnable):  # a timeline and the run it reads share a tier
+        if program(cmd) == "study.timeline" and (i in chosen or i - 1 in chosen):
+            chosen |= {i, i - 1}
+    return chosen
+
+
+CI = in_ci(RUNNABLE)
+WALK = [
+    pytest.param(p, c, id=c, marks=() if i in CI else pytest.mark.long)
+    for i, (p, c) in enumerate(RUNNABLE)
+]
+
+
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The one checkout every command of the slow test runs in, one after the other, as in a
@@ -285,7 +322,7 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page, cmd", RUNNABLE, ids=[c for _, c in RUNNABLE])
+@pytest.mark.parametrize("page, cmd", WALK)
 def test_command_runs(page: str, cmd: str, clone: Path, tmp_path: Path) -> None:
     box = clone
     line, codes = plan(cmd)

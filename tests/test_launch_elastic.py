@@ -104,7 +104,7 @@ FLOAT32 = ["train_ddp.py", "--model", "cnn", "--train-size", "96", "--eval-size"
 
 @pytest.mark.slow  # two torchrun jobs per world size
 @pytest.mark.oracle
-@pytest.mark.parametrize("nproc", [3, 4])
+@pytest.mark.parametrize("nproc", [3, pytest.param(4, marks=pytest.mark.long)])
 def test_float32_restart_is_bit_identical_at_3_and_4_ranks(tmp_path, nproc):
     fresh_store = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     killed = torchrun(

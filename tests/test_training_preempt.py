@@ -318,6 +318,7 @@ def _straight_and_resume_all(rank: int, world_size: int, straight: str, trials: 
 
 @pytest.mark.oracle
 @pytest.mark.slow
+@pytest.mark.long  # 2 minutes; test_float32_preemption_at_3_ranks preempts in CI
 def test_ten_random_preemptions_lose_nothing(tmp_path):
     trials = [_trial(seed, tmp_path) for seed in range(10)]
     straight = tmp_path / "straight"
