@@ -50,7 +50,7 @@ test: $(STAMP)
 # the 2-core box): sweeps, repeated trials, and the docs walk's commands whose program an
 # earlier command of the walk already ran (tests/test_docs_commands.py, in_ci).
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m "slow and not long" || [ $$? -eq 5 ]  # 5: nothing selected
+	$(BIN)/python -m pytest -m "slow and not long" --durations=20 || [ $$? -eq 5 ]  # 5: none
 
 test-long: $(STAMP)
 	$(BIN)/python -m pytest -m long || [ $$? -eq 5 ]

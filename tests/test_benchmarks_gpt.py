@@ -124,6 +124,7 @@ def bench_checks(rank: int, world_size: int, out_root: str) -> list[dict]:
     ]
 
 
+@pytest.mark.slow  # 4 ranks, every mode: 8 s
 def test_bench_zero_on_the_gpt_measures_what_the_formulas_say():
     """4 ranks: for ddp and the hand-made zero1/2/3 (torch-zero1 and fsdp2 have no formula
     to hold them to, and run in bench_zero's slow test) the bytes a rank holds and sends equal

@@ -36,6 +36,7 @@ def _check(stdout: str) -> dict:
     return json.loads(lines[0].split(" ", 1)[1])
 
 
+@pytest.mark.slow  # torchrun once per backend and script: 6 s
 def test_no_group_thread_outlives_a_clean_exit(tmp_path):
     # A fresh interpreter under torchrun, as a user's job starts: the test harness's
     # forkserver imports torch._dynamo before any group exists, which would hide the leak

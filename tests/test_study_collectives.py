@@ -212,6 +212,7 @@ def test_tour_fallbacks_give_the_same_results(world):
 
 
 @pytest.mark.oracle
+@pytest.mark.slow  # torchrun with 4 ranks: 5 s
 def test_collectives_under_torchrun():
     proc = torchrun(["-m", "study.collectives"], nproc=2, timeout=90)
     assert proc.returncode == 0, proc.stderr

@@ -85,6 +85,7 @@ def _assert_whole_checkpoints(out_dir: Path) -> list[int]:
 
 
 @pytest.mark.oracle
+@pytest.mark.slow  # torchrun, its agent and two ranks, twice: 10 s
 def test_sigterm_to_the_agent_stops_after_a_step_and_resume_is_exact(tmp_path):
     """SIGTERM to torchrun's agent mid-run: it forwards SIGTERM to both ranks, which finish
     the step they are in, agree on it, save it and exit 0 with one line; torchrun itself
