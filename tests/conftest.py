@@ -102,8 +102,8 @@ class _Watchdog:
 
 @pytest.fixture(autouse=True)
 def deadline(request: pytest.FixtureRequest):
-    watchdog = request.config.stash.setdefault(_WATCHDOG, None)
-    if watchdog is None:
+    watchdog = request.config.stash.get(_WATCHDOG, None)
+    if watchdog is None:  # the session's first test starts it
         watchdog = request.config.stash[_WATCHDOG] = _Watchdog(request.config)
     limit = DEADLINE_S["slow" if request.node.get_closest_marker("slow") else "default"]
     limit *= float(os.environ.get("TEST_DEADLINE_SCALE", "1"))
@@ -112,4 +112,4 @@ def deadline(request: pytest.FixtureRequest):
     watchdog.test = None
 
 
-_WATCHDOG = pytest.StashKey["_Watchdog | None"]()
+_WATCHDOG = pytest.StashKey["_Watchdog"]()

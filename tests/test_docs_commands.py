@@ -276,16 +276,13 @@ RUNNABLE = [(p, c) for p, c in CASES if c not in NOT_RUN]
 
 
 def program(cmd: str) -> str:
-    """What a command runs: its `-m` module, its script, or its make target."""
+    """What a command runs: its make target, the repository script or module it starts
+    (`_entry`), else its first word (source, python -m pytest); diff's files are not run."""
     words = [w for w in shlex.split(cmd) if not re.match(r"^[A-Z][A-Z0-9_]*=", w)]
-    for i, word in enumerate(words):
-        if word == "-m" and i + 1 < len(words):
-            return words[i + 1]
-        if word.endswith((".py", ".sh", ".sbatch")) or word in ("diff", "tensorboard", "source"):
-            return word
-        if word == "make" and i + 1 < len(words):
-            return f"make {words[i + 1]}"
-    return words[0]
+    if words[0] == "make":
+        return " ".join(words[:2])
+    entry = _entry(words) if words[0] != "diff" else None
+    return words[0] if entry is None else entry[0].relative_to(ROOT).as_posix()
 
 
 def in_ci(runnable: list[tuple[str, str]]) -> set[int]:
@@ -300,7 +297,7 @@ def in_ci(runnable: list[tuple[str, str]]) -> set[int]:
             chosen.add(i)
         seen.add(program(cmd))
     for i, (_, cmd) in enumerate(runnable):  # a timeline and the run it reads share a tier
-        if program(cmd) == "study.timeline" and (i in chosen or i - 1 in chosen):
+        if program(cmd) == "study/timeline.py" and (i in chosen or i - 1 in chosen):
             chosen |= {i, i - 1}
     return chosen
 
